@@ -1,0 +1,29 @@
+"""Encoder-only ViT classifier with a class token (single MNIST digits, CIFAR-10)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from digit_vit.models.reader import Encoder, ModelConfig
+
+
+class ViTClassifier(nn.Module):
+  """Patches -> encoder (with a class token) -> MLP head on the class token's output."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, images, *, train: bool = False):
+    """images: [batch, H, W, C] -> logits float32 [batch, num_classes]."""
+    cfg = self.config
+    if not cfg.class_token:
+      cfg = dataclasses.replace(cfg, class_token=True)
+    x = Encoder(cfg, name="encoder")(images, train=train)
+    cls = x[:, 0]
+    if cfg.norm == "post":
+      cls = nn.LayerNorm(dtype=cfg.compute_dtype, name="head_norm")(cls)
+    cls = nn.tanh(nn.Dense(cfg.width, dtype=cfg.compute_dtype, name="pre_logits")(cls))
+    return nn.Dense(cfg.num_classes, dtype=cfg.compute_dtype,
+                    name="head")(cls).astype(jnp.float32)

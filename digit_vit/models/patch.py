@@ -1,0 +1,74 @@
+"""Patch embedding: images -> a sequence of patch tokens.
+
+'linear' cuts the image into non-overlapping (ph, pw) patches and projects each flattened
+patch with one matrix (the ViT paper's "linear projection of flattened patches"). 'conv' is a
+small convolutional stem: 3x3 convolutions of stride 2 until the patch size is reached, which
+gives each token a view slightly wider than its patch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+KINDS = ("linear", "conv")
+
+
+def grid_shape(image_hw: tuple[int, int], patch_size: tuple[int, int]) -> tuple[int, int]:
+  """(rows, cols) of patches; raises if the patches do not tile the image."""
+  (h, w), (ph, pw) = image_hw, patch_size
+  if h % ph or w % pw:
+    raise ValueError(
+        f"patch size {ph}x{pw} does not tile the {h}x{w} canvas; choose a patch size that "
+        "divides both sides or change image_height/image_width")
+  return h // ph, w // pw
+
+
+def stem_strides(patch_size: tuple[int, int]) -> list[tuple[int, int]]:
+  """Per-conv (row, col) strides whose products equal the patch size (powers of two)."""
+  ph, pw = patch_size
+  for p in (ph, pw):
+    if p < 1 or p & (p - 1):
+      raise ValueError(f"the conv stem needs power-of-two patch sides, got {ph}x{pw}; "
+                       "use model.patch_embedding='linear'")
+  steps = max(int(math.log2(ph)), int(math.log2(pw)), 1)
+  return [(2 if 2 ** i < ph else 1, 2 if 2 ** i < pw else 1) for i in range(steps)]
+
+
+class PatchEmbedding(nn.Module):
+  """Attributes:
+    patch_size: (height, width) of a patch.
+    width: output channels (d_model).
+    kind: 'linear' or 'conv'.
+    stem_channels: channels of the first stem conv; doubled after each conv.
+  """
+  patch_size: tuple[int, int]
+  width: int
+  kind: str = "linear"
+  stem_channels: int = 32
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images):
+    """images: [batch, H, W, C] -> tokens [batch, (H/ph) * (W/pw), width]."""
+    b, h, w, c = images.shape
+    rows, cols = grid_shape((h, w), tuple(self.patch_size))
+    ph, pw = self.patch_size
+    x = images.astype(self.dtype)
+    if self.kind == "linear":
+      x = x.reshape(b, rows, ph, cols, pw, c).transpose(0, 1, 3, 2, 4, 5)
+      x = x.reshape(b, rows * cols, ph * pw * c)
+      return nn.Dense(self.width, dtype=self.dtype, name="projection")(x)
+    if self.kind != "conv":
+      raise ValueError(f"unknown patch embedding {self.kind!r}; use one of {KINDS}")
+    channels = self.stem_channels
+    for i, stride in enumerate(stem_strides((ph, pw))):
+      x = nn.Conv(channels, (3, 3), strides=stride, padding="SAME", dtype=self.dtype,
+                  name=f"conv{i}")(x)
+      x = nn.gelu(x)
+      channels *= 2
+    x = nn.Dense(self.width, dtype=self.dtype, name="projection")(x)
+    return x.reshape(b, rows * cols, self.width)
