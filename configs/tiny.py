@@ -16,6 +16,9 @@ def get_config(arg=None):
   config.image_width = 48
 
   # ---- Data ----
+  config.data.train_size = 512        # Builds in about a second.
+  config.data.validation_size = 96
+  config.data.test_size = 100         # Not a multiple of common batch sizes: exercises padding.
 
   # ---- Model ----
   config.model.patch_size = (4, 4)    # ... gives a 4x12 grid of 48 patches.
@@ -25,4 +28,15 @@ def get_config(arg=None):
   config.model.mlp_dim = 64
   config.model.encoder_layers = 1
   config.model.decoder_layers = 1
+
+  # ---- Training ----
+  config.batch_size = 16              # A step takes milliseconds ...
+  config.eval_batch_size = 32
+  config.num_train_steps = 30         # ... and a run seconds.
+  config.warmup_steps = 5
+  config.log_every_steps = 5
+  config.eval_every_steps = 15
+  config.num_eval_examples = 64
+  config.checkpoint_every_steps = 10
+  config.progress_bar = False         # Test logs stay readable.
   return config

@@ -1,0 +1,226 @@
+"""Reading images: greedy and beam-search decoding on the key/value cache.
+
+Each function is one `lax.while_loop` that is jit-compatible and stops as soon as every
+sequence has emitted `<eos>`. The encoder runs once per image and the cross-attention keys and
+values are projected once into the cache, so each step costs one single-token decoder pass.
+
+Outputs are raw token rows without `<sos>` (the contract's `[1, 0, 1, 11, 12, 12]` for "101"):
+`<pad>` after the first `<eos>`; a row with no `<eos>` ran to `max_length` without stopping.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from digit_vit.models import tokens
+from digit_vit.models.reader import DigitReader, ModelConfig
+
+
+def _max_length(model_config: ModelConfig, max_length: int | None) -> int:
+  length = max_length or model_config.max_length
+  if not 0 < length <= model_config.max_length:
+    raise ValueError(f"max_length={length} must be in 1..{model_config.max_length} "
+                     "(the decoder's positions)")
+  return length
+
+
+def encode_and_init_cache(model_config: ModelConfig, params, images):
+  """Runs the encoder and builds the decode cache.
+
+  Returns:
+    memory [batch, patches, width] and the 'cache' collection sized for `max_length` steps.
+  """
+  memory = DigitReader(model_config).apply({"params": params}, images,
+                                           method=DigitReader.encode)
+  _, variables = DigitReader(model_config, decode=True).apply(
+      {"params": params}, memory, method=DigitReader.init_cache, mutable=["cache"])
+  return memory, variables["cache"]
+
+
+def next_token_log_probs(logits):
+  """Log-probabilities over the tokens a reading may emit next: digits and `<eos>`.
+
+  `<sos>` never follows and `<pad>` only follows `<eos>`, so both are ruled out before the
+  softmax; every decoded row then obeys the token contract, even from an untrained model.
+
+  Args:
+    logits: float [..., vocab].
+  """
+  allowed = jnp.arange(logits.shape[-1]) <= tokens.EOS
+  allowed = allowed & (jnp.arange(logits.shape[-1]) != tokens.SOS)
+  return jax.nn.log_softmax(jnp.where(allowed, logits.astype(jnp.float32), -jnp.inf))
+
+
+def decode_step(model_config: ModelConfig, params, cache, token, memory):
+  """One cached decoder step.
+
+  Args:
+    token: int32 [batch] the previous token.
+
+  Returns:
+    log-probabilities float32 [batch, vocab] of the next token, and the updated cache.
+  """
+  logits, variables = DigitReader(model_config, decode=True).apply(
+      {"params": params, "cache": cache}, token[:, None], memory,
+      method=DigitReader.decode_tokens, mutable=["cache"])
+  return next_token_log_probs(logits[:, 0]), variables["cache"]
+
+
+def greedy_decode(model_config: ModelConfig, params, images, *, max_length: int | None = None):
+  """Greedy reading with the cache.
+
+  Args:
+    images: float [batch, H, W, C].
+    max_length: steps at most (default: all decoder positions, max_digits + 1).
+
+  Returns:
+    tokens: int32 [batch, max_length] raw outputs.
+    log_prob: float32 [batch], the sum of the chosen tokens' log-probabilities.
+  """
+  length = _max_length(model_config, max_length)
+  memory, cache = encode_and_init_cache(model_config, params, images)
+  batch = images.shape[0]
+
+  def cond(state):
+    step, _, _, _, _, done = state
+    return (step < length) & ~jnp.all(done)
+
+  def body(state):
+    step, token, cache, out, log_prob, done = state
+    step_log_probs, cache = decode_step(model_config, params, cache, token, memory)
+    best = jnp.argmax(step_log_probs, axis=-1).astype(jnp.int32)
+    best = jnp.where(done, tokens.PAD, best)
+    chosen = jnp.take_along_axis(step_log_probs, best[:, None], axis=-1)[:, 0]
+    log_prob = log_prob + jnp.where(done, 0.0, chosen)
+    out = jax.lax.dynamic_update_slice(out, best[:, None], (0, step))
+    return step + 1, best, cache, out, log_prob, done | (best == tokens.EOS)
+
+  state = (jnp.array(0, jnp.int32), jnp.full((batch,), tokens.SOS, jnp.int32), cache,
+           jnp.full((batch, length), tokens.PAD, jnp.int32), jnp.zeros((batch,), jnp.float32),
+           jnp.zeros((batch,), jnp.bool_))
+  _, _, _, out, log_prob, _ = jax.lax.while_loop(cond, body, state)
+  return out, log_prob
+
+
+def greedy_decode_uncached(model_config: ModelConfig, params, images, *,
+                           max_length: int | None = None):
+  """Greedy reading that re-runs the decoder over the whole prefix at every step (no cache).
+
+  The reference the cached decoder is tested against, and the baseline of the benchmark.
+  Same outputs as `greedy_decode`.
+  """
+  length = _max_length(model_config, max_length)
+  model = DigitReader(model_config)
+  memory = model.apply({"params": params}, images, method=DigitReader.encode)
+  batch = images.shape[0]
+
+  def cond(state):
+    step, _, _, done = state
+    return (step < length) & ~jnp.all(done)
+
+  def body(state):
+    step, buffer, log_prob, done = state
+    logits = model.apply({"params": params}, buffer[:, :length], memory,
+                         method=DigitReader.decode_tokens)
+    step_log_probs = next_token_log_probs(jax.lax.dynamic_index_in_dim(logits, step, 1, False))
+    best = jnp.where(done, tokens.PAD, jnp.argmax(step_log_probs, -1).astype(jnp.int32))
+    chosen = jnp.take_along_axis(step_log_probs, best[:, None], axis=-1)[:, 0]
+    log_prob = log_prob + jnp.where(done, 0.0, chosen)
+    buffer = jax.lax.dynamic_update_slice(buffer, best[:, None], (0, step + 1))
+    return step + 1, buffer, log_prob, done | (best == tokens.EOS)
+
+  buffer = jnp.full((batch, length + 1), tokens.PAD, jnp.int32).at[:, 0].set(tokens.SOS)
+  state = (jnp.array(0, jnp.int32), buffer, jnp.zeros((batch,), jnp.float32),
+           jnp.zeros((batch,), jnp.bool_))
+  _, buffer, log_prob, _ = jax.lax.while_loop(cond, body, state)
+  return buffer[:, 1:], log_prob
+
+
+def length_penalty(length, alpha: float):
+  """GNMT length normalisation ((5 + length) / 6) ** alpha; alpha = 0 ranks by log-prob."""
+  return ((5.0 + length) / 6.0) ** alpha
+
+
+def beam_search(model_config: ModelConfig, params, images, *, beam_size: int = 4,
+                alpha: float = 0.6, max_length: int | None = None):
+  """Beam search with the cache.
+
+  Keeps the `beam_size` most likely hypotheses by log-prob. A hypothesis that emitted
+  `<eos>` stays in the beam with a constant log-prob (it only grows `<pad>`), so it competes
+  with the unfinished ones; the loop stops once every hypothesis of every image has finished,
+  since unfinished log-probs only fall. The answer is the finished hypothesis with the best
+  log-prob / length_penalty(tokens, alpha) (unfinished ones only where none finished). With
+  `beam_size=1` this is exactly greedy decoding.
+
+  Returns:
+    tokens: int32 [batch, max_length] the chosen hypothesis (raw outputs, as greedy).
+    log_prob: float32 [batch] its log-probability.
+  """
+  if beam_size < 1:
+    raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+  length = _max_length(model_config, max_length)
+  batch, k, vocab = images.shape[0], beam_size, model_config.vocab_size
+  if k > vocab:
+    raise ValueError(f"beam_size={k} exceeds the vocabulary of {vocab} tokens")
+  neg_inf = jnp.float32(-1e9)
+  memory, cache = encode_and_init_cache(model_config, params, images)
+  # Every beam of an image shares the image's memory and cross-attention cache.
+  expand = functools.partial(_expand_beams, batch=batch, beam_size=k)
+  memory, cache = expand(memory), jax.tree.map(expand, cache)
+  pad_only = jnp.where(jnp.arange(vocab) == tokens.PAD, 0.0, neg_inf)
+
+  def cond(state):
+    step, _, _, finished, _, _ = state
+    return (step < length) & ~jnp.all(finished)
+
+  def body(state):
+    step, seq, log_prob, finished, last, cache = state
+    step_log_probs, cache = decode_step(model_config, params, cache, last.reshape(-1), memory)
+    step_log_probs = jnp.where(finished[:, :, None], pad_only,
+                               step_log_probs.reshape(batch, k, vocab))
+    candidates = (log_prob[:, :, None] + step_log_probs).reshape(batch, k * vocab)
+    log_prob, top = jax.lax.top_k(candidates, k)
+    source, token = top // vocab, (top % vocab).astype(jnp.int32)
+    seq = jnp.take_along_axis(seq, source[:, :, None], axis=1)
+    seq = jax.lax.dynamic_update_slice(seq, token[:, :, None], (0, 0, step))
+    finished = jnp.take_along_axis(finished, source, axis=1) | (token == tokens.EOS)
+    flat_source = (jnp.arange(batch)[:, None] * k + source).reshape(-1)
+    cache = jax.tree.map(lambda x: _gather_beams(x, flat_source, batch * k), cache)
+    return step + 1, seq, log_prob, finished, token, cache
+
+  # All beams start as copies of one <sos>; -inf on the copies keeps them from duplicating.
+  state = (jnp.array(0, jnp.int32), jnp.full((batch, k, length), tokens.PAD, jnp.int32),
+           jnp.full((batch, k), neg_inf).at[:, 0].set(0.0), jnp.zeros((batch, k), jnp.bool_),
+           jnp.full((batch, k), tokens.SOS, jnp.int32), cache)
+  _, seq, log_prob, finished, _, _ = jax.lax.while_loop(cond, body, state)
+  num_tokens = jnp.where(finished, jnp.argmax(seq == tokens.EOS, axis=-1) + 1, length)
+  score = log_prob / length_penalty(num_tokens.astype(jnp.float32), alpha)
+  best = jnp.argmax(jnp.where(finished, score, score + neg_inf), axis=1)
+  return (jnp.take_along_axis(seq, best[:, None, None], axis=1)[:, 0],
+          jnp.take_along_axis(log_prob, best[:, None], axis=1)[:, 0])
+
+
+def _expand_beams(x, *, batch, beam_size):
+  """[batch, ...] -> [batch * beam_size, ...], each row repeated; scalars unchanged."""
+  if x.ndim == 0 or x.shape[0] != batch:
+    return x
+  return jnp.repeat(x, beam_size, axis=0)
+
+
+def _gather_beams(x, flat_source, rows):
+  """Reorders the per-beam rows of a cache leaf; scalars (cache indices) unchanged."""
+  if x.ndim == 0 or x.shape[0] != rows:
+    return x
+  return x[flat_source]
+
+
+def decode(model_config: ModelConfig, params, images, *, beam_size: int = 1,
+           alpha: float = 0.6, max_length: int | None = None):
+  """Greedy for beam_size 1, else beam search. Returns (tokens, log_prob)."""
+  if beam_size == 1:
+    return greedy_decode(model_config, params, images, max_length=max_length)
+  return beam_search(model_config, params, images, beam_size=beam_size, alpha=alpha,
+                     max_length=max_length)

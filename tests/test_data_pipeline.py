@@ -1,0 +1,241 @@
+"""Input pipelines: train/eval iterators (determinism, resume, sharding, padding), augmentation,
+classification (MNIST digits, CIFAR-10 with mock data), the throughput benchmark."""
+
+import hashlib
+import itertools
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from digit_vit import config_lib
+from digit_vit.data import benchmark, classification, input_pipeline as ip, sources
+
+
+def _hash_rows(images):
+  """Hashes of images given as uint8, or as float32 in [0, 1] (compared at uint8 precision)."""
+  out = []
+  for im in images:
+    if im.dtype != np.uint8:
+      im = np.round(np.asarray(im) * 255).astype(np.uint8)
+    out.append(hashlib.sha1(np.ascontiguousarray(im).tobytes()).hexdigest())
+  return out
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+  config = config_lib.load("tiny")  # 512 / 96 / 100 lines of 1-3 digits on 16x48
+  config.batch_size = 32
+  config.eval_batch_size = 32
+  config.data.data_dir = str(tmp_path_factory.mktemp("tfds"))
+  ip.get_dataset_builder(config)
+  return config
+
+
+def _take(it, n):
+  return list(itertools.islice(it, n))
+
+
+def test_train_batches(config):
+  (batch,) = _take(ip.train_iterator(config, seed=0, process_index=0, process_count=1), 1)
+  assert set(batch) == {"image", "tokens", "length"}
+  assert batch["image"].shape == (32, 16, 48, 1) and batch["image"].dtype == np.float32
+  assert batch["tokens"].shape == (32, 5) and batch["tokens"].dtype == np.int32
+  assert batch["length"].shape == (32,) and batch["length"].dtype == np.int32
+  img = batch["image"]
+  assert img.min() == 0.0 and img.max() == 1.0
+  assert np.all(np.median(img.reshape(32, -1), axis=1) == 0.0)  # dark background, bright ink
+  eos = np.argmax(batch["tokens"] == 11, axis=1)
+  np.testing.assert_array_equal(eos, batch["length"] + 1)
+
+
+def test_train_is_deterministic_and_seeded(config):
+  a = _take(ip.train_iterator(config, seed=3, process_index=0, process_count=1), 4)
+  b = _take(ip.train_iterator(config, seed=3, process_index=0, process_count=1), 4)
+  c = _take(ip.train_iterator(config, seed=4, process_index=0, process_count=1), 4)
+  for x, y in zip(a, b):
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+  assert not np.array_equal(a[0]["image"], c[0]["image"])
+
+
+def test_an_epoch_is_a_permutation_and_epochs_differ(config):
+  # 512 train lines / 32 = 16 batches an epoch.
+  batches = _take(ip.train_iterator(config, seed=0, process_index=0, process_count=1), 32)
+  builder = ip.get_dataset_builder(config)
+  ds = tfds.as_numpy(builder.as_dataset(split="train", shuffle_files=False))
+  all_hashes = sorted(_hash_rows(ex["image"] for ex in ds))
+  epoch0 = _hash_rows(np.concatenate([b["image"] for b in batches[:16]]))
+  epoch1 = _hash_rows(np.concatenate([b["image"] for b in batches[16:]]))
+  assert sorted(epoch0) == sorted(epoch1) == all_hashes
+  assert epoch0 != epoch1
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_resume_from_start_step_is_exact(config, augment):
+  config = config.copy_and_resolve_references()
+  if augment:
+    for k in ("affine_prob", "elastic_prob", "noise_prob", "contrast_prob"):
+      config.data.augment[k] = 0.5
+  full = _take(ip.train_iterator(config, seed=1, process_index=0, process_count=1), 20)
+  resumed = _take(ip.train_iterator(config, seed=1, start_step=13, process_index=0,
+                                    process_count=1), 7)  # crosses the epoch boundary at 16
+  for x, y in zip(full[13:], resumed):
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+
+
+def test_augmentation_changes_images_and_keeps_range(config):
+  config = config.copy_and_resolve_references()
+  plain = _take(ip.train_iterator(config, seed=0, process_index=0, process_count=1), 1)[0]
+  a = config.data.augment
+  a.affine_prob = a.elastic_prob = a.noise_prob = a.contrast_prob = 1.0
+  aug = _take(ip.train_iterator(config, seed=0, process_index=0, process_count=1), 1)[0]
+  np.testing.assert_array_equal(plain["tokens"], aug["tokens"])  # same examples, same order
+  assert aug["image"].shape == plain["image"].shape and aug["image"].dtype == np.float32
+  assert 0 <= aug["image"].min() and aug["image"].max() <= 1
+  assert np.abs(aug["image"] - plain["image"]).mean() > 0.01
+  a.affine_prob = a.elastic_prob = a.noise_prob = a.contrast_prob = 0.0
+  a.invert_prob = 1.0
+  inv = _take(ip.train_iterator(config, seed=0, process_index=0, process_count=1), 1)[0]
+  np.testing.assert_allclose(inv["image"], 1 - plain["image"], atol=1e-6)
+
+
+def test_train_shards_per_process_are_disjoint_and_cover(config):
+  shards = []
+  for p in range(2):
+    bs = _take(ip.train_iterator(config, seed=0, process_index=p, process_count=2), 16)
+    assert bs[0]["image"].shape[0] == 16  # host-local batch = 32 / 2
+    shards.append(_hash_rows(np.concatenate([b["image"] for b in bs])))  # one epoch of 256
+  assert len(set(shards[0])) == len(set(shards[1])) == 256
+  assert not set(shards[0]) & set(shards[1])
+  with pytest.raises(ValueError, match="multiple of the process count 3"):
+    ip.train_iterator(config, seed=0, process_index=0, process_count=3)
+
+
+def _dataset_rows(config, split):
+  builder = ip.get_dataset_builder(config)
+  ds = tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False))
+  return [(ex["image"].astype(np.float32) / 255, ex["tokens"]) for ex in ds]
+
+
+def test_eval_covers_every_example_once_with_masks(config):
+  rows = _dataset_rows(config, "test")
+  assert ip.num_examples(config, "test") == len(rows) == 100
+  batches = list(ip.eval_iterator(config, "test", process_index=0, process_count=1))
+  assert len(batches) == 4  # 32 + 32 + 32 + 4 real rows
+  for b in batches:
+    assert b["image"].shape == (32, 16, 48, 1) and b["mask"].dtype == bool
+    assert b["tokens"].shape == (32, 5) and b["length"].shape == (32,)
+  np.testing.assert_array_equal([b["mask"].sum() for b in batches], [32, 32, 32, 4])
+  assert not batches[-1]["mask"][4:].any() and batches[-1]["mask"][:4].all()
+  images = np.concatenate([b["image"][b["mask"]] for b in batches])
+  tokens = np.concatenate([b["tokens"][b["mask"]] for b in batches])
+  np.testing.assert_allclose(images, np.stack([r[0] for r in rows]), atol=1e-6)
+  np.testing.assert_array_equal(tokens, np.stack([r[1] for r in rows]))
+
+
+def test_eval_shards_per_process_cover_once(config):
+  rows = _hash_rows(r[0] for r in _dataset_rows(config, "validation"))  # 96 rows
+  seen, counts = [], []
+  for p in range(3):  # 96 / 3 hosts, global batch 30 -> host batch 10, 4 batches each
+    batches = list(ip.eval_iterator(config, "validation", batch_size=30, process_index=p,
+                                    process_count=3))
+    counts.append(len(batches))
+    assert all(b["image"].shape[0] == 10 for b in batches)
+    seen += _hash_rows(np.concatenate([b["image"][b["mask"]] for b in batches]))
+  assert len(set(counts)) == 1
+  assert sorted(seen) == sorted(rows)
+
+
+def test_eval_with_fewer_examples_than_hosts_pads_whole_batches(config):
+  # 100 test rows over 3 hosts: 33, 33, 34 -> same batch count everywhere.
+  counts = [len(list(ip.eval_iterator(config, "test", batch_size=48, process_index=p,
+                                      process_count=3))) for p in range(3)]
+  assert counts == [3, 3, 3]
+
+
+def test_benchmark_reports_a_rate(config):
+  rate = benchmark.pipeline_images_per_second(config, num_batches=3, warmup_batches=1)
+  assert rate > 0
+
+
+# ---- classification
+
+
+@pytest.fixture(scope="module")
+def mnist_config():
+  config = config_lib.load("tiny")
+  config.task = "classify"
+  config.batch_size = 64
+  config.eval_batch_size = 128
+  config.data.name = "mnist_digits"
+  config.data.random_crop_padding = 2
+  config.data.horizontal_flip = False
+  config.data.mean = (0.1307,)
+  config.data.std = (0.3081,)
+  return config
+
+
+def test_mnist_digits_classification(mnist_config):
+  it = classification.train_iterator(mnist_config, seed=0, process_index=0, process_count=1)
+  b = next(it)
+  assert b["image"].shape == (64, 28, 28, 1) and b["image"].dtype == np.float32
+  assert b["label"].shape == (64,) and b["label"].dtype == np.int32
+  assert b["image"].min() == pytest.approx(-0.1307 / 0.3081, rel=1e-5)
+  full = _take(classification.train_iterator(mnist_config, seed=0, process_index=0,
+                                             process_count=1), 60)
+  resumed = _take(classification.train_iterator(mnist_config, seed=0, start_step=55,
+                                                process_index=0, process_count=1), 5)
+  for x, y in zip(full[55:], resumed):  # 3600 / 64: crosses the epoch at 56.25
+    np.testing.assert_array_equal(x["image"], y["image"])
+    np.testing.assert_array_equal(x["label"], y["label"])
+  assert classification.num_examples(mnist_config, "test") == 1000
+
+
+def test_mnist_digits_test_split_is_rows_400_to_499(mnist_config):
+  batches = list(classification.eval_iterator(mnist_config, "test", process_index=0,
+                                              process_count=1))
+  assert len(batches) == 8 and [int(b["mask"].sum()) for b in batches][-1] == 1000 - 7 * 128
+  images = np.concatenate([b["image"][b["mask"]] for b in batches])
+  labels = np.concatenate([b["label"][b["mask"]] for b in batches])
+  pixels, csv_labels = sources.load_embedded_all()
+  rows = np.arange(5000)[np.arange(5000) % 500 >= 400]
+  np.testing.assert_allclose(images[..., 0], (pixels[rows] / 255 - 0.1307) / 0.3081, atol=1e-5)
+  np.testing.assert_array_equal(labels, csv_labels[rows])
+
+
+def test_cifar10_with_mock_data():
+  config = config_lib.load("tiny")
+  config.task = "classify"
+  config.batch_size = 16
+  config.eval_batch_size = 24
+  config.data.name = "cifar10"
+  config.data.validation_size = 10
+  config.data.random_crop_padding = 4
+  config.data.horizontal_flip = True
+  config.data.mean = classification.CIFAR10_MEAN
+  config.data.std = classification.CIFAR10_STD
+  classification._CACHE.clear()  # pylint: disable=protected-access
+  with tfds.testing.mock_data(num_examples=50):
+    b = next(classification.train_iterator(config, seed=0, process_index=0, process_count=1))
+    evals = list(classification.eval_iterator(config, "validation", process_index=0,
+                                              process_count=1))
+    test = list(classification.eval_iterator(config, "test", process_index=0, process_count=1))
+    assert classification.num_examples(config, "train") == 40
+  classification._CACHE.clear()  # pylint: disable=protected-access
+  assert b["image"].shape == (16, 32, 32, 3) and b["image"].dtype == np.float32
+  assert b["label"].dtype == np.int32 and b["label"].min() >= 0 and b["label"].max() <= 9
+  # Crop padding shows as zero pixels, normalised: (0 - mean) / std per channel.
+  pad_value = -np.asarray(classification.CIFAR10_MEAN) / np.asarray(classification.CIFAR10_STD)
+  assert np.any(np.all(np.isclose(b["image"], pad_value, atol=1e-5), axis=-1))
+  assert len(evals) == 1 and int(evals[0]["mask"].sum()) == 10 and evals[0]["image"].shape[0] == 24
+  assert sum(int(t["mask"].sum()) for t in test) == 50
+
+
+def test_unknown_classification_dataset():
+  config = config_lib.load("tiny")
+  config.batch_size = 8
+  config.data.name = "imagenet"
+  with pytest.raises(ValueError, match=r"config\.data\.name.*mnist_digits"):
+    next(classification.train_iterator(config, seed=0, process_index=0, process_count=1))

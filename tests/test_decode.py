@@ -1,0 +1,105 @@
+"""Greedy and beam decoding: the cache changes nothing, beam 1 is greedy, outputs obey the
+token contract."""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from digit_vit import decode
+from digit_vit.models import DigitReader, ModelConfig, tokens
+
+CFG = ModelConfig(width=32, num_heads=2, mlp_dim=64, encoder_layers=1, decoder_layers=2,
+                  image_height=16, image_width=48, patch_size=(4, 4), max_length=6)
+
+
+@functools.lru_cache(maxsize=None)
+def _params(seed):
+  """Random parameters, scaled so outputs are decisive and <eos> shows up early for some rows."""
+  images = jnp.zeros((1, 16, 48, 1))
+  params = DigitReader(CFG).init(jax.random.key(seed), images,
+                                 jnp.zeros((1, CFG.max_length), jnp.int32))["params"]
+  bias = params["decoder"]["logits"]["bias"]
+  params["decoder"]["logits"]["bias"] = bias.at[tokens.EOS].set(1.5)
+  return jax.tree.map(lambda x: x * 2.0, params)
+
+
+def _images(batch=6):
+  return jax.random.uniform(jax.random.key(3), (batch, 16, 48, 1))
+
+
+def _assert_contract(out):
+  out = np.asarray(out)
+  assert (out <= tokens.PAD).all() and (out >= 0).all()
+  for row in out:
+    assert tokens.SOS not in row
+    eos = np.flatnonzero(row == tokens.EOS)
+    if eos.size:
+      assert (row[eos[0] + 1:] == tokens.PAD).all()
+      assert (row[:eos[0]] < tokens.NUM_DIGITS).all()
+    else:
+      assert (row < tokens.NUM_DIGITS).all()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_cached_greedy_equals_uncached(seed):
+  params = _params(seed)
+  cached, lp_cached = jax.jit(functools.partial(decode.greedy_decode, CFG))(params, _images())
+  naive, lp_naive = jax.jit(functools.partial(decode.greedy_decode_uncached, CFG))(
+      params, _images())
+  chex.assert_shape(cached, (6, CFG.max_length))
+  chex.assert_type(cached, jnp.int32)
+  np.testing.assert_array_equal(cached, naive)
+  np.testing.assert_allclose(lp_cached, lp_naive, rtol=1e-4, atol=1e-4)
+  _assert_contract(cached)
+
+
+def test_greedy_matches_a_python_loop_over_teacher_forcing():
+  params = _params(0)
+  images = _images(3)
+  model = DigitReader(CFG)
+  prefix = np.full((3, 1), tokens.SOS, np.int32)
+  for _ in range(CFG.max_length):
+    logits = model.apply({"params": params}, images, jnp.asarray(prefix))
+    best = np.asarray(decode.next_token_log_probs(logits[:, -1]).argmax(-1))
+    prefix = np.concatenate([prefix, best[:, None]], axis=1)
+  expected = prefix[:, 1:]
+  for row in expected:  # the contract: <pad> after the first <eos>
+    eos = np.flatnonzero(row == tokens.EOS)
+    if eos.size:
+      row[eos[0] + 1:] = tokens.PAD
+  out, _ = decode.greedy_decode(CFG, params, images)
+  np.testing.assert_array_equal(out, expected)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_beam_size_one_is_greedy(seed):
+  params = _params(seed)
+  greedy, lp_greedy = decode.greedy_decode(CFG, params, _images())
+  beam, lp_beam = decode.beam_search(CFG, params, _images(), beam_size=1, alpha=0.0)
+  np.testing.assert_array_equal(beam, greedy)
+  np.testing.assert_allclose(lp_beam, lp_greedy, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.6])
+def test_beam_search_output_and_its_log_prob(alpha):
+  params = _params(1)
+  beam, lp_beam = decode.beam_search(CFG, params, _images(), beam_size=4, alpha=alpha)
+  chex.assert_shape(beam, (6, CFG.max_length))
+  _assert_contract(beam)
+  # The reported log-prob is the model's log-prob of the returned tokens.
+  decoder_inputs = jnp.concatenate([jnp.full((6, 1), tokens.SOS), beam[:, :-1]], axis=1)
+  logits = DigitReader(CFG).apply({"params": params}, _images(), decoder_inputs)
+  token_lp = jnp.take_along_axis(decode.next_token_log_probs(logits), beam[..., None], -1)[..., 0]
+  valid = np.cumsum(np.asarray(beam) == tokens.EOS, axis=1) - (np.asarray(beam) == tokens.EOS)
+  np.testing.assert_allclose((token_lp * (valid == 0)).sum(-1), lp_beam, rtol=1e-4, atol=1e-4)
+
+
+def test_max_length_is_checked():
+  with pytest.raises(ValueError, match="max_length"):
+    decode.greedy_decode(CFG, _params(0), _images(), max_length=CFG.max_length + 1)
+  out, _ = decode.greedy_decode(CFG, _params(0), _images(), max_length=2)
+  chex.assert_shape(out, (6, 2))

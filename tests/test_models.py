@@ -1,0 +1,201 @@
+"""Shapes, dtypes and the decode cache of the reader and classifier, for several configs."""
+
+import dataclasses
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from digit_vit.models import DigitReader, ModelConfig, ViTClassifier, blocks, patch, tokens
+
+SMALL = dict(width=32, num_heads=2, mlp_dim=64, encoder_layers=1, decoder_layers=2)
+CONFIGS = {
+    "linear-learned": ModelConfig(**SMALL),
+    "conv-rope-post": ModelConfig(**SMALL, patch_embedding="conv", encoder_position="rope",
+                                  decoder_position="rope", norm="post",
+                                  attention_impl="einsum"),
+    "tall-patches-sin2d": ModelConfig(**SMALL, patch_size=(16, 4),
+                                      encoder_position="sinusoidal_2d",
+                                      decoder_position="sinusoidal"),
+    "small-canvas-1head": ModelConfig(**dict(SMALL, num_heads=1), image_height=16,
+                                      image_width=48, patch_size=(4, 4), max_length=4,
+                                      encoder_position="learned_2d", decoder_position="none"),
+}
+
+
+def _inputs(cfg, batch=3, seed=0):
+  images = jax.random.uniform(jax.random.key(seed), (batch, cfg.image_height, cfg.image_width,
+                                                     cfg.image_channels))
+  decoder_inputs = jax.random.randint(jax.random.key(seed + 1), (batch, cfg.max_length), 0,
+                                      tokens.VOCAB_SIZE)
+  return images, decoder_inputs.at[:, 0].set(tokens.SOS)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_reader_shapes_and_dtypes(name):
+  cfg = CONFIGS[name]
+  model = DigitReader(cfg)
+  images, decoder_inputs = _inputs(cfg)
+  variables = model.init(jax.random.key(0), images, decoder_inputs)
+  memory = model.apply(variables, images, method=DigitReader.encode)
+  chex.assert_shape(memory, (3, cfg.num_patches, cfg.width))
+  logits = model.apply(variables, images, decoder_inputs)
+  chex.assert_shape(logits, (3, cfg.max_length, tokens.VOCAB_SIZE))
+  chex.assert_type(logits, jnp.float32)
+  chex.assert_tree_all_finite(logits)
+  for leaf in jax.tree.leaves(variables["params"]):
+    chex.assert_type(leaf, jnp.float32)
+
+
+def test_bench_architecture_has_1_35m_parameters():
+  cfg = ModelConfig()  # the defaults are the bench architecture
+  images, decoder_inputs = _inputs(cfg, batch=1)
+  params = jax.eval_shape(DigitReader(cfg).init, jax.random.key(0), images, decoder_inputs)
+  assert sum(x.size for x in jax.tree.leaves(params)) == 1_347_853
+  assert cfg.num_patches == 96
+
+
+def test_bfloat16_compute_keeps_float32_params():
+  cfg = dataclasses.replace(CONFIGS["linear-learned"], dtype="bfloat16")
+  model = DigitReader(cfg)
+  images, decoder_inputs = _inputs(cfg)
+  variables = model.init(jax.random.key(0), images, decoder_inputs)
+  for leaf in jax.tree.leaves(variables["params"]):
+    chex.assert_type(leaf, jnp.float32)
+  memory = model.apply(variables, images, method=DigitReader.encode)
+  chex.assert_type(memory, jnp.bfloat16)
+  logits = model.apply(variables, images, decoder_inputs)
+  chex.assert_type(logits, jnp.float32)
+  full = DigitReader(dataclasses.replace(cfg, dtype="float32")).apply(variables, images,
+                                                                        decoder_inputs)
+  np.testing.assert_allclose(logits, full, atol=0.15)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_cached_decoding_equals_teacher_forcing(name):
+  """Every prefix length 1..max_length, batch 4."""
+  cfg = CONFIGS[name]
+  steps = cfg.max_length
+  images, decoder_inputs = _inputs(cfg, batch=4, seed=7)
+  variables = DigitReader(cfg).init(jax.random.key(0), images, decoder_inputs)
+  full = DigitReader(cfg).apply(variables, images, decoder_inputs)
+  memory = DigitReader(cfg).apply(variables, images, method=DigitReader.encode)
+  cached_model = DigitReader(cfg, decode=True)
+  _, state = cached_model.apply(variables, memory, method=DigitReader.init_cache,
+                                mutable=["cache"])
+  cache = state["cache"]
+  for t in range(steps):
+    logits, state = cached_model.apply(
+        {"params": variables["params"], "cache": cache}, decoder_inputs[:, t:t + 1], memory,
+        method=DigitReader.decode_tokens, mutable=["cache"])
+    cache = state["cache"]
+    chex.assert_shape(logits, (4, 1, tokens.VOCAB_SIZE))
+    np.testing.assert_allclose(logits[:, 0], full[:, t], rtol=1e-4, atol=1e-5)
+
+
+def test_cache_holds_projected_memory_once():
+  cfg = CONFIGS["linear-learned"]
+  images, decoder_inputs = _inputs(cfg, batch=2)
+  variables = DigitReader(cfg).init(jax.random.key(0), images, decoder_inputs)
+  memory = DigitReader(cfg).apply(variables, images, method=DigitReader.encode)
+  _, state = DigitReader(cfg, decode=True).apply(variables, memory,
+                                                 method=DigitReader.init_cache,
+                                                 mutable=["cache"])
+  block = state["cache"]["decoder"]["block0"]
+  heads, head_dim = cfg.num_heads, cfg.width // cfg.num_heads
+  chex.assert_shape(block["cross_attention"]["cross_key"], (2, cfg.num_patches, heads, head_dim))
+  chex.assert_shape(block["self_attention"]["cached_key"], (2, cfg.max_length, heads, head_dim))
+  assert int(block["self_attention"]["cache_index"]) == 0
+
+
+def test_decoder_is_causal():
+  cfg = CONFIGS["linear-learned"]
+  images, decoder_inputs = _inputs(cfg, batch=2)
+  model = DigitReader(cfg)
+  variables = model.init(jax.random.key(0), images, decoder_inputs)
+  base = model.apply(variables, images, decoder_inputs)
+  changed = decoder_inputs.at[:, 4:].set((decoder_inputs[:, 4:] + 1) % tokens.VOCAB_SIZE)
+  out = model.apply(variables, images, changed)
+  np.testing.assert_allclose(out[:, :4], base[:, :4], rtol=1e-5, atol=1e-6)
+  assert not np.allclose(out[:, 4:], base[:, 4:])
+
+
+def test_dropout_needs_rng_and_changes_training_outputs():
+  cfg = dataclasses.replace(CONFIGS["linear-learned"], dropout_rate=0.5)
+  images, decoder_inputs = _inputs(cfg)
+  model = DigitReader(cfg)
+  variables = model.init(jax.random.key(0), images, decoder_inputs)
+  a = model.apply(variables, images, decoder_inputs, train=True,
+                  rngs={"dropout": jax.random.key(1)})
+  b = model.apply(variables, images, decoder_inputs, train=True,
+                  rngs={"dropout": jax.random.key(2)})
+  assert not np.allclose(a, b)
+  np.testing.assert_array_equal(model.apply(variables, images, decoder_inputs),
+                                model.apply(variables, images, decoder_inputs))
+
+
+@pytest.mark.parametrize("channels,hw,patch_size,stem", [
+    (1, (28, 28), (7, 7), "linear"), (3, (32, 32), (4, 4), "conv"),
+    (3, (32, 32), (8, 4), "conv")])
+def test_classifier_shapes(channels, hw, patch_size, stem):
+  cfg = ModelConfig(**SMALL, image_height=hw[0], image_width=hw[1], image_channels=channels,
+                    patch_size=patch_size, patch_embedding=stem, class_token=True,
+                    num_classes=10, encoder_position="learned")
+  model = ViTClassifier(cfg)
+  images = jnp.ones((5,) + hw + (channels,))
+  variables = model.init(jax.random.key(0), images)
+  chex.assert_shape(variables["params"]["encoder"]["class_token"], (1, 1, cfg.width))
+  chex.assert_shape(variables["params"]["encoder"]["position"]["embedding"],
+                    (cfg.num_patches, cfg.width))
+  logits = model.apply(variables, images)
+  chex.assert_shape(logits, (5, 10))
+  chex.assert_type(logits, jnp.float32)
+
+
+def test_patch_embedding_linear_is_a_projection_of_flattened_patches():
+  images = jax.random.uniform(jax.random.key(0), (2, 8, 12, 1))
+  layer = patch.PatchEmbedding((4, 6), width=5)
+  variables = layer.init(jax.random.key(1), images)
+  out = layer.apply(variables, images)
+  chex.assert_shape(out, (2, 4, 5))
+  kernel = np.asarray(variables["params"]["projection"]["kernel"])
+  bias = np.asarray(variables["params"]["projection"]["bias"])
+  second_patch = np.asarray(images[1, 0:4, 6:12, 0]).reshape(-1)  # row 0, column 1
+  np.testing.assert_allclose(out[1, 1], second_patch @ kernel + bias, rtol=1e-5, atol=1e-6)
+
+
+def test_conv_stem_strides_reach_non_square_patches():
+  assert patch.stem_strides((8, 8)) == [(2, 2)] * 3
+  assert patch.stem_strides((4, 8)) == [(2, 2), (2, 2), (1, 2)]
+  assert patch.stem_strides((16, 4)) == [(2, 2), (2, 2), (2, 1), (2, 1)]
+  with pytest.raises(ValueError, match="power-of-two"):
+    patch.stem_strides((6, 8))
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("patch_size", (5, 5), "does not tile"),
+    ("num_heads", 3, "divisible"),
+    ("encoder_position", "fourier", "encoder_position"),
+    ("attention_impl", "flash", "attention_impl"),
+    ("norm", "sandwich", "norm"),
+])
+def test_bad_model_config_is_a_clear_error(field, value, match):
+  with pytest.raises(ValueError, match=match):
+    ModelConfig(**{field: value})
+
+
+def test_unknown_model_key_is_an_error():
+  with pytest.raises(ValueError, match="unknown model config keys"):
+    ModelConfig.from_config({"widht": 64})
+
+
+@pytest.mark.parametrize("norm", ["pre", "post"])
+def test_encoder_block_shapes(norm):
+  x = jnp.ones((2, 10, 16))
+  block = blocks.EncoderBlock(num_heads=2, mlp_dim=32, norm=norm)
+  variables = block.init(jax.random.key(0), x)
+  chex.assert_shape(block.apply(variables, x), (2, 10, 16))
+  assert set(variables["params"]) == {"attention", "attention_residual", "mlp",
+                                      "mlp_residual"}
