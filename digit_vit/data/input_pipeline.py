@@ -1,0 +1,393 @@
+"""Input pipeline for the digit reader: `multi_digit_mnist` -> numpy batches for the trainer.
+
+  builder = get_dataset_builder(config)           # builds the dataset on first use
+  it = train_iterator(config, seed=0, start_step=0)  # infinite, host-local batches
+  for batch in eval_iterator(config, "validation"): ...  # finite, padded, with `mask`
+
+Batches are dicts of numpy arrays: `image` float32 [b, H, W, 1] in [0, 1] with ink 1 (bright)
+and background 0, `tokens` int32 [b, max_digits + 2], `length` int32 [b]; eval batches also carry
+`mask` bool [b] (False on padding rows). `b` is the host-local batch: the global
+`config.batch_size` (or `config.eval_batch_size`) divided by the process count.
+
+Where the data lives: `config.data.data_dir` when set, else `./data/tfds` relative to the working
+directory (the repo root, where the README's commands run; `data/` is git-ignored).
+
+Training order: each epoch is a permutation of the host's shard drawn from (seed, epoch) with
+stateless random ops, and batches run across epoch boundaries. The k-th batch of
+`train_iterator(config, seed=s)` is a pure function of (config, s, k, process), so
+`train_iterator(..., start_step=k)` resumes exactly (it skips indices, not images). Per-example
+augmentation draws from (seed, process, position in the stream) and is reproduced on resume too.
+
+The host's shard of each split is read into memory once (train: PNG bytes, decoded in the
+tf.data map; eval: decoded uint8 images) and cached for the life of the process.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import threading
+from collections.abc import Iterator
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from digit_vit.data import multi_digit_mnist
+
+try:  # tf.data must never take an accelerator from JAX.
+  tf.config.set_visible_devices([], "GPU")
+  tf.config.set_visible_devices([], "TPU")
+except (RuntimeError, ValueError):
+  pass
+
+SPLITS = ("train", "validation", "test")
+DEFAULT_DATA_DIR = os.path.join("data", "tfds")
+
+
+# ----------------------------------------------------------------------------------------------
+# Builder
+
+
+def builder_config_from(config) -> multi_digit_mnist.MultiDigitMnistConfig:
+  """The dataset's BuilderConfig from the experiment config (validated; errors say what to set)."""
+  d = config.data
+  return multi_digit_mnist.MultiDigitMnistConfig.create(
+      source=str(d.source), source_dir=str(d.get("source_dir", "") or ""),
+      max_digits=int(d.max_digits), height=int(d.image_height), width=int(d.image_width),
+      train_size=int(d.train_size), validation_size=int(d.validation_size),
+      test_size=int(d.test_size), validation_per_class=int(d.validation_per_class),
+      seed=int(d.seed), min_scale=float(d.min_scale), max_scale=float(d.max_scale),
+      scale_jitter=float(d.scale_jitter), min_gap=float(d.min_gap), max_gap=float(d.max_gap),
+      vertical_jitter=float(d.vertical_jitter), max_rotation=float(d.max_rotation),
+      thicken_prob=float(d.thicken_prob), thin_prob=float(d.thin_prob))
+
+
+def data_dir_from(config, data_dir: str | None = None) -> str:
+  """data_dir argument, else config.data.data_dir, else ./data/tfds (absolute path)."""
+  data_dir = data_dir or config.data.get("data_dir", "") or DEFAULT_DATA_DIR
+  return os.path.abspath(os.path.expanduser(str(data_dir)))
+
+
+_BUILD_LOCK = threading.Lock()
+
+
+def get_dataset_builder(config, data_dir: str | None = None) -> multi_digit_mnist.MultiDigitMnist:
+  """The prepared `multi_digit_mnist` builder for `config.data` (built on first use).
+
+  On several hosts, build it once beforehand (`python -m digit_vit.data.build`) into a shared
+  data_dir, or let every host build its own local copy (generation is deterministic).
+  """
+  bc = builder_config_from(config)
+  registered = multi_digit_mnist.MultiDigitMnist.builder_configs.get(bc.name)
+  builder = multi_digit_mnist.MultiDigitMnist(
+      config=registered or bc, data_dir=data_dir_from(config, data_dir))
+  with _BUILD_LOCK:
+    if not builder.is_prepared():
+      builder.download_and_prepare(
+          download_config=tfds.download.DownloadConfig(
+              compute_stats=tfds.download.ComputeStatsMode.SKIP))
+  return builder
+
+
+def num_examples(config, split: str) -> int:
+  """Number of examples of a split (all hosts together)."""
+  _check_split(split)
+  return int(get_dataset_builder(config).info.splits[split].num_examples)
+
+
+def _check_split(split):
+  if split not in SPLITS:
+    raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+
+
+def _process(process_index, process_count):
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=import-outside-toplevel
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+  return int(process_index), int(process_count)
+
+
+def host_bounds(n: int, process_index: int, process_count: int, *,
+                drop_remainder: bool) -> tuple[int, int]:
+  """[start, end) of this host's contiguous shard of n examples.
+
+  drop_remainder=True (train): every host gets n // process_count examples.
+  drop_remainder=False (eval): shards differ by at most one and cover all n.
+  """
+  if drop_remainder:
+    per = n // process_count
+    if per == 0:
+      raise ValueError(f"{n} examples cannot be shared by {process_count} processes")
+    return process_index * per, (process_index + 1) * per
+  return n * process_index // process_count, n * (process_index + 1) // process_count
+
+
+def host_batch_size(global_batch: int, process_count: int, what: str = "config.batch_size") -> int:
+  if global_batch < 1 or global_batch % process_count:
+    raise ValueError(f"{what}={global_batch} must be a positive multiple of the process count "
+                     f"{process_count}")
+  return global_batch // process_count
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading a host's shard into memory
+
+_CACHE: dict = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def _read_shard(builder, split: str, start: int, end: int, *, decode: bool) -> dict[str, np.ndarray]:
+  key = (builder.data_path.as_posix() if hasattr(builder.data_path, "as_posix")
+         else str(builder.data_path), split, start, end, decode)
+  with _CACHE_LOCK:
+    if key in _CACHE:
+      return _CACHE[key]
+  decoders = None if decode else {"image": tfds.decode.SkipDecoding()}
+  ds = builder.as_dataset(split=f"{split}[{start}:{end}]", shuffle_files=False,
+                          decoders=decoders,
+                          read_config=tfds.ReadConfig(interleave_cycle_length=1))
+  ds = ds.map(lambda ex: {k: ex[k] for k in ("image", "tokens", "length")}).batch(4096)
+  parts = list(tfds.as_numpy(ds))
+  out = {k: np.concatenate([p[k] for p in parts]) for k in ("image", "tokens", "length")}
+  if out["length"].shape[0] != end - start:
+    raise RuntimeError(f"read {out['length'].shape[0]} examples of {split}[{start}:{end}]")
+  out["tokens"] = out["tokens"].astype(np.int32)
+  out["length"] = out["length"].astype(np.int32)
+  with _CACHE_LOCK:
+    _CACHE[key] = out
+  return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared tf.data machinery (also used by classification.py)
+
+
+def seed_pair(*values: int) -> np.ndarray:
+  """A stateless-RNG seed [2] int64 mixing any number of ints (stable across machines)."""
+  ss = np.random.SeedSequence([int(v) & 0xFFFFFFFF for v in values])
+  return ss.generate_state(2, np.uint32).astype(np.int64)
+
+
+def index_stream(n: int, seed: int, start: int, process_index: int) -> tf.data.Dataset:
+  """Infinite (position, index) pairs from position `start`: epoch e is a permutation of range(n)
+  drawn from (seed, process, e); `position` is the example's place in the whole stream."""
+  start_epoch, offset = divmod(start, n)
+  base = seed_pair(seed, process_index, 0x5EED)
+
+  def epoch(e):
+    s = tf.stack([tf.constant(base[0]), tf.constant(base[1]) + e])
+    keys = tf.random.stateless_uniform([n], seed=s, dtype=tf.float32)
+    return tf.data.Dataset.from_tensor_slices(tf.argsort(keys, stable=True))
+
+  ds = tf.data.Dataset.range(start_epoch, 2**62).flat_map(epoch).skip(offset)
+  return tf.data.Dataset.zip(tf.data.Dataset.range(start, 2**62), ds)
+
+
+def data_options(config) -> tf.data.Options:
+  options = tf.data.Options()
+  options.deterministic = True
+  threads = int(config.data.get("threads", 0) or 0)
+  if threads:
+    options.threading.private_threadpool_size = threads
+  return options
+
+
+def parallel_calls(config) -> int:
+  v = int(config.data.get("num_parallel_calls", -1))
+  return tf.data.AUTOTUNE if v <= 0 else v
+
+
+def pad_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+  """Pads a partial batch to `size` rows (copies of row 0, or zeros) and adds `mask`."""
+  n = next(iter(batch.values())).shape[0]
+  out = {}
+  for k, v in batch.items():
+    pad = np.zeros((size - n,) + v.shape[1:], v.dtype)
+    out[k] = np.concatenate([v, pad]) if n < size else v
+  out["mask"] = np.arange(size) < n
+  return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Augmentation (train only; tf ops on one float32 [H, W, 1] image in [0, 1])
+
+
+def _affine(image, seed, a):
+  h, w = image.shape[0], image.shape[1]
+  u = tf.random.stateless_uniform([6], seed=seed, minval=-1.0, maxval=1.0)
+  theta = u[0] * (a.max_rotation * math.pi / 180.0)
+  scale = 1.0 + u[1] * a.max_scale_change
+  shear = u[2] * a.max_shear
+  tx, ty = u[3] * a.max_translate * w, u[4] * a.max_translate * h
+  cos, sin = tf.cos(theta), tf.sin(theta)
+  # Output -> input map (what ImageProjectiveTransform wants) about the centre.
+  a0, a1 = cos / scale, (sin + shear) / scale
+  b0, b1 = -sin / scale, cos / scale
+  cx, cy = (w - 1) / 2.0, (h - 1) / 2.0
+  a2 = cx - a0 * (cx + tx) - a1 * (cy + ty)
+  b2 = cy - b0 * (cx + tx) - b1 * (cy + ty)
+  transform = tf.stack([a0, a1, a2, b0, b1, b2, 0.0, 0.0])[None]
+  out = tf.raw_ops.ImageProjectiveTransformV3(
+      images=image[None], transforms=transform, output_shape=tf.constant([h, w]),
+      fill_value=0.0, interpolation="BILINEAR", fill_mode="CONSTANT")
+  return tf.reshape(out, image.shape)
+
+
+def _bilinear_sample(image, ys, xs):
+  h, w = image.shape[0], image.shape[1]
+  img = image[..., 0]
+  y0, x0 = tf.floor(ys), tf.floor(xs)
+  wy, wx = ys - y0, xs - x0
+
+  def at(yy, xx):
+    inside = (yy >= 0) & (yy <= h - 1) & (xx >= 0) & (xx <= w - 1)
+    yi = tf.clip_by_value(tf.cast(yy, tf.int32), 0, h - 1)
+    xi = tf.clip_by_value(tf.cast(xx, tf.int32), 0, w - 1)
+    return tf.where(inside, tf.gather_nd(img, tf.stack([yi, xi], -1)), 0.0)
+
+  out = ((1 - wy) * (1 - wx) * at(y0, x0) + (1 - wy) * wx * at(y0, x0 + 1)
+         + wy * (1 - wx) * at(y0 + 1, x0) + wy * wx * at(y0 + 1, x0 + 1))
+  return out[..., None]
+
+
+def _elastic(image, seed, a):
+  h, w = image.shape[0], image.shape[1]
+  gh, gw = max(2, round(h / a.elastic_grid)), max(2, round(w / a.elastic_grid))
+  coarse = tf.random.stateless_normal([gh, gw, 2], seed=seed) * a.elastic_alpha
+  field = tf.image.resize(coarse, [h, w], method="bicubic")
+  yy, xx = tf.meshgrid(tf.range(h, dtype=tf.float32), tf.range(w, dtype=tf.float32),
+                       indexing="ij")
+  return _bilinear_sample(image, yy + field[..., 0], xx + field[..., 1])
+
+
+def augment_fn(config):
+  """(image, seed [2]) -> image, applying config.data.augment.*; None when all is off."""
+  a = config.data.get("augment")
+  if a is None:
+    return None
+  probs = [a.get(k, 0.0) for k in ("affine_prob", "elastic_prob", "noise_prob", "contrast_prob",
+                                   "invert_prob")]
+  if not any(p > 0 for p in probs):
+    return None
+
+  def fn(image, seed):
+    seeds = tf.random.experimental.stateless_split(seed, 6)
+    coins = tf.random.stateless_uniform([5], seed=seeds[0])
+    if a.affine_prob > 0:
+      image = tf.cond(coins[0] < a.affine_prob, lambda: _affine(image, seeds[1], a),
+                      lambda: image)
+    if a.elastic_prob > 0:
+      image = tf.cond(coins[1] < a.elastic_prob, lambda: _elastic(image, seeds[2], a),
+                      lambda: image)
+    if a.contrast_prob > 0:
+      u = tf.random.stateless_uniform([2], seed=seeds[3])
+      c = a.min_contrast + (1.0 - a.min_contrast) * u[0]
+      bg = u[1] * (1.0 - c) * 0.5
+      image = tf.where(coins[2] < a.contrast_prob, bg + c * image, image)
+    if a.noise_prob > 0:
+      noise = tf.random.stateless_normal(tf.shape(image), seed=seeds[4]) * a.noise_std
+      image = tf.where(coins[3] < a.noise_prob, image + noise, image)
+    if a.invert_prob > 0:  # Dark ink on bright paper: breaks "ink = 1" on purpose.
+      image = tf.where(coins[4] < a.invert_prob, 1.0 - image, image)
+    return tf.clip_by_value(image, 0.0, 1.0)
+
+  return fn
+
+
+# ----------------------------------------------------------------------------------------------
+# Iterators
+
+
+def train_dataset(config, *, seed: int, start_step: int = 0, process_index=None,
+                  process_count=None) -> tf.data.Dataset:
+  """The infinite tf.data pipeline behind `train_iterator`."""
+  process_index, process_count = _process(process_index, process_count)
+  b = host_batch_size(int(config.batch_size), process_count)
+  if start_step < 0:
+    raise ValueError(f"start_step must be >= 0, got {start_step}")
+  builder = get_dataset_builder(config)
+  n_all = builder.info.splits["train"].num_examples
+  lo, hi = host_bounds(n_all, process_index, process_count, drop_remainder=True)
+  shard = _read_shard(builder, "train", lo, hi, decode=False)
+  pngs = tf.constant(shard["image"])
+  toks = tf.constant(shard["tokens"])
+  lens = tf.constant(shard["length"])
+  height, width = int(config.data.image_height), int(config.data.image_width)
+  aug = augment_fn(config)
+  aug_base = seed_pair(seed, process_index, 0xA06)
+
+  def load(pos, idx):
+    image = tf.io.decode_png(tf.gather(pngs, idx), channels=1)
+    image = tf.ensure_shape(image, [height, width, 1])
+    if aug is not None:
+      image = tf.cast(image, tf.float32) / 255.0
+      image = aug(image, tf.stack([tf.constant(aug_base[0]), tf.constant(aug_base[1]) + pos]))
+    return {"image": image, "tokens": tf.gather(toks, idx), "length": tf.gather(lens, idx)}
+
+  def finish(batch):
+    image = batch["image"]
+    if image.dtype == tf.uint8:
+      image = tf.cast(image, tf.float32) * (1.0 / 255.0)
+    return {"image": image, "tokens": batch["tokens"], "length": batch["length"]}
+
+  ds = index_stream(hi - lo, seed, start_step * b, process_index)
+  ds = ds.map(load, num_parallel_calls=parallel_calls(config))
+  ds = ds.batch(b, drop_remainder=True).map(finish)
+  ds = ds.prefetch(int(config.data.get("prefetch", 2)))
+  return ds.with_options(data_options(config))
+
+
+def train_iterator(config, *, seed: int, start_step: int = 0, process_index=None,
+                   process_count=None) -> Iterator[dict[str, np.ndarray]]:
+  """Infinite host-local training batches, deterministic for (config, seed); see module doc.
+
+  Args:
+    config: the experiment config (`config.data`, `config.batch_size`).
+    seed: the input-order and augmentation seed.
+    start_step: yield from this batch on, exactly as an uninterrupted iterator would.
+    process_index, process_count: the host and number of hosts (default: from jax).
+  """
+  ds = train_dataset(config, seed=seed, start_step=start_step, process_index=process_index,
+                     process_count=process_count)
+  return iter(tfds.as_numpy(ds))
+
+
+def eval_iterator(config, split: str, *, batch_size: int | None = None, process_index=None,
+                  process_count=None) -> Iterator[dict[str, np.ndarray]]:
+  """Finite host-local batches covering this host's shard of `split` exactly once, in order.
+
+  Every batch has the full shape; `mask` is False on padding rows. Every host yields the same
+  number of batches (hosts with fewer examples get all-padding batches), so collective ops in
+  the eval step stay in step.
+
+  Args:
+    config: the experiment config.
+    split: 'train', 'validation' or 'test'.
+    batch_size: global batch; default config.eval_batch_size, else config.batch_size.
+    process_index, process_count: the host and number of hosts (default: from jax).
+  """
+  _check_split(split)
+  process_index, process_count = _process(process_index, process_count)
+  if batch_size is None:
+    batch_size = config.get("eval_batch_size") or config.batch_size
+  b = host_batch_size(int(batch_size), process_count, "eval batch size")
+  builder = get_dataset_builder(config)
+  n_all = builder.info.splits[split].num_examples
+  lo, hi = host_bounds(n_all, process_index, process_count, drop_remainder=False)
+  shard = _read_shard(builder, split, lo, hi, decode=True)
+  num_batches = math.ceil(math.ceil(n_all / process_count) / b)
+  return _eval_batches(shard, b, num_batches)
+
+
+def _eval_batches(shard, b, num_batches):
+  n = shard["length"].shape[0]
+  for i in range(num_batches):
+    sl = slice(min(i * b, n), min((i + 1) * b, n))
+    batch = {"image": shard["image"][sl].astype(np.float32) * np.float32(1 / 255),
+             "tokens": shard["tokens"][sl], "length": shard["length"][sl]}
+    yield pad_batch(batch, b)

@@ -1,0 +1,69 @@
+r"""Writes a contact sheet of `multi_digit_mnist` examples with their labels, for people to look at.
+
+  python -m digit_vit.data.preview --config=configs/default.py --output=/tmp/preview.png \
+      [--split=train] [--num=40] [--columns=4] [--bboxes] [--data_dir=DIR]
+
+Builds the dataset first if needed. Each cell shows a line (scaled up), its digit string and
+length; with --bboxes each digit's box is drawn, coloured by position.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+from PIL import Image, ImageDraw
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                          lock_config=False)
+_OUTPUT = flags.DEFINE_string("output", "preview.png", "PNG file to write.")
+_SPLIT = flags.DEFINE_enum("split", "train", ["train", "validation", "test"], "Split to show.")
+_NUM = flags.DEFINE_integer("num", 40, "Number of examples.")
+_COLUMNS = flags.DEFINE_integer("columns", 4, "Cells per row.")
+_SCALE = flags.DEFINE_integer("scale", 2, "Pixel scale of the images.")
+_BBOXES = flags.DEFINE_bool("bboxes", False, "Draw each digit's bounding box.")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "Overrides config.data.data_dir.")
+
+_COLOURS = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
+            (145, 30, 180), (70, 240, 240), (240, 50, 230)]
+
+
+def contact_sheet(examples, *, columns: int = 4, scale: int = 2, bboxes: bool = False) -> Image.Image:
+  """examples: dicts with image uint8 [H, W, 1], digits (str or bytes), length, bboxes."""
+  examples = list(examples)
+  h, w = examples[0]["image"].shape[:2]
+  cw, ch = w * scale + 8, h * scale + 22
+  rows = -(-len(examples) // columns)
+  sheet = Image.new("RGB", (cw * columns, ch * rows), (255, 255, 255))
+  draw = ImageDraw.Draw(sheet)
+  for i, ex in enumerate(examples):
+    x, y = (i % columns) * cw + 4, (i // columns) * ch + 4
+    img = Image.fromarray(np.asarray(ex["image"])[..., 0]).resize((w * scale, h * scale),
+                                                                   Image.NEAREST).convert("RGB")
+    sheet.paste(img, (x, y))
+    digits = ex["digits"].decode() if isinstance(ex["digits"], bytes) else str(ex["digits"])
+    if bboxes:
+      for j in range(int(ex["length"])):
+        y0, x0, y1, x1 = np.asarray(ex["bboxes"][j]) * [h * scale, w * scale, h * scale, w * scale]
+        draw.rectangle([x + x0, y + y0, x + x1 - 1, y + y1 - 1], outline=_COLOURS[j % 8])
+    draw.text((x, y + h * scale + 3), f"{digits}  (n={int(ex['length'])})", fill=(0, 0, 0))
+  return sheet
+
+
+def main(argv):
+  del argv
+  from digit_vit.data import input_pipeline  # pylint: disable=import-outside-toplevel
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  config = _CONFIG.value
+  builder = input_pipeline.get_dataset_builder(config, _DATA_DIR.value)
+  ds = builder.as_dataset(split=f"{_SPLIT.value}[:{_NUM.value}]", shuffle_files=False)
+  sheet = contact_sheet(tfds.as_numpy(ds), columns=_COLUMNS.value, scale=_SCALE.value,
+                        bboxes=_BBOXES.value)
+  sheet.save(_OUTPUT.value)
+  print(f"wrote {_OUTPUT.value}: {_NUM.value} {_SPLIT.value} examples of "
+        f"{builder.builder_config.name}")
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main)
