@@ -1,0 +1,193 @@
+"""Benchmark: how fast the model trains, evaluates and reads on this machine, and how close that
+is to the machine's float32 matmul peak.
+
+  python -m digit_vit.bench --config=configs/bench.py
+  python -m digit_vit.bench --config=configs/default.py --only=pipeline
+  python -m digit_vit.bench --config=configs/bench.py --json=bench.json
+
+Throughputs are images per second over repeated calls after a warm-up (min / median / max
+are printed); FLOPs per image come from XLA's cost analysis of the compiled functions, so
+"fraction of peak" compares like with like: model FLOPs actually executed per second over the
+FLOP/s of a 2048^3 float32 matmul measured in the same run.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import resource
+import time
+from collections.abc import Callable
+
+from absl import app, flags
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+import numpy as np
+
+from digit_vit.models import tokens
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/bench.py", "Config file.")
+_ONLY = flags.DEFINE_list(
+    "only", [], "Measure only these: peak, train, eval, decode, pipeline (default: all).")
+_JSON = flags.DEFINE_string("json", None, "Also write the figures to this JSON file.")
+_REPEATS = flags.DEFINE_integer("repeats", 10, "Timed calls per measurement.")
+
+PARTS = ("peak", "train", "eval", "decode", "pipeline")
+
+
+def _median_seconds(fn: Callable[[], object], repeats: int) -> list[float]:
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def matmul_peak_gflops(repeats: int = 5, n: int = 2048) -> dict[str, float]:
+  """Float32 n^3 matmul GFLOP/s with numpy (BLAS) and with XLA, median of `repeats`."""
+  rng = np.random.default_rng(0)
+  a, b = rng.standard_normal((n, n), np.float32), rng.standard_normal((n, n), np.float32)
+  flops = 2.0 * n ** 3
+  np.dot(a, b)
+  numpy_time = np.median(_median_seconds(lambda: np.dot(a, b), repeats))
+  xa, xb = jnp.asarray(a), jnp.asarray(b)
+  dot = jax.jit(jnp.dot)
+  dot(xa, xb).block_until_ready()
+  xla_time = np.median(_median_seconds(lambda: dot(xa, xb), repeats))
+  return {"numpy_peak_gflops": flops / numpy_time / 1e9, "xla_peak_gflops": flops / xla_time / 1e9}
+
+
+def _flops(compiled) -> float:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0]
+  return float(cost.get("flops", 0.0)) if cost else 0.0
+
+
+def _throughput(name, fn, args, batch, repeats, results, peak):
+  """Compiles `fn` (jitted), times it, records images/s and FLOP figures under `name`."""
+  start = time.perf_counter()
+  compiled = fn.lower(*args).compile()
+  results[f"{name}_compile_s"] = time.perf_counter() - start
+  flops = _flops(compiled)
+  jax.block_until_ready(compiled(*args))
+  times = _median_seconds(lambda: compiled(*args), repeats)
+  rates = sorted(batch / t for t in times)
+  results[f"{name}_images_per_s"] = float(np.median(rates))
+  results[f"{name}_images_per_s_min"] = rates[0]
+  results[f"{name}_images_per_s_max"] = rates[-1]
+  if flops:
+    results[f"{name}_flops_per_image"] = flops / batch
+    results[f"{name}_gflops"] = flops / batch * results[f"{name}_images_per_s"] / 1e9
+    if peak:
+      results[f"{name}_fraction_of_numpy_peak"] = results[f"{name}_gflops"] / peak
+  return compiled
+
+
+def _fake_batch(config, batch_size):
+  """Random images and token rows of random lengths: speed does not depend on content."""
+  rng = np.random.default_rng(0)
+  m = config.model
+  lengths = rng.integers(1, config.max_digits + 1, batch_size)
+  digits = ["".join(map(str, rng.integers(0, 10, n))) for n in lengths]
+  return {
+      "image": rng.random((batch_size, m.image_height, m.image_width, m.image_channels),
+                          np.float32),
+      "tokens": tokens.encode_batch(digits, config.max_digits),
+      "mask": np.ones((batch_size,), bool),
+  }
+
+
+def run(config, parts=PARTS, repeats: int = 10) -> dict[str, float]:
+  """Measures the requested parts for `config`; returns the figures by name."""
+  from digit_vit import decode, train
+  from digit_vit.models import ModelConfig, build_model
+
+  results: dict[str, float] = {}
+  peak = None
+  if "peak" in parts:
+    results.update(matmul_peak_gflops())
+    peak = results["numpy_peak_gflops"]
+  batch_size = config.batch_size
+  if any(p in parts for p in ("train", "eval", "decode")):
+    model = build_model(config)
+    mesh = train.create_mesh()
+    learning_rate_fn = train.create_learning_rate_fn(config)
+    tx = train.create_optimizer(config, learning_rate_fn)
+    state = train.create_train_state(config, model, tx, mesh)
+    results["parameters"] = sum(x.size for x in jax.tree.leaves(state.params))
+    batch = _fake_batch(config, batch_size)
+    stepper = train.Stepper(config, model, learning_rate_fn, mesh)
+    global_batch = stepper.global_batch({k: v for k, v in batch.items() if k != "mask"})
+  if "train" in parts:
+    # Donation consumes the state, so the timed function threads it through.
+    step = jax.jit(functools.partial(train.train_step, config=config, model=model,
+                                     learning_rate_fn=learning_rate_fn))
+    start = time.perf_counter()
+    compiled = step.lower(state, global_batch).compile()
+    results["train_compile_s"] = time.perf_counter() - start
+    flops = _flops(compiled)
+    holder = [state]
+
+    def one_step():
+      holder[0], m = compiled(holder[0], global_batch)
+      return m
+    jax.block_until_ready(one_step())
+    rates = sorted(batch_size / t for t in _median_seconds(one_step, repeats))
+    results.update(train_images_per_s=float(np.median(rates)), train_images_per_s_min=rates[0],
+                   train_images_per_s_max=rates[-1])
+    if flops:
+      results["train_flops_per_image"] = flops / batch_size
+      results["train_gflops"] = flops / batch_size * results["train_images_per_s"] / 1e9
+      if peak:
+        results["train_fraction_of_numpy_peak"] = results["train_gflops"] / peak
+    state = holder[0]
+  if "eval" in parts and config.task == "read":
+    forward = jax.jit(lambda p, b: model.apply(
+        {"params": p}, b["image"], b["tokens"][:, :-1]))
+    _throughput("eval", forward, (state.params, global_batch), batch_size, repeats, results,
+                peak)
+  if "decode" in parts and config.task == "read":
+    model_config = ModelConfig.from_config(config.model)
+    images = global_batch["image"]
+    for name, fn in (
+        ("decode", functools.partial(decode.greedy_decode, model_config)),
+        ("decode_uncached", functools.partial(decode.greedy_decode_uncached, model_config)),
+        ("decode_beam4", functools.partial(decode.beam_search, model_config, beam_size=4))):
+      _throughput(name, jax.jit(fn), (state.params, images), batch_size, max(repeats // 2, 2),
+                  results, peak)
+  if "pipeline" in parts:
+    from digit_vit.data import benchmark
+    results["pipeline_images_per_s"] = benchmark.pipeline_images_per_second(config)
+  results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  return results
+
+
+def format_results(results: dict[str, float]) -> str:
+  lines = []
+  for key, value in results.items():
+    if isinstance(value, float):
+      value = f"{value:,.3f}" if abs(value) < 10 else f"{value:,.1f}"
+    lines.append(f"{key:40s} {value}")
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  parts = tuple(_ONLY.value) or PARTS
+  unknown = sorted(set(parts) - set(PARTS))
+  if unknown:
+    raise app.UsageError(f"--only got {unknown}; choose from {PARTS}")
+  config = _CONFIG.value
+  print(f"devices: {jax.devices()}  batch: {config.batch_size}")
+  results = run(config, parts, _REPEATS.value)
+  print(format_results(results))
+  if _JSON.value:
+    with open(_JSON.value, "w") as f:
+      json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+  app.run(main)

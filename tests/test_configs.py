@@ -1,0 +1,79 @@
+"""Config files: all load and build their model; overrides follow references; typos are errors."""
+
+import pathlib
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from digit_vit import config_lib
+from digit_vit.models import ModelConfig, build_model
+
+CONFIGS = sorted(p.stem for p in config_lib.CONFIG_DIR.glob("*.py") if p.stem != "__init__")
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_config_builds_a_valid_model(name):
+  config = config_lib.load(name)
+  model_config = ModelConfig.from_config(config.model)
+  assert (model_config.image_height, model_config.image_width) == (config.image_height,
+                                                                   config.image_width)
+  if config.task == "read":
+    assert model_config.max_length == config.max_digits + 1
+  build_model(config)
+
+
+def test_bench_config_is_the_fixed_architecture():
+  config = config_lib.load("bench")
+  m = ModelConfig.from_config(config.model)
+  assert (m.image_height, m.image_width, m.image_channels) == (32, 192, 1)
+  assert m.patch_size == (8, 8) and m.patch_embedding == "linear"
+  assert (m.width, m.num_heads, m.mlp_dim, m.activation) == (128, 4, 512, "gelu")
+  assert (m.encoder_layers, m.decoder_layers, m.norm) == (4, 2, "pre")
+  assert (m.encoder_position, m.decoder_position) == ("learned", "learned")
+  assert m.max_length + 1 == 10 and config.batch_size == 128
+
+
+def test_shared_fields_follow_the_top_level_value():
+  config = config_lib.load("default")
+  config.max_digits = 5
+  config.image_width = 128
+  assert config.model.max_length == 6
+  assert config.model.image_width == 128
+  assert config.data.max_digits == 5
+
+
+def test_quick_arg_shrinks_the_config():
+  full, quick = config_lib.load("default"), config_lib.load("default", "quick")
+  assert quick.model.encoder_layers < full.model.encoder_layers or (
+      quick.num_train_steps < full.num_train_steps)
+
+
+def _parse(argv):
+  flag_values = flags.FlagValues()
+  # The override flags (--config.x) are found from the arguments given at definition.
+  config_flags.DEFINE_config_file("config", None, flag_values=flag_values,
+                                  sys_argv=["prog"] + argv)
+  flag_values(["prog"] + argv)
+  return flag_values.config
+
+
+def test_command_line_overrides_apply():
+  path = str(config_lib.CONFIG_DIR / "default.py")
+  config = _parse([f"--config={path}", "--config.model.num_heads=8",
+                   "--config.max_digits=4"])
+  assert config.model.num_heads == 8
+  assert config.model.max_length == 5
+
+
+def test_override_typo_is_an_error():
+  path = str(config_lib.CONFIG_DIR / "default.py")
+  with pytest.raises(Exception, match="modle"):
+    _parse([f"--config={path}", "--config.modle.num_heads=8"])
+  with pytest.raises(Exception, match="num_haeds"):
+    _parse([f"--config={path}", "--config.model.num_haeds=8"])
+
+
+def test_missing_config_file_names_the_place():
+  with pytest.raises(FileNotFoundError, match="configs"):
+    config_lib.load(pathlib.Path("no_such_config.py"))
