@@ -19,6 +19,7 @@ def get_config(arg=None):
   config.data.train_size = 512        # Builds in about a second.
   config.data.validation_size = 96
   config.data.test_size = 100         # Not a multiple of common batch sizes: exercises padding.
+  config.data.curriculum_examples = 0  # Plain epochs: tests see every length from the start.
 
   # ---- Model ----
   config.model.patch_size = (4, 4)    # ... gives a 4x12 grid of 48 patches.

@@ -85,6 +85,29 @@ def test_resume_from_start_step_is_exact(config, augment):
       np.testing.assert_array_equal(x[k], y[k])
 
 
+@pytest.mark.parametrize("start_step", [0, 5, 13])
+def test_length_curriculum_grows_and_resumes_exactly(config, start_step):
+  config = config.copy_and_resolve_references()
+  config.data.curriculum_examples = 320          # 10 batches of 32, then plain epochs
+  config.data.curriculum_start_digits = 1
+  full = _take(ip.train_iterator(config, seed=2, process_index=0, process_count=1), 16)
+  longest = [int(b["length"].max()) for b in full]
+  assert longest[:3] == [1, 1, 1]                 # the first third: single digits only
+  assert longest[4:6] == [2, 2] and longest[7:10] == [3, 3, 3]
+  assert all(n <= 3 for n in longest)             # tiny lines have at most 3 digits
+  resumed = _take(ip.train_iterator(config, seed=2, start_step=start_step, process_index=0,
+                                    process_count=1), 16 - start_step)
+  for x, y in zip(full[start_step:], resumed):
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+
+
+def test_curriculum_start_out_of_range_is_an_error():
+  with pytest.raises(ValueError, match="curriculum_start_digits"):
+    ip.curriculum_indices(np.array([1, 2, 3]), num_examples=4, start_digits=0, max_digits=3,
+                          seed=0, process_index=0)
+
+
 def test_augmentation_changes_images_and_keeps_range(config):
   config = config.copy_and_resolve_references()
   plain = _take(ip.train_iterator(config, seed=0, process_index=0, process_count=1), 1)[0]

@@ -188,6 +188,36 @@ def index_stream(n: int, seed: int, start: int, process_index: int) -> tf.data.D
   return tf.data.Dataset.zip(tf.data.Dataset.range(start, 2**62), ds)
 
 
+def curriculum_indices(lengths: np.ndarray, *, num_examples: int, start_digits: int,
+                       max_digits: int, seed: int, process_index: int) -> np.ndarray:
+  """The examples of the first `num_examples` stream positions under a length curriculum.
+
+  At position p lines of at most L(p) digits are drawn (uniformly, with replacement), where
+  L grows linearly from `start_digits` to `max_digits` over the curriculum: short lines first,
+  where the decoder learns to find and read one digit, then longer ones. A pure function of
+  its arguments, so a resumed run draws the same examples.
+
+  Returns:
+    int32 [num_examples] indices into `lengths`.
+  """
+  if not 1 <= start_digits <= max_digits:
+    raise ValueError(f"config.data.curriculum_start_digits={start_digits} must be in "
+                     f"1..max_digits={max_digits}")
+  rng = np.random.default_rng(seed_pair(seed, process_index, 0xC0C0))
+  position = np.arange(num_examples)
+  limit = start_digits + (max_digits - start_digits + 1) * position // max(num_examples, 1)
+  limit = np.minimum(limit, max_digits)
+  out = np.empty(num_examples, np.int32)
+  for digits in range(start_digits, max_digits + 1):
+    where = np.flatnonzero(limit == digits)
+    pool = np.flatnonzero(lengths <= digits)
+    if where.size and not pool.size:
+      raise ValueError(f"the curriculum needs lines of at most {digits} digits but the train "
+                       "split has none; lower config.data.curriculum_start_digits")
+    out[where] = pool[rng.integers(0, max(pool.size, 1), where.size)]
+  return out
+
+
 def data_options(config) -> tf.data.Options:
   options = tf.data.Options()
   options.deterministic = True
@@ -335,11 +365,29 @@ def train_dataset(config, *, seed: int, start_step: int = 0, process_index=None,
       image = tf.cast(image, tf.float32) * (1.0 / 255.0)
     return {"image": image, "tokens": batch["tokens"], "length": batch["length"]}
 
-  ds = index_stream(hi - lo, seed, start_step * b, process_index)
+  ds = _train_positions(config, shard["length"], seed, start_step * b, process_index)
   ds = ds.map(load, num_parallel_calls=parallel_calls(config))
   ds = ds.batch(b, drop_remainder=True).map(finish)
   ds = ds.prefetch(int(config.data.get("prefetch", 2)))
   return ds.with_options(data_options(config))
+
+
+def _train_positions(config, lengths, seed, start, process_index) -> tf.data.Dataset:
+  """(position, index) pairs from stream position `start`: the curriculum's examples first
+  (config.data.curriculum_examples, per host), then epochs of the whole shard."""
+  total = int(config.data.get("curriculum_examples", 0) or 0)
+  regular = index_stream(len(lengths), seed, max(start - total, 0), process_index)
+  if not total:
+    return regular
+  regular = regular.map(lambda pos, idx: (pos + total, idx))
+  if start >= total:
+    return regular
+  indices = curriculum_indices(
+      lengths, num_examples=total, start_digits=int(config.data.curriculum_start_digits),
+      max_digits=int(config.data.max_digits), seed=seed, process_index=process_index)
+  head = tf.data.Dataset.from_tensor_slices(
+      (np.arange(start, total, dtype=np.int64), indices[start:]))
+  return head.concatenate(regular)
 
 
 def train_iterator(config, *, seed: int, start_step: int = 0, process_index=None,
