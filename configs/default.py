@@ -20,7 +20,7 @@ def get_config(arg=None):
   config.max_digits = 8             # Longest line, in digits; sequences are max_digits + 2 tokens.
   config.image_height = 32          # Canvas height in pixels.
   config.image_width = 192          # Canvas width in pixels.
-  config.batch_size = 128           # Global training batch, split over all devices and hosts.
+  config.batch_size = 64            # Global training batch, split over all devices and hosts.
   config.eval_batch_size = 256      # Global evaluation batch (last batch padded and masked).
 
   # ---- Data (digit_vit/data) ----
@@ -47,6 +47,10 @@ def get_config(arg=None):
   config.data.max_rotation = 10.0   # Per-digit rotation in degrees, uniform in +-max_rotation, >= 0.
   config.data.thicken_prob = 0.25   # Per-digit probability of thicker strokes (3x3 dilation), in [0, 1].
   config.data.thin_prob = 0.1       # Per-digit probability of thinner strokes (3x3 erosion), thicken+thin <= 1.
+  # Length curriculum: the first curriculum_examples training lines (per host) are drawn with at
+  # most L digits, L growing linearly from curriculum_start_digits to max_digits; then plain epochs.
+  config.data.curriculum_examples = 64_000  # Lines under the curriculum (int >= 0); 0 = off.
+  config.data.curriculum_start_digits = 1  # Longest line at the start of the curriculum (1..max_digits).
   # Input pipeline.
   config.data.num_parallel_calls = -1  # tf.data map parallelism; -1 = AUTOTUNE, or a positive int.
   config.data.threads = 0           # tf.data private thread pool size; 0 = TF default.
@@ -72,9 +76,10 @@ def get_config(arg=None):
   config.model.image_height = config.get_ref("image_height")
   config.model.image_width = config.get_ref("image_width")
   config.model.image_channels = 1        # 1 for grayscale lines, 3 for CIFAR-10.
-  config.model.patch_size = (8, 8)       # (height, width) of a patch; must divide the canvas.
+  config.model.patch_size = (32, 8)      # (height, width) of a patch; must divide the canvas.
+                                         # Full-height strips: 24 tokens, one row read left to right.
   config.model.patch_embedding = "conv"  # 'linear' projection of each patch, or a 'conv' stem.
-  config.model.stem_channels = 32        # Channels of the first conv of the 'conv' stem (doubles per conv).
+  config.model.stem_channels = 16        # Channels of the first conv of the 'conv' stem (doubles per conv).
   config.model.width = 128               # d_model of encoder and decoder.
   config.model.num_heads = 4             # Attention heads; 1 is the seeds' single-head attention.
   config.model.mlp_dim = 512             # Hidden width of each block's MLP.
@@ -94,8 +99,8 @@ def get_config(arg=None):
 
   # ---- Training (digit_vit/train.py) ----
   config.num_train_steps = 6_000       # Optimiser steps (one global batch each).
-  config.learning_rate = 1e-3          # Peak learning rate, reached at the end of the warm-up.
-  config.warmup_steps = 300            # Linear warm-up from 0 over this many steps.
+  config.learning_rate = 1.5e-3        # Peak learning rate, reached at the end of the warm-up.
+  config.warmup_steps = 200            # Linear warm-up from 0 over this many steps.
   config.schedule = "cosine"           # Decay after warm-up: 'cosine', 'linear' or 'constant'.
   config.end_learning_rate = 0.01      # Final learning rate, as a fraction of learning_rate.
   config.optimizer = "adamw"           # 'adamw', or 'sgd' (momentum b1, no weight decay).
@@ -109,7 +114,7 @@ def get_config(arg=None):
   config.loss.class_weights = {}       # {token: weight}, e.g. {'9': 2.0, 'eos': 0.5, 'pad': 0.5}; others 1.
   config.parallelism = "jit"           # Data-parallel step: 'jit' (sharded global arrays) or 'pmap'.
   config.log_every_steps = 50          # Train summaries (and the NaN check) every this many steps.
-  config.eval_every_steps = 1_000      # Validation every this many steps (and at the end); 0 = end only.
+  config.eval_every_steps = 1_000      # Validation every this many steps and at the end; 0 = none.
   config.num_eval_examples = 1_024     # Validation examples of the periodic evaluations; -1 = all.
   config.eval_splits = ("validation", "test")  # Splits evaluated in full at the end (in report.json).
   config.checkpoint_every_steps = 1_000  # Checkpoint every this many steps (and at the end).
@@ -126,6 +131,7 @@ def get_config(arg=None):
     config.data.train_size = 2_000
     config.data.validation_size = 200
     config.data.test_size = 200
+    config.data.curriculum_examples = 6_400
     config.model.encoder_layers = 1
     config.model.decoder_layers = 1
   return config

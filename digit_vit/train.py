@@ -1,0 +1,492 @@
+"""Training and evaluation: `train_and_evaluate(config, workdir)`.
+
+One loss function (`loss_fn`, sums of a masked weighted cross-entropy) serves both tasks:
+
+- 'read': the DigitReader, teacher-forced on the target sequence shifted right; evaluated by
+  free-running greedy decoding (exact match, token accuracy, CER, per length, no-<eos> count)
+  plus the teacher-forced loss;
+- 'classify': the ViTClassifier on single images; evaluated by accuracy and loss.
+
+Data parallelism. `config.parallelism = 'jit'` (the default) compiles the step with `jax.jit`
+over a 1-D ('data',) mesh of every device of every process: the train state is replicated, the
+batch is sharded on its first axis, and XLA inserts the gradient all-reduce. Host-local numpy
+batches become global arrays with `jax.make_array_from_process_local_data`. `'pmap'` runs the
+same loss under `jax.pmap`, adding sums and gradients with `lax.psum`. Either way the loss is
+normalised once by the global sum of token weights, so any split of the batch gives the same
+update. The canonical state is always the jit form (global arrays): evaluation and checkpoints
+use it, and the pmap path converts to and from it around its steps.
+
+Randomness: dropout at step t uses fold_in(state.rng, t) (and the device index under pmap), so a
+resumed run draws exactly what an uninterrupted one would; the input order is the pipeline's,
+resumed with `start_step`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import tqdm
+from absl import logging
+from flax.training import train_state
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from digit_vit import checkpointing, decode, losses, metrics, reporting
+from digit_vit.models import build_model, tokens
+
+PARALLELISM = ("jit", "pmap")
+SCHEDULES = ("cosine", "linear", "constant")
+OPTIMIZERS = ("adamw", "sgd")
+
+
+class TrainState(train_state.TrainState):
+  """Step, params, optimiser state and the base dropout key (a raw uint32 [2] key)."""
+  rng: jax.Array
+
+
+# ----------------------------------------------------------------------------------------------
+# Set-up
+
+
+def check_config(config) -> None:
+  """Fails early, saying what to change, on settings the step cannot run with."""
+  if config.parallelism not in PARALLELISM:
+    raise ValueError(f"config.parallelism={config.parallelism!r} is not one of {PARALLELISM}")
+  devices, processes = jax.device_count(), jax.process_count()
+  for name in ("batch_size", "eval_batch_size"):
+    size = int(config[name])
+    if size < 1 or size % devices:
+      multiple = max(devices, devices * round(size / devices))
+      raise ValueError(
+          f"config.{name}={size} cannot be split evenly over the {devices} devices "
+          f"({processes} process(es) x {jax.local_device_count()} local devices); set "
+          f"--config.{name} to a multiple of {devices}, e.g. {multiple}")
+
+
+def create_mesh() -> jax.sharding.Mesh:
+  """A 1-D ('data',) mesh of all devices of all processes."""
+  return jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
+
+
+def create_learning_rate_fn(config) -> optax.Schedule:
+  """Linear warm-up from 0 to `learning_rate` over `warmup_steps`, then `schedule` down to
+  `learning_rate * end_learning_rate` at `num_train_steps` ('constant' stays at the peak)."""
+  peak, warmup = float(config.learning_rate), int(config.warmup_steps)
+  total, end = int(config.num_train_steps), float(config.learning_rate) * config.end_learning_rate
+  decay_steps = max(total - warmup, 1)
+  if config.schedule == "cosine":
+    decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=config.end_learning_rate)
+  elif config.schedule == "linear":
+    decay = optax.linear_schedule(peak, end, decay_steps)
+  elif config.schedule == "constant":
+    decay = optax.constant_schedule(peak)
+  else:
+    raise ValueError(f"config.schedule={config.schedule!r} is not one of {SCHEDULES}")
+  warmup_fn = optax.linear_schedule(0.0, peak, max(warmup, 1))
+  return optax.join_schedules([warmup_fn, decay], boundaries=[warmup])
+
+
+def create_optimizer(config, learning_rate_fn) -> optax.GradientTransformation:
+  """AdamW (or SGD with momentum b1) after clipping by global norm (`grad_clip_norm` > 0).
+
+  Weight decay applies to matrices only, not to biases and LayerNorm scales."""
+  if config.optimizer == "adamw":
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)  # noqa: E731
+    optimizer = optax.adamw(learning_rate_fn, b1=config.b1, b2=config.b2,
+                            weight_decay=config.weight_decay, mask=decay_mask)
+  elif config.optimizer == "sgd":
+    optimizer = optax.sgd(learning_rate_fn, momentum=config.b1)
+  else:
+    raise ValueError(f"config.optimizer={config.optimizer!r} is not one of {OPTIMIZERS}")
+  if config.grad_clip_norm > 0:
+    return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), optimizer)
+  return optimizer
+
+
+def create_train_state(config, model, tx, mesh) -> TrainState:
+  """Initialises parameters (float32) and optimiser state, replicated over `mesh`."""
+  height, width = config.model.image_height, config.model.image_width
+  images = jnp.zeros((1, height, width, config.model.image_channels), jnp.float32)
+  inputs = (images,)
+  if config.task == "read":
+    inputs += (jnp.full((1, config.max_digits + 1), tokens.SOS, jnp.int32),)
+
+  def init(rng):
+    params_rng, dropout_rng = jax.random.split(rng)
+    params = model.init({"params": params_rng}, *inputs)["params"]
+    return TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=dropout_rng)
+
+  replicated = NamedSharding(mesh, P())
+  return jax.jit(init, out_shardings=replicated)(jax.random.PRNGKey(config.seed))
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss and steps
+
+
+def _logits_and_targets(config, model, params, batch, *, train: bool, dropout_rng=None):
+  """Teacher-forced logits and their targets: read -> [b, L-1, vocab] and [b, L-1];
+  classify -> [b, classes] and [b]."""
+  rngs = {"dropout": dropout_rng} if train else None
+  if config.task == "read":
+    decoder_inputs, targets = tokens.split_decoder_io(batch["tokens"])
+    logits = model.apply({"params": params}, batch["image"], decoder_inputs, train=train,
+                         rngs=rngs)
+    return logits, targets
+  return model.apply({"params": params}, batch["image"], train=train, rngs=rngs), batch["label"]
+
+
+def loss_fn(params, batch, *, config, model, train: bool, dropout_rng=None,
+            label_smoothing: float = 0.0):
+  """The one loss: summed weighted cross-entropy over a (local or global) batch.
+
+  Args:
+    params: model parameters.
+    batch: dict with `image` [b, H, W, C] and `tokens` int32 [b, L] (read) or `label` int32
+      [b] (classify); optional `mask` bool [b].
+
+  Returns:
+    (loss_sum, sums): sums has `loss`, `weight` (the sum of token weights; the mean loss is
+    loss / weight), and `correct`, `count` (teacher-forced accuracy).
+  """
+  logits, targets = _logits_and_targets(config, model, params, batch, train=train,
+                                        dropout_rng=dropout_rng)
+  # <pad> and class weights are token notions; a classifier's labels are all counted.
+  is_read = config.task == "read"
+  class_weights = None
+  if is_read and config.loss.class_weights:
+    class_weights = losses.class_weight_vector(config.loss.class_weights, logits.shape[-1])
+  weights = losses.token_weights(targets, mask=batch.get("mask"),
+                                 ignore_pad=is_read and config.loss.ignore_pad,
+                                 class_weights=class_weights)
+  loss_sum, weight_sum = losses.weighted_cross_entropy(logits, targets, weights,
+                                                       label_smoothing=label_smoothing)
+  correct, count = metrics.weighted_accuracy(logits, targets, weights)
+  return loss_sum, {"loss": loss_sum, "weight": weight_sum, "correct": correct, "count": count}
+
+
+def train_step(state: TrainState, batch, *, config, model, learning_rate_fn,
+               axis_name: str | None = None):
+  """One optimiser step on `batch`.
+
+  Under jit the batch is the global one; under pmap (`axis_name` set) it is one device's
+  part, and sums and gradients are added over `axis_name` before dividing once by the global
+  weight, so both give the same update.
+
+  Returns:
+    (new state, metrics: loss, accuracy, grad_norm, learning_rate as float32 scalars).
+  """
+  dropout_rng = jax.random.fold_in(state.rng, state.step)
+  if axis_name is not None:
+    dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index(axis_name))
+  grad_fn = jax.grad(functools.partial(
+      loss_fn, config=config, model=model, train=True, dropout_rng=dropout_rng,
+      label_smoothing=config.loss.label_smoothing), has_aux=True)
+  grads, sums = grad_fn(state.params, batch)
+  if axis_name is not None:
+    grads, sums = jax.lax.psum((grads, sums), axis_name)
+  weight = jnp.maximum(sums["weight"], 1e-9)
+  grads = jax.tree.map(lambda g: g / weight, grads)
+  new_state = state.apply_gradients(grads=grads)
+  step_metrics = {
+      "loss": sums["loss"] / weight,
+      "accuracy": sums["correct"] / jnp.maximum(sums["count"], 1.0),
+      "grad_norm": optax.global_norm(grads),
+      "learning_rate": learning_rate_fn(state.step),
+  }
+  return new_state, step_metrics
+
+
+def eval_step(params, batch, *, config, model):
+  """Metric sums of one evaluation batch (padding rows, mask False, count for nothing).
+
+  Returns:
+    (sums, predictions): sums as in `metrics` plus the teacher-forced `loss` and `weight`;
+    predictions are the raw greedy outputs int32 [b, max_digits + 1] (read) or the
+    predicted labels int32 [b] (classify).
+  """
+  _, sums = loss_fn(params, batch, config=config, model=model, train=False)
+  loss_sums = {"loss": sums["loss"], "weight": sums["weight"]}
+  if config.task == "read":
+    outputs, _ = decode.greedy_decode(model.config, params, batch["image"])
+    _, targets = tokens.split_decoder_io(batch["tokens"])
+    return {**metrics.reading_sums(outputs, targets, batch["mask"],
+                                   max_digits=config.max_digits), **loss_sums}, outputs
+  logits, _ = _logits_and_targets(config, model, params, batch, train=False)
+  predictions = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  return {**metrics.classification_sums(logits, batch["label"], batch["mask"]),
+          **loss_sums}, predictions
+
+
+class Stepper:
+  """Runs compiled train steps on host-local numpy batches in the configured parallel style.
+
+  The state goes in and out in the canonical (jit, global-array) form via `to_canonical`;
+  under pmap the stepper keeps its own per-device copy between calls.
+  """
+
+  def __init__(self, config, model, learning_rate_fn, mesh):
+    self.mesh = mesh
+    self.parallelism = config.parallelism
+    self.replicated = NamedSharding(mesh, P())
+    self.data_sharding = NamedSharding(mesh, P("data"))
+    step = functools.partial(train_step, config=config, model=model,
+                             learning_rate_fn=learning_rate_fn)
+    if self.parallelism == "jit":
+      self._step = jax.jit(step, in_shardings=(self.replicated, self.data_sharding),
+                           out_shardings=(self.replicated, self.replicated), donate_argnums=0)
+    else:
+      self._step = jax.pmap(functools.partial(step, axis_name="batch"), axis_name="batch",
+                            donate_argnums=0)
+    self._pmap_state = None
+
+  def global_batch(self, batch):
+    """Host-local numpy batch -> global arrays sharded over the mesh's 'data' axis."""
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(self.data_sharding, x), batch)
+
+  def __call__(self, state, batch):
+    """(canonical state or None after the first call under pmap, local batch) -> metrics.
+
+    Returns the new canonical state (jit) or None (pmap: call `to_canonical`), and the
+    step's metrics as device arrays (not synchronised, so steps queue up)."""
+    if self.parallelism == "jit":
+      return self._step(state, self.global_batch(batch))
+    if self._pmap_state is None:
+      n = jax.local_device_count()
+      self._pmap_state = jax.tree.map(
+          lambda x: np.broadcast_to(np.asarray(x.addressable_data(0)), (n,) + x.shape), state)
+    local = jax.tree.map(lambda x: x.reshape((jax.local_device_count(), -1) + x.shape[1:]),
+                         batch)
+    self._pmap_state, step_metrics = self._step(self._pmap_state, local)
+    return None, jax.tree.map(_first_replica, step_metrics)
+
+  def to_canonical(self, state):
+    """The current state as replicated global arrays (the pmap copy, if any, is dropped)."""
+    if self._pmap_state is None:
+      return state
+    pmap_state, self._pmap_state = self._pmap_state, None
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(
+            self.replicated, np.asarray(_first_replica(x))), pmap_state)
+
+
+def _first_replica(x: jax.Array) -> jax.Array:
+  """Device 0's copy of a pmap output [devices, ...] -> [...], without gathering the others.
+
+  Its shard keeps the device axis (of size 1) where pmap is built on shard_map (JAX >= 0.8)
+  and drops it under the older PmapSharding."""
+  data = x.addressable_shards[0].data
+  return data[0] if data.ndim == x.ndim else data
+
+
+def local_rows(x: jax.Array) -> np.ndarray:
+  """This process's rows of an array sharded on axis 0, in order (its part of the batch)."""
+  shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+  return np.concatenate([np.asarray(s.data) for s in shards])
+
+
+class Evaluator:
+  """Evaluates parameters on a split with a compiled `eval_step`."""
+
+  def __init__(self, config, model, mesh, input_module):
+    self.config = config
+    self.input_module = input_module
+    self.data_sharding = NamedSharding(mesh, P("data"))
+    replicated = NamedSharding(mesh, P())
+    self._step = jax.jit(functools.partial(eval_step, config=config, model=model),
+                         in_shardings=(replicated, self.data_sharding),
+                         out_shardings=(replicated, self.data_sharding))
+
+  def __call__(self, params, split: str, num_examples: int = -1):
+    """Metrics of `params` on the first `num_examples` of `split` (-1: all of it).
+
+    Returns:
+      (metrics dict as `metrics.summarize`, sample): sample holds this process's first batch:
+      `image`, `tokens`/`label`, `mask` and `prediction` (numpy), for pictures.
+    """
+    batches = self.input_module.eval_iterator(self.config, split,
+                                              process_index=jax.process_index(),
+                                              process_count=jax.process_count())
+    if num_examples > 0:
+      batches = _take(batches, math.ceil(num_examples / self.config.eval_batch_size))
+    total, sample = None, None
+    for batch in batches:
+      global_batch = jax.tree.map(
+          lambda x: jax.make_array_from_process_local_data(self.data_sharding, x), batch)
+      sums, predictions = self._step(params, global_batch)
+      total = metrics.add_sums(total, jax.device_get(sums))
+      if sample is None:
+        sample = {**batch, "prediction": local_rows(predictions)}
+    if total is None:
+      raise ValueError(f"split {split!r} has no examples")
+    return metrics.summarize(total), sample
+
+
+def _take(iterator, n):
+  for i, item in enumerate(iterator):
+    if i >= n:
+      return
+    yield item
+
+
+def input_module(config):
+  """The data module of the task: multi-digit lines or single images."""
+  if config.task == "read":
+    from digit_vit.data import input_pipeline  # pylint: disable=import-outside-toplevel
+    return input_pipeline
+  if config.task == "classify":
+    from digit_vit.data import classification  # pylint: disable=import-outside-toplevel
+    return classification
+  raise ValueError(f"config.task={config.task!r} is not 'read' or 'classify'")
+
+
+def main_metric(config) -> str:
+  """The validation metric that ranks checkpoints."""
+  return "exact_match" if config.task == "read" else "accuracy"
+
+
+def _check_finite(step: int, step_metrics: dict[str, float], latest_checkpoint):
+  if not (math.isfinite(step_metrics["loss"]) and math.isfinite(step_metrics["grad_norm"])):
+    raise FloatingPointError(
+        f"non-finite training loss {step_metrics['loss']} (gradient norm "
+        f"{step_metrics['grad_norm']}) at step {step}; training stopped and this state was not "
+        f"checkpointed (latest checkpoint: step {latest_checkpoint}). Lower "
+        "config.learning_rate, raise config.warmup_steps or set config.grad_clip_norm.")
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint, then evaluates.
+
+  Writes (process 0 only): TensorBoard summaries, `config.json`, `history.jsonl`, and at the
+  end `report.json`, `curves_loss.png`, `curves_accuracy.png` and `readings.png`;
+  checkpoints go to `workdir/checkpoints`.
+
+  Returns:
+    the report: final metrics of every split in `config.eval_splits` prefixed by the split
+    (`test_exact_match`, `test_cer`, `test_token_accuracy`, `test_no_eos`,
+    `test_exact_match_length_<n>`, `test_loss`, ... or `test_accuracy`), `steps`, and
+    `train_seconds` (time in training steps, compilation included, evaluation and checkpoint
+    writes excluded, summed over resumed runs).
+  """
+  workdir = os.path.abspath(workdir)
+  check_config(config)
+  is_chief = jax.process_index() == 0
+  num_steps = int(config.num_train_steps)
+  if is_chief:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  mesh = create_mesh()
+  model = build_model(config)
+  data = input_module(config)
+  learning_rate_fn = create_learning_rate_fn(config)
+  state = create_train_state(config, model, create_optimizer(config, learning_rate_fn), mesh)
+  num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
+  best = main_metric(config)
+  checkpoints = checkpointing.Checkpoints(
+      os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
+      best_metric=f"validation_{best}")
+
+  start_step, train_seconds = 0, 0.0
+  if checkpoints.latest_step() is not None:
+    state, meta = checkpoints.restore(jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
+    start_step, train_seconds = int(meta["input_position"]), float(meta["train_seconds"])
+    logging.info("Resumed from the checkpoint of step %d in %s.", start_step, workdir)
+  if int(state.step) != start_step:
+    raise RuntimeError(f"checkpoint step {int(state.step)} != input position {start_step}")
+
+  # clu's writers import TensorFlow (seconds); only a full run needs them, not the step code.
+  from clu import metric_writers  # pylint: disable=import-outside-toplevel
+  writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
+  history = reporting.History(os.path.join(workdir, "history.jsonl"), enabled=is_chief)
+  history.truncate(after_step=start_step)
+  stepper = Stepper(config, model, learning_rate_fn, mesh)
+  evaluate = Evaluator(config, model, mesh, data)
+  logging.info("%s: %d parameters, %d devices, %d process(es), parallelism=%s, steps %d..%d",
+               config.task, num_params, jax.device_count(), jax.process_count(),
+               config.parallelism, start_step, num_steps)
+
+  progress = tqdm.tqdm(total=num_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                       disable=not (config.progress_bar and is_chief))
+  pending: list[tuple[int, dict]] = []  # Metrics of the steps since the last flush.
+  interval_start = time.perf_counter()
+
+  def flush(step):
+    """Brings pending step metrics to the host (one sync), checks them, writes summaries."""
+    nonlocal interval_start, train_seconds
+    fetched = jax.device_get([m for _, m in pending])
+    elapsed = time.perf_counter() - interval_start
+    train_seconds += elapsed
+    for (s, _), m in zip(pending, fetched):
+      _check_finite(s, m, checkpoints.latest_step())
+    summary = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+    summary["learning_rate"] = float(fetched[-1]["learning_rate"])
+    summary["images_per_second"] = len(pending) * config.batch_size / elapsed
+    writer.write_scalars(step, {f"train_{k}": v for k, v in summary.items()})
+    history.append(step, "train", summary)
+    progress.set_postfix(loss=f"{summary['loss']:.4f}",
+                         img_s=f"{summary['images_per_second']:.0f}", refresh=False)
+    pending.clear()
+
+  train_iter = data.train_iterator(config, seed=config.seed, start_step=start_step,
+                                   process_index=jax.process_index(),
+                                   process_count=jax.process_count())
+  try:
+    for step in range(start_step + 1, num_steps + 1):
+      state, step_metrics = stepper(state, next(train_iter))
+      pending.append((step, step_metrics))
+      progress.update(1)
+      last = step == num_steps
+      do_eval = config.eval_every_steps > 0 and (last or step % config.eval_every_steps == 0)
+      do_save = last or step % config.checkpoint_every_steps == 0
+      if not (do_eval or do_save or step % config.log_every_steps == 0):
+        continue
+      flush(step)
+      if do_eval or do_save:
+        state = stepper.to_canonical(state)
+      checkpoint_metrics = None
+      if do_eval:
+        validation, _ = evaluate(state.params, "validation", config.num_eval_examples)
+        writer.write_scalars(step, {f"validation_{k}": v for k, v in validation.items()})
+        history.append(step, "validation", validation)
+        checkpoint_metrics = {f"validation_{best}": validation[best]}
+      if do_save:
+        checkpoints.save(step, state, {"input_position": step, "train_seconds": train_seconds},
+                         checkpoint_metrics)
+      interval_start = time.perf_counter()
+  finally:
+    progress.close()
+    checkpoints.wait()
+
+  report = {"task": config.task, "steps": num_steps, "train_seconds": train_seconds,
+            "num_params": num_params, "num_devices": jax.device_count(),
+            "num_processes": jax.process_count(), "global_batch_size": config.batch_size}
+  sample = None
+  for split in config.eval_splits:
+    split_metrics, split_sample = evaluate(state.params, split)
+    writer.write_scalars(num_steps, {f"final_{split}_{k}": v for k, v in split_metrics.items()})
+    report.update({f"{split}_{k}": v for k, v in split_metrics.items()})
+    sample = split_sample if split == "test" or sample is None else sample
+  writer.flush()
+  checkpoints.close()
+  if is_chief:
+    steps_per_epoch = data.num_examples(config, "train") / config.batch_size
+    reporting.write_report(workdir, report, history.load(), sample, task=config.task,
+                           steps_per_epoch=steps_per_epoch)
+  logging.info("Report: %s", json.dumps(report, sort_keys=True))
+  return report

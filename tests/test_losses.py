@@ -1,0 +1,105 @@
+"""The masked, weighted cross-entropy against numpy computed by hand."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from digit_vit import losses
+from digit_vit.models import tokens
+
+V = tokens.VOCAB_SIZE
+# Two targets: "59" and "9", as the decoder sees them (no <sos>): [d.., <eos>, <pad>...].
+TARGETS = np.array([[5, 9, tokens.EOS, tokens.PAD],
+                    [9, tokens.EOS, tokens.PAD, tokens.PAD]], np.int32)
+
+
+def _logits(seed=0):
+  return np.random.default_rng(seed).normal(size=TARGETS.shape + (V,)).astype(np.float32)
+
+
+def _nll(logits, targets):
+  """-log softmax(logits)[target] in float64 numpy."""
+  x = logits.astype(np.float64)
+  log_z = np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1)) + x.max(-1)
+  return log_z - np.take_along_axis(x, targets[..., None], -1)[..., 0]
+
+
+def _loss(logits, **kwargs):
+  label_smoothing = kwargs.pop("label_smoothing", 0.0)
+  weights = losses.token_weights(jnp.asarray(TARGETS), **kwargs)
+  return losses.weighted_cross_entropy(jnp.asarray(logits), jnp.asarray(TARGETS), weights,
+                                       label_smoothing=label_smoothing)
+
+
+def test_pad_positions_add_no_loss_and_no_gradient():
+  logits = _logits()
+  loss_sum, weight_sum = _loss(logits)
+  pad = TARGETS == tokens.PAD
+  np.testing.assert_allclose(loss_sum, _nll(logits, TARGETS)[~pad].sum(), rtol=1e-6)
+  assert float(weight_sum) == (~pad).sum() == 5  # Digits and <eos> count, <pad> does not.
+
+  # Anything at the <pad> positions changes nothing ...
+  changed = logits.copy()
+  changed[pad] = np.random.default_rng(1).normal(size=(pad.sum(), V)) * 50
+  assert float(_loss(changed)[0]) == float(loss_sum)
+  # ... and they get exactly zero gradient, while the others get some.
+  grads = jax.grad(lambda x: _loss(x)[0])(jnp.asarray(logits))
+  assert np.all(np.asarray(grads)[pad] == 0.0)
+  assert np.all(np.abs(np.asarray(grads)[~pad]).sum(-1) > 1e-3)
+
+
+def test_pad_counted_variant():
+  logits = _logits()
+  loss_sum, weight_sum = _loss(logits, ignore_pad=False)
+  np.testing.assert_allclose(loss_sum, _nll(logits, TARGETS).sum(), rtol=1e-6)
+  assert float(weight_sum) == TARGETS.size
+
+
+@pytest.mark.parametrize("ignore_pad", [True, False])
+def test_class_weights_as_by_hand(ignore_pad):
+  """The seeds' experiment: digit 9 x2, <eos> and <pad> x0.5."""
+  logits = _logits(2)
+  vector = losses.class_weight_vector({"9": 2.0, "eos": 0.5, "<pad>": 0.5}, V)
+  loss_sum, weight_sum = _loss(logits, ignore_pad=ignore_pad, class_weights=vector)
+  by_hand = np.ones(TARGETS.shape)
+  by_hand[TARGETS == 9] = 2.0
+  by_hand[TARGETS == tokens.EOS] = 0.5
+  by_hand[TARGETS == tokens.PAD] = 0.0 if ignore_pad else 0.5
+  # Row 0: 5, 9, <eos>, <pad>; row 1: 9, <eos>, <pad>, <pad>.
+  assert by_hand.sum() == (6.0 if ignore_pad else 7.5)
+  np.testing.assert_allclose(weight_sum, by_hand.sum(), rtol=1e-6)
+  np.testing.assert_allclose(loss_sum, (_nll(logits, TARGETS) * by_hand).sum(), rtol=1e-6)
+  unweighted, _ = _loss(logits, ignore_pad=ignore_pad)
+  assert abs(float(loss_sum) - float(unweighted)) > 1e-3
+
+
+def test_label_smoothing_as_by_hand():
+  logits, s = _logits(3), 0.1
+  loss_sum, _ = _loss(logits, label_smoothing=s)
+  x = logits.astype(np.float64)
+  log_p = x - x.max(-1, keepdims=True)
+  log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
+  soft = np.full(TARGETS.shape + (V,), s / V)
+  np.put_along_axis(soft, TARGETS[..., None], 1 - s + s / V, -1)
+  per_token = -(soft * log_p).sum(-1)
+  np.testing.assert_allclose(loss_sum, per_token[TARGETS != tokens.PAD].sum(), rtol=1e-6)
+
+
+def test_example_mask_drops_rows():
+  logits = _logits(4)
+  loss_sum, weight_sum = _loss(logits, mask=np.array([True, False]))
+  np.testing.assert_allclose(loss_sum, _nll(logits, TARGETS)[0, :3].sum(), rtol=1e-6)
+  assert float(weight_sum) == 3
+
+
+def test_class_weight_keys():
+  vector = losses.class_weight_vector({"0": 3.0, "<eos>": 0.25, "sos": 0.0}, V)
+  expected = np.ones(V)
+  expected[[0, tokens.EOS, tokens.SOS]] = [3.0, 0.25, 0.0]
+  np.testing.assert_array_equal(vector, expected)
+  np.testing.assert_array_equal(losses.class_weight_vector({}, V), np.ones(V))
+  with pytest.raises(ValueError, match="not a class index"):
+    losses.class_weight_vector({"nine": 2.0}, V)
+  with pytest.raises(ValueError, match="not a class index"):
+    losses.class_weight_vector({"13": 2.0}, V)

@@ -1,0 +1,257 @@
+"""Training: schedules, data-parallel equivalence (jit / pmap / 1 device / 2 processes), the
+end-to-end run and its report, resumption after SIGKILL, and the non-finite-loss stop.
+
+The multi-device and multi-process checks run tests/train_worker.py in subprocesses, because
+the device count is fixed when JAX starts.
+"""
+
+import json
+import os
+import pathlib
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from digit_vit import config_lib, reporting, train
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+WORKER = ROOT / "tests" / "train_worker.py"
+
+
+def _env(devices: int | None = 1) -> dict:
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+  if devices and devices > 1:
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["JAX_PLATFORMS"] = "cpu"
+  env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+  return env
+
+
+def _run_worker(out, *args, devices=1):
+  result = subprocess.run([sys.executable, str(WORKER), f"--out={out}", *args], env=_env(devices),
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return dict(np.load(out))
+
+
+@pytest.fixture(scope="module")
+def one_device_run(tmp_path_factory):
+  return _run_worker(tmp_path_factory.mktemp("one") / "run.npz")
+
+
+def _assert_same_run(run, reference, parallelism):
+  np.testing.assert_allclose(run[f"loss_{parallelism}"], reference["loss_jit"], rtol=1e-5)
+  params = [k for k in reference if k.startswith("jit/")]
+  assert len(params) > 20
+  for key in params:
+    np.testing.assert_allclose(run[key.replace("jit/", f"{parallelism}/")], reference[key],
+                               atol=1e-5, err_msg=key)
+
+
+# ---- Set-up
+
+
+def test_learning_rate_schedules():
+  config = config_lib.load("tiny")
+  config.learning_rate, config.warmup_steps, config.num_train_steps = 1.0, 10, 110
+  config.end_learning_rate = 0.1
+  for schedule, middle in [("cosine", 0.55), ("linear", 0.55), ("constant", 1.0)]:
+    config.schedule = schedule
+    fn = train.create_learning_rate_fn(config)
+    values = [float(fn(s)) for s in (0, 5, 10, 60, 110)]
+    end = 1.0 if schedule == "constant" else 0.1
+    np.testing.assert_allclose(values, [0.0, 0.5, 1.0, middle, end], atol=1e-6, err_msg=schedule)
+  config.schedule = "exponential"
+  with pytest.raises(ValueError, match="config.schedule"):
+    train.create_learning_rate_fn(config)
+
+
+def test_indivisible_batch_is_a_clear_error(monkeypatch):
+  config = config_lib.load("tiny")
+  monkeypatch.setattr(jax, "device_count", lambda: 8)
+  config.batch_size = 12
+  with pytest.raises(ValueError, match=r"config.batch_size=12 .* 8 devices.*multiple of 8"):
+    train.check_config(config)
+  config.batch_size, config.eval_batch_size = 16, 20
+  with pytest.raises(ValueError, match=r"eval_batch_size=20"):
+    train.check_config(config)
+  config.eval_batch_size, config.parallelism = 16, "vmap"
+  with pytest.raises(ValueError, match="parallelism"):
+    train.check_config(config)
+
+
+# ---- Data parallelism
+
+
+@pytest.mark.slow
+def test_jit_and_pmap_on_8_devices_match_1_device(tmp_path, one_device_run):
+  run = _run_worker(tmp_path / "run8.npz", "--parallelism=jit,pmap", devices=8)
+  assert one_device_run["loss_jit"][-1] < one_device_run["loss_jit"][0] - 0.3  # It learns.
+  _assert_same_run(run, one_device_run, "jit")
+  _assert_same_run(run, one_device_run, "pmap")
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(tmp_path, one_device_run):
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  out = tmp_path / "run2.npz"
+  log_paths = [tmp_path / f"process{i}.log" for i in range(2)]
+  procs = []
+  for i, log_path in enumerate(log_paths):  # Logs to files: a full pipe would block a child.
+    with open(log_path, "w") as log:
+      procs.append(subprocess.Popen(
+          [sys.executable, str(WORKER), f"--out={out}", "--num_processes=2",
+           f"--process_id={i}", f"--port={port}", f"--checkpoint_dir={tmp_path / 'ckpt'}"],
+          env=_env(1), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
+  try:
+    codes = [p.wait(timeout=300) for p in procs]
+  finally:
+    _kill_left(procs)
+  logs = [path.read_text() for path in log_paths]
+  assert codes == [0, 0], logs[0][-2000:] + logs[1][-2000:]
+  assert "process 1/2 devices 2" in logs[1]
+  assert (tmp_path / "ckpt" / "jit" / "3" / "state").is_dir()
+  _assert_same_run(dict(np.load(out)), one_device_run, "jit")
+
+
+def _kill_left(procs):
+  """Ends the test's children that are still running (after a failure or a timeout)."""
+  for p in procs:
+    if p.poll() is None:
+      p.kill()
+      p.wait()
+
+
+# ---- Whole runs
+
+
+def _tiny(**overrides):
+  config = config_lib.load("tiny")
+  for key, value in overrides.items():
+    config[key] = value
+  return config
+
+
+@pytest.mark.slow
+def test_train_and_evaluate_writes_report_and_learns(tmp_path):
+  """The whole loop on the real pipeline, computing in bfloat16 on the way."""
+  config = _tiny(num_train_steps=60, learning_rate=3e-3)
+  config.model.dtype = "bfloat16"
+  report = train.train_and_evaluate(config, str(tmp_path))
+  assert all(p.dtype == np.float32 for p in jax.tree.leaves(_params(tmp_path, 60)))
+  for split in ("validation", "test"):
+    for key in ("exact_match", "cer", "token_accuracy", "loss", "no_eos",
+                "exact_match_length_1", "exact_match_length_3"):
+      assert f"{split}_{key}" in report, key
+  assert report["test_num_examples"] == 100 and report["validation_num_examples"] == 96
+  assert all(0.0 <= report[f"test_{k}"] <= 1.0 for k in ("exact_match", "token_accuracy"))
+  assert report["train_seconds"] > 0 and report["steps"] == 60
+  # After 60 steps the model reads some one-digit lines and knows where lines stop.
+  assert report["test_token_accuracy"] > 0.2
+  assert report["test_cer"] < 1.0
+  on_disk = json.loads((tmp_path / reporting.REPORT_FILE).read_text())
+  assert on_disk["test_exact_match"] == report["test_exact_match"]
+  for name in (reporting.LOSS_PLOT, reporting.ACCURACY_PLOT, reporting.READINGS_PLOT,
+               "config.json"):
+    assert (tmp_path / name).stat().st_size > 1000, name
+  assert list(tmp_path.glob("events.out.tfevents.*"))
+  history = reporting.History(str(tmp_path / "history.jsonl")).load()
+  train_records = [r for r in history if r["split"] == "train"]
+  assert [r["step"] for r in train_records] == list(range(5, 61, 5))
+  assert train_records[-1]["loss"] < train_records[0]["loss"]
+  assert {r["step"] for r in history if r["split"] == "validation"} == {15, 30, 45, 60}
+  # Kept: the latest 2 (50, 60) and the best by validation exact match.
+  steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps[-2:] == [50, 60] and len(steps) <= 3
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_and_keeps_checkpoints_clean(tmp_path):
+  """Also runs the loop's pmap path (state to and from the pmap form at every flush)."""
+  config = _tiny(optimizer="sgd", learning_rate=1e6, grad_clip_norm=0.0, warmup_steps=0,
+                 log_every_steps=1, checkpoint_every_steps=1, eval_every_steps=0,
+                 parallelism="pmap")
+  with pytest.raises(FloatingPointError, match=r"at step (\d+)") as error:
+    train.train_and_evaluate(config, str(tmp_path))
+  bad_step = int(re.search(r"at step (\d+)", str(error.value)).group(1))
+  assert 1 <= bad_step < config.num_train_steps
+  steps = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+  assert steps and max(steps) == bad_step - 1
+  for step in steps:  # Every checkpoint that was written holds finite parameters.
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(_params(tmp_path, step)))
+  assert not (tmp_path / reporting.REPORT_FILE).exists()
+
+
+def _params(workdir, step):
+  state = ocp.PyTreeCheckpointer().restore(str(workdir / "checkpoints" / str(step) / "state"))
+  return state["params"]
+
+
+def _main_command(workdir, steps):
+  return [sys.executable, "-m", "digit_vit.main", "--config=configs/tiny.py",
+          f"--workdir={workdir}", f"--config.num_train_steps={steps}",
+          "--config.log_every_steps=100", "--config.checkpoint_every_steps=100",
+          "--config.eval_every_steps=0", "--config.eval_splits=()"]
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_resumes_and_matches_uninterrupted_run(tmp_path):
+  steps = 600  # About 15 s of training here, compilation included.
+  reference, killed = tmp_path / "reference", tmp_path / "killed"
+  # Build the dataset once here, not in two children at the same time.
+  train.input_module(config_lib.load("tiny")).get_dataset_builder(config_lib.load("tiny"))
+  # The uninterrupted run goes on beside the killed one and its rerun.
+  reference_log = tmp_path / "reference.log"
+  with open(reference_log, "w") as log:  # A file: a full pipe would block the child.
+    reference_proc = subprocess.Popen(_main_command(reference, steps), env=_env(), cwd=ROOT,
+                                      stdout=log, stderr=subprocess.STDOUT)
+  proc = subprocess.Popen(_main_command(killed, steps), env=_env(), cwd=ROOT,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.time() + 240
+    while not (killed / "checkpoints" / "100").is_dir():
+      assert proc.poll() is None and time.time() < deadline, "no checkpoint before exit"
+      time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert not (killed / reporting.REPORT_FILE).exists()  # Killed mid-run.
+
+    rerun = subprocess.run(_main_command(killed, steps), env=_env(), cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    resumed = re.search(r"Resumed from the checkpoint of step (\d+)", rerun.stderr)
+    assert resumed and 100 <= int(resumed.group(1)) < steps, rerun.stderr[-3000:]
+    assert reference_proc.wait(timeout=300) == 0, reference_log.read_text()[-3000:]
+  finally:
+    _kill_left([reference_proc, proc])
+
+  got, want = _params(killed, steps), _params(reference, steps)
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+  report = json.loads((killed / reporting.REPORT_FILE).read_text())
+  assert report["steps"] == steps and report["train_seconds"] > 0
+
+
+@pytest.mark.slow
+def test_classify_task_trains_through_the_same_loop(tmp_path):
+  config = _tiny(task="classify", image_height=28, image_width=28, num_train_steps=60,
+                 learning_rate=3e-3, eval_splits=("test",))
+  config.data.name = "mnist_digits"
+  config.model.patch_size = (7, 7)
+  report = train.train_and_evaluate(config, str(tmp_path))
+  assert report["test_num_examples"] == 1000  # The embedded test digits, each once.
+  assert report["test_accuracy"] > 0.3  # Chance is 0.1.
+  assert "test_exact_match" not in report and np.isfinite(report["test_loss"])
+  history = reporting.History(str(tmp_path / "history.jsonl")).load()
+  assert {r["step"] for r in history if r["split"] == "validation"} == {15, 30, 45, 60}
+  assert (tmp_path / reporting.READINGS_PLOT).exists()
