@@ -24,6 +24,7 @@ tf.data map; eval: decoded uint8 images) and cached for the life of the process.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import math
 import os
@@ -83,7 +84,16 @@ def get_dataset_builder(config, data_dir: str | None = None) -> multi_digit_mnis
   registered = multi_digit_mnist.MultiDigitMnist.builder_configs.get(bc.name)
   builder = multi_digit_mnist.MultiDigitMnist(
       config=registered or bc, data_dir=data_dir_from(config, data_dir))
-  with _BUILD_LOCK:
+  if builder.is_prepared():
+    return builder
+  # Threads of this process, and other processes on this machine (pytest-xdist workers, hosts
+  # sharing a data_dir), take turns: the first builds, the others find it prepared.
+  os.makedirs(builder.data_dir_root, exist_ok=True)
+  lock_path = os.path.join(builder.data_dir_root, f".{builder.name}-{bc.name}.lock")
+  with _BUILD_LOCK, open(lock_path, "w") as lock_file:
+    fcntl.flock(lock_file, fcntl.LOCK_EX)
+    builder = multi_digit_mnist.MultiDigitMnist(
+        config=registered or bc, data_dir=data_dir_from(config, data_dir))
     if not builder.is_prepared():
       builder.download_and_prepare(
           download_config=tfds.download.DownloadConfig(
