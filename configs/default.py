@@ -98,7 +98,7 @@ def get_config(arg=None):
   config.model.max_length = config.get_ref("max_digits") + 1  # Decoder positions: <sos> + digits.
 
   # ---- Training (digit_vit/train.py) ----
-  config.num_train_steps = 6_000       # Optimiser steps (one global batch each).
+  config.num_train_steps = 5_000       # Optimiser steps (one global batch each): 320k lines.
   config.learning_rate = 1.5e-3        # Peak learning rate, reached at the end of the warm-up.
   config.warmup_steps = 200            # Linear warm-up from 0 over this many steps.
   config.schedule = "cosine"           # Decay after warm-up: 'cosine', 'linear' or 'constant'.
