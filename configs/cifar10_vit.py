@@ -17,6 +17,7 @@ def get_config(arg=None):
   config.image_width = 32
   config.batch_size = 192              # The seeds' batch size.
   config.eval_batch_size = 500
+  config.num_eval_examples = -1        # Periodic validation on the whole split (5,000 images).
 
   # ---- Data ----
   config.data.name = "cifar10"         # TFDS cifar10 (needs network or a prepared data_dir).

@@ -16,6 +16,7 @@ def get_config(arg=None):
   config.image_width = 28
   config.batch_size = 128
   config.eval_batch_size = 500
+  config.num_eval_examples = -1        # Whole validation split: its first rows are sorted by class.
 
   # ---- Data ----
   config.data.name = "mnist_digits"    # Single MNIST digits from config.data.source.

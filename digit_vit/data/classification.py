@@ -16,26 +16,8 @@ Train augmentation as in the seeds' CIFAR-10 coursework: random crop with zero p
 normalisation with mean (0.4914, 0.4822, 0.4465) and std (0.2023, 0.1994, 0.2010).
 Resumption (`start_step`), determinism and per-host sharding work as in input_pipeline.py.
 
-Recommended `config.data` blocks (the model's image size must match: 28x28x1 and 32x32x3):
-
-  # configs/mnist_vit.py  (config.task = "classify"; config.image_height = config.image_width = 28)
-  config.data.name = "mnist_digits"    # Single MNIST digits from config.data.source.
-  config.data.source = "embedded"      # 'embedded' (offline), 'tfds', 'idx'.
-  config.data.validation_per_class = 40  # Train digits per class held out for validation.
-  config.data.random_crop_padding = 2  # Zero padding before a random crop back to 28x28; 0 = off.
-  config.data.horizontal_flip = False  # Digits must not be mirrored.
-  config.data.mean = (0.1307,)         # Per-channel normalisation (MNIST statistics); () = none.
-  config.data.std = (0.3081,)
-
-  # configs/cifar10_vit.py  (config.task = "classify"; config.image_height = config.image_width = 32;
-  #                          config.model.image_channels = 3)
-  config.data.name = "cifar10"         # TFDS cifar10 (needs network or a prepared data_dir).
-  config.data.data_dir = ""            # TFDS data dir holding cifar10; '' = TFDS default.
-  config.data.validation_size = 5000   # Last images of the TFDS train split held out.
-  config.data.random_crop_padding = 4  # The seeds' RandomCrop(32, padding=4).
-  config.data.horizontal_flip = True   # The seeds' RandomHorizontalFlip().
-  config.data.mean = (0.4914, 0.4822, 0.4465)  # The seeds' Normalize(mean, std).
-  config.data.std = (0.2023, 0.1994, 0.2010)
+The configs `configs/mnist_vit.py` (28x28x1) and `configs/cifar10_vit.py` (32x32x3) hold the
+documented `config.data` blocks for each dataset; the model's image size must match.
 
 Fields read here (all optional except name): name, source, source_dir, data_dir,
 validation_per_class, validation_size, random_crop_padding, horizontal_flip, mean, std,
