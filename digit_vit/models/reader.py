@@ -11,7 +11,6 @@ L tokens costs L single-token decoder steps (see digit_vit/decode.py).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
