@@ -66,15 +66,19 @@ def _flops(compiled) -> float:
   return float(cost.get("flops", 0.0)) if cost else 0.0
 
 
-def _throughput(name, fn, args, batch, repeats, results, peak):
-  """Compiles `fn` (jitted), times it, records images/s and FLOP figures under `name`."""
+def _compile(name, fn, args, results):
+  """Compiles the jitted `fn` for `args`, recording `{name}_compile_s`."""
   start = time.perf_counter()
   compiled = fn.lower(*args).compile()
   results[f"{name}_compile_s"] = time.perf_counter() - start
-  flops = _flops(compiled)
-  jax.block_until_ready(compiled(*args))
-  times = _median_seconds(lambda: compiled(*args), repeats)
-  rates = sorted(batch / t for t in times)
+  return compiled
+
+
+def _time(name, call, flops, batch, repeats, results, peak):
+  """Times `call` (one batch of `batch` images) after a warm-up call; records images/s
+  (median, min, max) and, from XLA's `flops` per call, FLOP figures under `name`."""
+  jax.block_until_ready(call())
+  rates = sorted(batch / t for t in _median_seconds(call, repeats))
   results[f"{name}_images_per_s"] = float(np.median(rates))
   results[f"{name}_images_per_s_min"] = rates[0]
   results[f"{name}_images_per_s_max"] = rates[-1]
@@ -83,7 +87,12 @@ def _throughput(name, fn, args, batch, repeats, results, peak):
     results[f"{name}_gflops"] = flops / batch * results[f"{name}_images_per_s"] / 1e9
     if peak:
       results[f"{name}_fraction_of_numpy_peak"] = results[f"{name}_gflops"] / peak
-  return compiled
+
+
+def _throughput(name, fn, args, batch, repeats, results, peak):
+  """Compiles the jitted `fn` and times it on the same `args` every call."""
+  compiled = _compile(name, fn, args, results)
+  _time(name, lambda: compiled(*args), _flops(compiled), batch, repeats, results, peak)
 
 
 def _fake_batch(config, batch_size):
@@ -125,27 +134,16 @@ def run(config, parts=PARTS, repeats: int = 10) -> dict[str, float]:
     stepper = train.Stepper(config, model, learning_rate_fn, mesh)
     global_batch = stepper.global_batch({k: v for k, v in batch.items() if k != "mask"})
   if "train" in parts:
-    # Donation consumes the state, so the timed function threads it through.
+    # Each timed call continues from the previous call's state, as training does.
     step = jax.jit(functools.partial(train.train_step, config=config, model=model,
                                      learning_rate_fn=learning_rate_fn))
-    start = time.perf_counter()
-    compiled = step.lower(state, global_batch).compile()
-    results["train_compile_s"] = time.perf_counter() - start
-    flops = _flops(compiled)
+    compiled = _compile("train", step, (state, global_batch), results)
     holder = [state]
 
     def one_step():
-      holder[0], m = compiled(holder[0], global_batch)
-      return m
-    jax.block_until_ready(one_step())
-    rates = sorted(batch_size / t for t in _median_seconds(one_step, repeats))
-    results.update(train_images_per_s=float(np.median(rates)), train_images_per_s_min=rates[0],
-                   train_images_per_s_max=rates[-1])
-    if flops:
-      results["train_flops_per_image"] = flops / batch_size
-      results["train_gflops"] = flops / batch_size * results["train_images_per_s"] / 1e9
-      if peak:
-        results["train_fraction_of_numpy_peak"] = results["train_gflops"] / peak
+      holder[0], step_metrics = compiled(holder[0], global_batch)
+      return step_metrics
+    _time("train", one_step, _flops(compiled), batch_size, repeats, results, peak)
     state = holder[0]
   if "eval" in parts and config.task == "read":
     forward = jax.jit(lambda p, b: model.apply(
