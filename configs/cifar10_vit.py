@@ -18,6 +18,7 @@ def get_config(arg=None):
   config.batch_size = 192              # The seeds' batch size.
   config.eval_batch_size = 500
   config.num_eval_examples = -1        # Periodic validation on the whole split (5,000 images).
+  config.eval_every_steps = 234        # About an epoch (45,000 / 192): a validation an epoch.
 
   # ---- Data ----
   config.data.name = "cifar10"         # TFDS cifar10 (needs network or a prepared data_dir).

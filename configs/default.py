@@ -51,6 +51,9 @@ def get_config(arg=None):
   # most L digits, L growing linearly from curriculum_start_digits to max_digits; then plain epochs.
   config.data.curriculum_examples = 64_000  # Lines under the curriculum (int >= 0); 0 = off.
   config.data.curriculum_start_digits = 1  # Longest line at the start of the curriculum (1..max_digits).
+  # Length generalisation: train only on the lines of at most this many digits (the curriculum
+  # then ends there too); validation and test keep every length. 0 = all, up to max_digits.
+  config.data.train_max_digits = 0
   # Input pipeline.
   config.data.num_parallel_calls = -1  # tf.data map parallelism; -1 = AUTOTUNE, or a positive int.
   config.data.threads = 0           # tf.data private thread pool size; 0 = TF default.
@@ -97,6 +100,12 @@ def get_config(arg=None):
   config.model.dtype = "float32"         # Compute dtype: 'float32' or 'bfloat16' (params stay float32).
   config.model.max_length = config.get_ref("max_digits") + 1  # Decoder positions: <sos> + digits.
 
+  # ---- Reading (digit_vit/decode.py; used by predict and the demo) ----
+  # Evaluation during training always decodes greedily; these pick how a trained model reads.
+  config.decode = ml_collections.ConfigDict()
+  config.decode.beam_size = 1            # 1 = cached greedy decoding; > 1 = beam search.
+  config.decode.alpha = 0.6              # Beam length normalisation ((5 + len) / 6) ** alpha; 0 = none.
+
   # ---- Training (digit_vit/train.py) ----
   config.num_train_steps = 5_000       # Optimiser steps (one global batch each): 320k lines.
   config.learning_rate = 1.5e-3        # Peak learning rate, reached at the end of the warm-up.
@@ -111,7 +120,9 @@ def get_config(arg=None):
   config.loss = ml_collections.ConfigDict()
   config.loss.label_smoothing = 0.0    # Target = (1 - s) one-hot + s / classes (training only).
   config.loss.ignore_pad = True        # <pad> targets weigh 0; False counts them (the seeds' variant).
-  config.loss.class_weights = {}       # {token: weight}, e.g. {'9': 2.0, 'eos': 0.5, 'pad': 0.5}; others 1.
+  # Per-class weights 'token:weight,...' (others 1; '' = none): a string so the command line can
+  # set it, e.g. --config.loss.class_weights=9:2,eos:0.5,pad:0.5 (the seeds' weighting).
+  config.loss.class_weights = ""
   config.parallelism = "jit"           # Data-parallel step: 'jit' (sharded global arrays) or 'pmap'.
   config.log_every_steps = 50          # Train summaries (and the NaN check) every this many steps.
   config.eval_every_steps = 1_000      # Validation every this many steps and at the end; 0 = none.

@@ -109,10 +109,63 @@ def _fake_batch(config, batch_size):
   }
 
 
+def full_length_params(params):
+  """`params` with the `<eos>` logit pushed to -1e4: the decoder then never stops early, so a
+  benchmarked decode always runs all max_length steps and its work is the same in every run,
+  trained weights or random ones."""
+  decoder = dict(params["decoder"])
+  logits = dict(decoder["logits"])
+  logits["bias"] = logits["bias"].at[tokens.EOS].set(-1e4)
+  decoder["logits"] = logits
+  return {**params, "decoder": decoder}
+
+
+def _decode_throughputs(config, params, images, repeats, results, peak):
+  """Cached greedy, uncached greedy and beam-4 decoding at full length.
+
+  XLA's cost analysis counts a while loop's body once, so the FLOPs of a decode are assembled
+  from its parts: the encoder and cache set-up once, plus max_length decoder steps (one token
+  with the cache; the whole max_length prefix without it; batch x 4 rows for beam 4).
+  """
+  from digit_vit import decode  # pylint: disable=import-outside-toplevel
+  from digit_vit.models import ModelConfig, DigitReader  # pylint: disable=import-outside-toplevel
+  model_config = ModelConfig.from_config(config.model)
+  params = full_length_params(params)
+  batch, length = images.shape[0], model_config.max_length
+  model = DigitReader(model_config)
+  memory, cache = jax.jit(functools.partial(decode.encode_and_init_cache, model_config))(
+      params, images)
+
+  def flops(fn, *args):
+    return _flops(jax.jit(fn).lower(*args).compile())
+
+  setup = flops(functools.partial(decode.encode_and_init_cache, model_config), params, images)
+  token = jnp.full((batch,), tokens.SOS, jnp.int32)
+  step = flops(functools.partial(decode.decode_step, model_config), params, cache, token, memory)
+  prefix = jnp.full((batch, length), tokens.SOS, jnp.int32)
+  full_decoder = flops(lambda p, t, m: model.apply({"params": p}, t, m,
+                                                    method=DigitReader.decode_tokens),
+                       params, prefix, memory)
+  # Beam 4 steps on 4x the rows; its encoder runs once per image.
+  beam_step = 4 * step
+  for name, fn, work in (
+      ("decode", functools.partial(decode.greedy_decode, model_config), setup + length * step),
+      ("decode_uncached", functools.partial(decode.greedy_decode_uncached, model_config),
+       setup + length * full_decoder),
+      ("decode_beam4", functools.partial(decode.beam_search, model_config, beam_size=4),
+       setup + length * beam_step)):
+    compiled = _compile(name, jax.jit(fn), (params, images), results)
+    outputs, _ = compiled(params, images)
+    if bool(jnp.any(outputs == tokens.EOS)):
+      raise AssertionError(f"{name}: a row stopped early despite the <eos> bias")
+    _time(name, lambda c=compiled: c(params, images), work, batch, max(repeats // 2, 2), results,
+          peak)
+
+
 def run(config, parts=PARTS, repeats: int = 10) -> dict[str, float]:
   """Measures the requested parts for `config`; returns the figures by name."""
-  from digit_vit import decode, train
-  from digit_vit.models import ModelConfig, build_model
+  from digit_vit import train
+  from digit_vit.models import build_model
 
   results: dict[str, float] = {}
   if "pipeline" in parts and "train" not in parts:
@@ -151,14 +204,7 @@ def run(config, parts=PARTS, repeats: int = 10) -> dict[str, float]:
     _throughput("eval", forward, (state.params, global_batch), batch_size, repeats, results,
                 peak)
   if "decode" in parts and config.task == "read":
-    model_config = ModelConfig.from_config(config.model)
-    images = global_batch["image"]
-    for name, fn in (
-        ("decode", functools.partial(decode.greedy_decode, model_config)),
-        ("decode_uncached", functools.partial(decode.greedy_decode_uncached, model_config)),
-        ("decode_beam4", functools.partial(decode.beam_search, model_config, beam_size=4))):
-      _throughput(name, jax.jit(fn), (state.params, images), batch_size, max(repeats // 2, 2),
-                  results, peak)
+    _decode_throughputs(config, state.params, global_batch["image"], repeats, results, peak)
   if "pipeline" in parts:
     from digit_vit.data import benchmark
     results["pipeline_images_per_s"] = benchmark.pipeline_images_per_second(config)

@@ -44,11 +44,22 @@ class Checkpoints:
     options = ocp.CheckpointManagerOptions(
         create=True, enable_async_checkpointing=True,
         preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies))
+    self.best_metric = best_metric
     self.manager = ocp.CheckpointManager(os.path.abspath(directory),
                                          item_names=("state", "meta"), options=options)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
+
+  def best_step(self) -> int | None:
+    """The step with the highest `best_metric` among the checkpoints saved with metrics; the
+    latest when none was (or no best_metric was given); None when there is no checkpoint."""
+    scored = []
+    for step in self.manager.all_steps():
+      metrics = self.manager.metrics(step) if self.best_metric else None
+      if metrics and self.best_metric in metrics:
+        scored.append((float(metrics[self.best_metric]), step))
+    return max(scored)[1] if scored else self.latest_step()
 
   def save(self, step: int, state, meta: dict[str, Any],
            metrics: dict[str, float] | None = None) -> bool:

@@ -14,6 +14,20 @@ import ml_collections
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
 
 
+def import_file(path_or_name: str | pathlib.Path, directory: pathlib.Path, what: str):
+  """Imports a Python file given its path or its bare name in `directory` (`what` names the
+  kind of file in the error)."""
+  path = pathlib.Path(path_or_name)
+  if path.suffix != ".py" and not path.exists():
+    path = directory / f"{path}.py"
+  if not path.exists():
+    raise FileNotFoundError(f"no {what} file at {path}; {what}s live in {directory}")
+  spec = importlib.util.spec_from_file_location(f"digit_vit_{what}_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 def load(path: str | pathlib.Path, arg: str | None = None) -> ml_collections.ConfigDict:
   """Runs `get_config(arg)` of a config file.
 
@@ -21,12 +35,5 @@ def load(path: str | pathlib.Path, arg: str | None = None) -> ml_collections.Con
     path: a file path, or a bare name such as 'tiny' for `configs/tiny.py`.
     arg: the text after ':' on the command line (`--config=configs/default.py:quick`).
   """
-  path = pathlib.Path(path)
-  if path.suffix != ".py" and not path.exists():
-    path = CONFIG_DIR / f"{path}.py"
-  if not path.exists():
-    raise FileNotFoundError(f"no config file at {path}; configs live in {CONFIG_DIR}")
-  spec = importlib.util.spec_from_file_location(f"digit_vit_config_{path.stem}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = import_file(path, CONFIG_DIR, "config")
   return module.get_config(arg) if arg is not None else module.get_config()

@@ -9,7 +9,7 @@ Token weights (digit reader) are the product of
   - 0 on `<pad>` targets when `ignore_pad` (the default; `<eos>` always counts, so the model
     learns when to stop), 1 otherwise (the seeds' "pad counted" variant),
   - an optional per-class weight (the seeds' "loss adventures": digit 9 x2, `<eos>`/`<pad>`
-    x0.5).
+    x0.5), from `config.loss.class_weights` as a dict or a string '9:2,eos:0.5,pad:0.5'.
 """
 
 from __future__ import annotations
@@ -23,15 +23,43 @@ import numpy as np
 from digit_vit.models import tokens as tokens_lib
 
 
-def class_weight_vector(class_weights: Mapping[str, float] | None, num_classes: int) -> np.ndarray:
-  """A config's {token: weight} mapping -> float32 [num_classes] (unnamed classes weigh 1).
+def parse_class_weights(class_weights: Mapping[str, float] | str | None) -> dict[str, float]:
+  """A config's class weights -> {key: weight}.
+
+  Accepts a mapping (`{'9': 2.0, 'eos': 0.5}`, as a config file may write it) or the string
+  form that a command line can set (`--config.loss.class_weights=9:2,eos:0.5,pad:0.5`):
+  comma-separated `key:weight` pairs, spaces allowed; '' or None is no weighting.
+  """
+  if class_weights is None:
+    return {}
+  if not isinstance(class_weights, str):
+    return {str(k): float(v) for k, v in dict(class_weights).items()}
+  parsed = {}
+  for item in class_weights.split(","):
+    if not item.strip():
+      continue
+    key, sep, weight = item.partition(":")
+    try:
+      if not sep:
+        raise ValueError("no ':'")
+      parsed[key.strip()] = float(weight)
+    except ValueError as e:
+      raise ValueError(f"loss.class_weights item {item.strip()!r} is not 'key:weight' (e.g. "
+                       f"'9:2,eos:0.5,pad:0.5'): {e}") from None
+  return parsed
+
+
+def class_weight_vector(class_weights: Mapping[str, float] | str | None,
+                        num_classes: int) -> np.ndarray:
+  """A config's class weights -> float32 [num_classes] (unnamed classes weigh 1).
 
   Keys are class indices as strings ('9', '11') or token names with or without brackets
-  ('eos', '<pad>'), so `{'9': 2.0, 'eos': 0.5, 'pad': 0.5}` is the seeds' experiment.
+  ('eos', '<pad>'), so `{'9': 2.0, 'eos': 0.5, 'pad': 0.5}`, or the string
+  `'9:2,eos:0.5,pad:0.5'` (see `parse_class_weights`), is the seeds' experiment.
   """
   vector = np.ones((num_classes,), np.float32)
   names = {name.strip("<>"): i for i, name in enumerate(tokens_lib.TOKEN_NAMES)}
-  for key, weight in dict(class_weights or {}).items():
+  for key, weight in parse_class_weights(class_weights).items():
     key = str(key).strip().strip("<>")
     index = int(key) if key.isdigit() else names.get(key)
     if index is None or not 0 <= index < num_classes:

@@ -6,14 +6,12 @@ r"""Trains and evaluates from a config file.
 Re-running the same command resumes from the latest checkpoint in --workdir.
 """
 
-import logging as std_logging
-
 import jax
 import tensorflow as tf
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from digit_vit import train
+from digit_vit import logs, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
@@ -25,21 +23,10 @@ flags.DEFINE_bool("jax_distributed", False,
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-class _QuietLibraries(std_logging.Filter):
-  """Drops the INFO and WARNING chatter of TFDS and orbax (the dataset config on every builder,
-  checkpoint bookkeeping) so the progress bar and our own messages stay readable; their errors
-  still pass."""
-
-  def filter(self, record):
-    noisy = any(name in record.pathname for name in ("tensorflow_datasets", "orbax"))
-    return record.levelno >= std_logging.ERROR or not noisy
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  for handler in [logging.get_absl_handler(), *std_logging.getLogger().handlers]:
-    handler.addFilter(_QuietLibraries())
+  logs.quiet_libraries()
   # TensorFlow only feeds data (tf.data); keep it off the GPUs that JAX uses.
   tf.config.set_visible_devices([], "GPU")
   if FLAGS.jax_distributed:

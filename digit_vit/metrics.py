@@ -14,7 +14,13 @@ Digit-reader metrics compare a free-running output (raw tokens without `<sos>`, 
   digit tokens before the first `<eos>`) and the target's digits, over the target's digits;
   summed over the set before dividing (a corpus-level CER).
 - no_eos: how many outputs never emitted `<eos>` (ran to the maximum length).
+- wrong_length: how many outputs read a different number of digits than the target has (the
+  seeds' "did not learn when to stop": stopping early, late, or never).
+- order_errors: how many outputs read the target's digits in another order (the digits read
+  differ from the target's, but sorted they are the same multiset: 731 read as 137).
 - exact_match_length_n: exact match among targets of n digits.
+- read_length_n: the mean number of digits read for targets of n digits (shows where a model
+  stops on lines longer than any it was trained on).
 """
 
 from __future__ import annotations
@@ -95,8 +101,8 @@ def reading_sums(outputs, targets, mask=None, *, max_digits: int):
 
   Returns:
     dict of float32 sums: count, exact_match, token_correct, token_count, edit_distance,
-    reference_digits, no_eos, and [max_digits + 1] arrays length_count, length_exact
-    (index n = targets of n digits).
+    reference_digits, no_eos, wrong_length, order_errors, and [max_digits + 1] arrays
+    length_count, length_exact, length_read_digits (index n = targets of n digits).
   """
   outputs, targets = jnp.asarray(outputs), jnp.asarray(targets)
   if outputs.shape[1] < targets.shape[1]:
@@ -111,6 +117,8 @@ def reading_sums(outputs, targets, mask=None, *, max_digits: int):
   read, read_count = _digits_read(outputs)
   distance = edit_distance(read, read_count, targets, reference_digits).astype(jnp.float32)
   no_eos = ~jnp.any(outputs == tokens_lib.EOS, axis=1)
+  wrong_length = read_count != reference_digits
+  order_error = _order_errors(read, read_count, targets, reference_digits)
   by_length = jax.nn.one_hot(reference_digits, max_digits + 1, dtype=jnp.float32) * m[:, None]
   return {
       "count": jnp.sum(m),
@@ -120,9 +128,33 @@ def reading_sums(outputs, targets, mask=None, *, max_digits: int):
       "edit_distance": jnp.sum(distance * m),
       "reference_digits": jnp.sum(reference_digits * m),
       "no_eos": jnp.sum(no_eos * m),
+      "wrong_length": jnp.sum(wrong_length * m),
+      "order_errors": jnp.sum(order_error * m),
       "length_count": jnp.sum(by_length, axis=0),
       "length_exact": jnp.sum(by_length * exact[:, None], axis=0),
+      "length_read_digits": jnp.sum(by_length * read_count[:, None].astype(jnp.float32), axis=0),
   }
+
+
+def _order_errors(read, read_count, targets, reference_digits):
+  """Whether each reading is a reordering of the target's digits, but not the target itself.
+
+  Args:
+    read: int [batch, L] digits read, left-aligned (`_digits_read`); read_count: int [batch].
+    targets: int [batch, L] targets, digits first; reference_digits: int [batch].
+
+  Returns:
+    bool [batch].
+  """
+  positions = jnp.arange(read.shape[1])
+  # Positions past each row's digits get a sentinel above every digit, so they sort last and
+  # compare equal; unequal counts already differ at position min(count).
+  sentinel = tokens_lib.NUM_DIGITS
+  read = jnp.where(positions < read_count[:, None], read, sentinel)
+  target = jnp.where(positions < reference_digits[:, None], targets, sentinel)
+  same_digits = jnp.all(jnp.sort(read, axis=1) == jnp.sort(target, axis=1), axis=1)
+  same_order = jnp.all(read == target, axis=1)
+  return same_digits & ~same_order
 
 
 def classification_sums(logits, labels, mask=None):
@@ -154,7 +186,12 @@ def summarize(sums: Mapping) -> dict[str, float]:
     out["token_accuracy"] = ratio(s["token_correct"], s["token_count"])
     out["cer"] = ratio(s["edit_distance"], s["reference_digits"])
     out["no_eos"] = int(s["no_eos"])
+    if "wrong_length" in s:
+      out["wrong_length"] = int(s["wrong_length"])
+      out["order_errors"] = int(s["order_errors"])
     for n in range(1, len(s["length_count"])):
       if s["length_count"][n] > 0:
         out[f"exact_match_length_{n}"] = ratio(s["length_exact"][n], s["length_count"][n])
+        if "length_read_digits" in s:
+          out[f"read_length_{n}"] = ratio(s["length_read_digits"][n], s["length_count"][n])
   return out

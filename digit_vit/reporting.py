@@ -1,4 +1,5 @@
-"""The end-of-run report: report.json, loss and accuracy curves, and a grid of test readings.
+"""The end-of-run report: report.json, loss and accuracy curves (against steps, and per epoch as
+in the seeds' coursework), and a grid of test readings.
 
 The curves come from `history.jsonl`, one JSON line per logged step and split, which the
 trainer appends as it goes; a resumed run first drops the lines after the restored step, so a
@@ -8,6 +9,7 @@ killed-and-resumed run has the same history as an uninterrupted one.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 
@@ -22,6 +24,7 @@ from digit_vit.models import tokens as tokens_lib  # noqa: E402
 REPORT_FILE = "report.json"
 LOSS_PLOT = "curves_loss.png"
 ACCURACY_PLOT = "curves_accuracy.png"
+EPOCH_PLOT = "curves_epochs.png"
 READINGS_PLOT = "readings.png"
 
 
@@ -78,6 +81,49 @@ def plot_curves(history: Sequence[dict], path: str, keys: Sequence[tuple[str, st
   plt.close(fig)
 
 
+def epoch_means(history: Sequence[dict], split: str, key: str,
+                steps_per_epoch: float) -> tuple[list[float], list[float]]:
+  """The mean of a logged metric over each epoch: epoch e (1, 2, ...) holds the records of
+  steps in ((e - 1) * steps_per_epoch, e * steps_per_epoch]; a last, unfinished epoch is
+  placed at its fractional end. Returns (epoch ends, means), epochs with records only."""
+  by_epoch: dict[int, list[float]] = {}
+  last_step = 0
+  for step, value in zip(*_series(history, split, key)):
+    by_epoch.setdefault(max(1, math.ceil(step / steps_per_epoch)), []).append(value)
+    last_step = max(last_step, step)
+  ends = [min(float(e), last_step / steps_per_epoch) for e in sorted(by_epoch)]
+  return ends, [float(np.mean(by_epoch[e])) for e in sorted(by_epoch)]
+
+
+def plot_epoch_curves(history: Sequence[dict], path: str, *, steps_per_epoch: float, task: str):
+  """Loss and accuracy per epoch side by side, as the seeds' coursework plots them: the train
+  metrics averaged over each epoch, the validation ones where they were measured."""
+  accuracy_keys = ([("train", "accuracy"), ("validation", "token_accuracy"),
+                    ("validation", "exact_match")] if task == "read"
+                   else [("train", "accuracy"), ("validation", "accuracy")])
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  for ax, keys, title in ((axes[0], [("train", "loss"), ("validation", "loss")], "Loss/Epoch"),
+                          (axes[1], accuracy_keys, "Accuracy/Epoch")):
+    for split, key in keys:
+      if split == "train":
+        epochs, values = epoch_means(history, split, key, steps_per_epoch)
+      else:
+        steps, values = _series(history, split, key)
+        epochs = [s / steps_per_epoch for s in steps]
+      if epochs:
+        ax.plot(epochs, values, marker="o" if len(epochs) < 30 else None,
+                label=f"{split} {key}" + (" (epoch mean)" if split == "train" else ""))
+    ax.set_title(title)
+    ax.set_xlabel("epoch")
+    ax.grid(alpha=0.3)
+    ax.legend()
+  axes[0].set_ylabel("cross-entropy")
+  axes[1].set_ylabel("accuracy")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
 def _label_text(sample: Mapping[str, np.ndarray], i: int, task: str) -> tuple[str, str, bool]:
   """(truth, reading, correct) of example i of an evaluation sample."""
   if task == "read":
@@ -112,7 +158,8 @@ def plot_readings(sample: Mapping[str, np.ndarray], path: str, *, task: str,
 def write_report(workdir: str, report: Mapping, history: Sequence[dict],
                  sample: Mapping[str, np.ndarray] | None, *, task: str,
                  steps_per_epoch: float | None = None):
-  """Writes report.json, the curves and (given a sample) the readings grid into workdir."""
+  """Writes report.json, the curves (per epoch too, given steps_per_epoch) and (given a sample)
+  the readings grid into workdir."""
   with open(os.path.join(workdir, REPORT_FILE), "w") as f:
     json.dump(dict(report), f, indent=2, sort_keys=True)
   plot_curves(history, os.path.join(workdir, LOSS_PLOT),
@@ -123,5 +170,8 @@ def write_report(workdir: str, report: Mapping, history: Sequence[dict],
                    else [("train", "accuracy"), ("validation", "accuracy")])
   plot_curves(history, os.path.join(workdir, ACCURACY_PLOT), accuracy_keys, ylabel="accuracy",
               steps_per_epoch=steps_per_epoch)
+  if steps_per_epoch:
+    plot_epoch_curves(history, os.path.join(workdir, EPOCH_PLOT),
+                      steps_per_epoch=steps_per_epoch, task=task)
   if sample is not None:
     plot_readings(sample, os.path.join(workdir, READINGS_PLOT), task=task)

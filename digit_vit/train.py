@@ -3,8 +3,9 @@
 One loss function (`loss_fn`, sums of a masked weighted cross-entropy) serves both tasks:
 
 - 'read': the DigitReader, teacher-forced on the target sequence shifted right; evaluated by
-  free-running greedy decoding (exact match, token accuracy, CER, per length, no-<eos> count)
-  plus the teacher-forced loss;
+  free-running greedy decoding (exact match, token accuracy, CER, per length, and the counts
+  of outputs with no <eos>, the wrong length or the digits in the wrong order) plus the
+  teacher-forced loss;
 - 'classify': the ViTClassifier on single images; evaluated by accuracy and loss.
 
 Data parallelism. `config.parallelism = 'jit'` (the default) compiles the step with `jax.jit`
@@ -321,16 +322,24 @@ class Evaluator:
     if num_examples > 0:
       batches = _take(batches, math.ceil(num_examples / self.config.eval_batch_size))
     total, sample = None, None
+    timed_images, timed_start = 0, None
     for batch in batches:
       global_batch = jax.tree.map(
           lambda x: jax.make_array_from_process_local_data(self.data_sharding, x), batch)
       sums, predictions = self._step(params, global_batch)
-      total = metrics.add_sums(total, jax.device_get(sums))
+      total = metrics.add_sums(total, jax.device_get(sums))  # Waits for the batch.
       if sample is None:
         sample = {**batch, "prediction": local_rows(predictions)}
+        timed_start = time.perf_counter()  # The first batch may compile: time the others.
+      else:
+        timed_images += self.config.eval_batch_size
     if total is None:
       raise ValueError(f"split {split!r} has no examples")
-    return metrics.summarize(total), sample
+    summary = metrics.summarize(total)
+    if timed_images:
+      # Evaluation throughput (greedy decoding for 'read'), padding rows included.
+      summary["images_per_second"] = timed_images / (time.perf_counter() - timed_start)
+    return summary, sample
 
 
 def _take(iterator, n):
@@ -373,15 +382,18 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   """Trains `config` in `workdir`, resuming from its latest checkpoint, then evaluates.
 
   Writes (process 0 only): TensorBoard summaries, `config.json`, `history.jsonl`, and at the
-  end `report.json`, `curves_loss.png`, `curves_accuracy.png` and `readings.png`;
+  end `report.json`, `curves_loss.png`, `curves_accuracy.png`, `curves_epochs.png` and
+  `readings.png`;
   checkpoints go to `workdir/checkpoints`.
 
   Returns:
     the report: final metrics of every split in `config.eval_splits` prefixed by the split
     (`test_exact_match`, `test_cer`, `test_token_accuracy`, `test_no_eos`,
-    `test_exact_match_length_<n>`, `test_loss`, ... or `test_accuracy`), `steps`, and
-    `train_seconds` (time in training steps, compilation included, evaluation and checkpoint
-    writes excluded, summed over resumed runs).
+    `test_wrong_length`, `test_order_errors`, `test_exact_match_length_<n>`,
+    `test_read_length_<n>`, `test_loss`, `test_images_per_second`, ... or `test_accuracy`),
+    `steps`, `train_seconds` (time in training steps, compilation included, evaluation and
+    checkpoint writes excluded, summed over resumed runs) and `train_images_per_second` (the
+    median rate of the logged intervals of this process after its first).
   """
   workdir = os.path.abspath(workdir)
   check_config(config)
@@ -424,11 +436,12 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   progress = tqdm.tqdm(total=num_steps, initial=start_step, unit="step", dynamic_ncols=True,
                        disable=not (config.progress_bar and is_chief))
   pending: list[tuple[int, dict]] = []  # Metrics of the steps since the last flush.
+  rates: list[float] = []  # Training images/s of each flushed interval of this process.
   interval_start = time.perf_counter()
 
   def flush(step):
     """Brings pending step metrics to the host (one sync), checks them, writes summaries."""
-    nonlocal interval_start, train_seconds
+    nonlocal train_seconds
     fetched = jax.device_get([m for _, m in pending])
     elapsed = time.perf_counter() - interval_start
     train_seconds += elapsed
@@ -437,6 +450,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     summary = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
     summary["learning_rate"] = float(fetched[-1]["learning_rate"])
     summary["images_per_second"] = len(pending) * config.batch_size / elapsed
+    rates.append(summary["images_per_second"])
     writer.write_scalars(step, {f"train_{k}": v for k, v in summary.items()})
     history.append(step, "train", summary)
     progress.set_postfix(loss=f"{summary['loss']:.4f}",
@@ -476,6 +490,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   report = {"task": config.task, "steps": num_steps, "train_seconds": train_seconds,
             "num_params": num_params, "num_devices": jax.device_count(),
             "num_processes": jax.process_count(), "global_batch_size": config.batch_size}
+  if rates:
+    # The steady training rate: the median interval, leaving out the first (it compiles).
+    report["train_images_per_second"] = float(np.median(rates[1:] if len(rates) > 1 else rates))
   sample = None
   for split in config.eval_splits:
     split_metrics, split_sample = evaluate(state.params, split)

@@ -1,9 +1,12 @@
 """The benchmark command's figures exist and are consistent (speed targets live in the
 command itself, not in tests)."""
 
+import jax
+import numpy as np
 import pytest
 
-from digit_vit import bench, config_lib
+from digit_vit import bench, config_lib, decode
+from digit_vit.models import ModelConfig, build_model, tokens
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +31,29 @@ def test_every_figure_is_there_and_positive(figures):
 def test_training_costs_more_flops_than_the_forward_pass(figures):
   # Backward is about twice the forward; XLA's count includes the optimiser too.
   assert 2.0 < figures["train_flops_per_image"] / figures["eval_flops_per_image"] < 5.0
+
+
+def test_decoding_flops_add_up_from_its_parts(figures):
+  # Full-length decoding: the cache saves re-running the prefix; beam 4 steps 4x the rows
+  # but runs the encoder once per image.
+  cached = figures["decode_flops_per_image"]
+  assert cached < figures["decode_uncached_flops_per_image"]
+  assert cached < figures["decode_beam4_flops_per_image"] < 4 * cached
+
+
+def test_full_length_params_never_emit_eos():
+  config = config_lib.load("tiny")
+  model = build_model(config)
+  images = np.random.default_rng(0).random((4, 16, 48, 1), np.float32)
+  params = model.init(jax.random.key(0), images, np.zeros((4, 4), np.int32))["params"]
+  # A model that prefers <eos> everywhere: without the change every row stops at once.
+  bias = params["decoder"]["logits"]["bias"]
+  params["decoder"]["logits"]["bias"] = bias.at[tokens.EOS].set(10.0)
+  model_config = ModelConfig.from_config(config.model)
+  outputs, _ = decode.greedy_decode(model_config, params, images)
+  assert (np.asarray(outputs)[:, 0] == tokens.EOS).all()
+  outputs, _ = decode.greedy_decode(model_config, bench.full_length_params(params), images)
+  assert not (np.asarray(outputs) == tokens.EOS).any()
 
 
 def test_matmul_peak_is_measured():

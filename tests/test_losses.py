@@ -103,3 +103,35 @@ def test_class_weight_keys():
     losses.class_weight_vector({"nine": 2.0}, V)
   with pytest.raises(ValueError, match="not a class index"):
     losses.class_weight_vector({"13": 2.0}, V)
+
+
+def test_class_weights_string_form_equals_the_dict():
+  """The command-line form of the seeds' weighting gives the same vector as the dict."""
+  as_dict = losses.class_weight_vector({"9": 2.0, "eos": 0.5, "pad": 0.5}, V)
+  for text in ("9:2,eos:0.5,pad:0.5", " 9 : 2 , <eos>:0.5, pad:.5 ,"):
+    np.testing.assert_array_equal(losses.class_weight_vector(text, V), as_dict)
+  assert losses.parse_class_weights("9:2,eos:0.5") == {"9": 2.0, "eos": 0.5}
+  assert losses.parse_class_weights("") == {} and losses.parse_class_weights(None) == {}
+  np.testing.assert_array_equal(losses.class_weight_vector("", V), np.ones(V))
+  with pytest.raises(ValueError, match="'9=2' is not 'key:weight'"):
+    losses.parse_class_weights("9=2")
+  with pytest.raises(ValueError, match="is not 'key:weight'"):
+    losses.parse_class_weights("9:two")
+  with pytest.raises(ValueError, match="not a class index"):
+    losses.class_weight_vector("nine:2", V)
+
+
+def test_class_weights_from_the_command_line_reach_the_loss():
+  """`--config.loss.class_weights=9:2,eos:0.5,pad:0.5` parses and weighs the targets."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+
+  from digit_vit import config_lib  # pylint: disable=import-outside-toplevel
+  argv = ["prog", f"--config={config_lib.CONFIG_DIR / 'default.py'}",
+          "--config.loss.class_weights=9:2,eos:0.5,pad:0.5"]
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, flag_values=flag_values, sys_argv=argv)
+  flag_values(argv)
+  vector = losses.class_weight_vector(flag_values.config.loss.class_weights, V)
+  assert vector[9] == 2.0 and vector[tokens.EOS] == 0.5 and vector[tokens.PAD] == 0.5
+  assert vector[:9].tolist() == [1.0] * 9

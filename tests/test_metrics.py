@@ -1,5 +1,7 @@
 """Sequence metrics against hand-worked examples and a plain-Python edit distance."""
 
+import functools
+
 import jax
 import numpy as np
 import pytest
@@ -95,3 +97,59 @@ def test_classification_sums_and_accumulation():
   total = metrics.add_sums(total, {"count": 1.0, "correct": 1.0, "loss": 1.0, "weight": 1.0})
   summary = metrics.summarize(total)
   assert summary == {"num_examples": 4, "loss": 1.0, "accuracy": 0.75}
+
+
+def test_wrong_length_and_order_errors_hand_worked():
+  """The seeds' failure modes, counted on hand-made rows: stopping at the wrong place, and
+  reading the right digits in the wrong order (731 read as 137)."""
+  targets = _targets("731", "731", "12", "1122", "5", "90", "4", "33", max_digits=4)
+  outputs = np.array([
+      [1, 3, 7, EOS, PAD],    # 731 read as 137: an order error, right length.
+      [7, 3, 1, EOS, PAD],    # right.
+      [1, 2, 2, EOS, PAD],    # an extra digit: wrong length, not an order error.
+      [2, 1, 1, 2, EOS],      # 1122 read as 2112: an order error.
+      [5, 5, 5, 5, 5],        # never stops: wrong length (reads 5 digits), no <eos>.
+      [EOS, PAD, PAD, PAD, PAD],  # stops at once: wrong length (reads nothing).
+      [4, EOS, PAD, PAD, PAD],    # right, but masked out.
+      [3, 3, EOS, PAD, PAD],  # right: equal digits swapped are the same reading, no error.
+  ], np.int32)
+  mask = np.array([True] * 6 + [False, True])
+  sums = metrics.reading_sums(outputs, targets, mask, max_digits=4)
+  assert float(sums["wrong_length"]) == 3
+  assert float(sums["order_errors"]) == 2
+  assert float(sums["no_eos"]) == 1
+  assert float(sums["exact_match"]) == 2
+  # Digits read, by target length: 1 digit -> "55555"; 2 -> "122" and ""; 3 -> 3 + 3;
+  # 4 -> 4; the masked 1-digit row adds nothing.
+  assert np.asarray(sums["length_read_digits"]).tolist() == [0, 5, 3 + 0 + 2, 6, 4]
+  summary = metrics.summarize(sums)
+  assert summary["wrong_length"] == 3 and summary["order_errors"] == 2
+  assert summary["read_length_1"] == 5.0
+  assert summary["read_length_2"] == pytest.approx(5 / 3)
+  assert summary["read_length_3"] == 3.0 and summary["read_length_4"] == 4.0
+
+
+def test_order_errors_match_a_plain_python_count():
+  rng = np.random.default_rng(2)
+  truths = ["".join(map(str, rng.integers(0, 4, rng.integers(1, 5)))) for _ in range(128)]
+  targets = _targets(*truths)
+  # Shuffled truths (often a permutation), some with a changed, an extra or a lost digit.
+  outputs = []
+  for t in truths:
+    digits = [int(d) for d in rng.permutation(list(t))]
+    change = rng.random()
+    if change < 0.15:
+      digits[0] = (digits[0] + 1) % 4
+    elif change < 0.3:
+      digits = digits + [0]
+    elif change < 0.4:
+      digits = digits[1:]
+    outputs.append((digits + [EOS] + [PAD] * 5)[:5])
+  outputs = np.array(outputs, np.int32)
+  sums = jax.jit(functools.partial(metrics.reading_sums, max_digits=4))(outputs, targets)
+  readings = [tokens.read_output(o).digits for o in outputs]
+  want_order = sum(r != t and sorted(r) == sorted(t) for r, t in zip(readings, truths))
+  want_length = sum(len(r) != len(t) for r, t in zip(readings, truths))
+  assert want_order > 10 and want_length > 5  # The rows exercise both.
+  assert float(sums["order_errors"]) == want_order
+  assert float(sums["wrong_length"]) == want_length

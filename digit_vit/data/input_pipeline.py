@@ -17,6 +17,8 @@ stateless random ops, and batches run across epoch boundaries. The k-th batch of
 `train_iterator(config, seed=s)` is a pure function of (config, s, k, process), so
 `train_iterator(..., start_step=k)` resumes exactly (it skips indices, not images). Per-example
 augmentation draws from (seed, process, position in the stream) and is reproduced on resume too.
+With `config.data.train_max_digits` set, training draws only the lines of at most that many
+digits from the train split (for length generalisation); evaluation always sees every length.
 
 The host's shard of each split is read into memory once (train: PNG bytes, decoded in the
 tf.data map; eval: decoded uint8 images) and cached for the life of the process.
@@ -25,7 +27,6 @@ tf.data map; eval: decoded uint8 images) and cached for the life of the process.
 from __future__ import annotations
 
 import fcntl
-import functools
 import math
 import os
 import threading
@@ -102,9 +103,37 @@ def get_dataset_builder(config, data_dir: str | None = None) -> multi_digit_mnis
 
 
 def num_examples(config, split: str) -> int:
-  """Number of examples of a split (all hosts together)."""
+  """Number of examples of a split (all hosts together) that the iterators yield: for 'train'
+  with `config.data.train_max_digits` set, the lines of at most that many digits."""
   _check_split(split)
-  return int(get_dataset_builder(config).info.splits[split].num_examples)
+  builder = get_dataset_builder(config)
+  n = int(builder.info.splits[split].num_examples)
+  limit = train_max_digits(config)
+  if split != "train" or limit >= int(config.data.max_digits):
+    return n
+  lengths = _read_shard(builder, "train", 0, n, decode=False)["length"]
+  return int(np.sum(lengths <= limit))
+
+
+def train_max_digits(config) -> int:
+  """The longest training line: `config.data.train_max_digits`, or max_digits when it is 0."""
+  max_digits = int(config.data.max_digits)
+  limit = int(config.data.get("train_max_digits", 0) or 0)
+  if not 0 <= limit <= max_digits:
+    raise ValueError(f"config.data.train_max_digits={limit} must be in 0..max_digits="
+                     f"{max_digits} (0 = train on every length)")
+  return limit or max_digits
+
+
+def _restrict_lengths(shard: dict[str, np.ndarray], limit: int) -> dict[str, np.ndarray]:
+  """The examples of a shard with at most `limit` digits (the shard itself if that is all)."""
+  keep = np.flatnonzero(shard["length"] <= limit)
+  if keep.size == shard["length"].size:
+    return shard
+  if not keep.size:
+    raise ValueError(f"the train split has no lines of at most {limit} digits "
+                     "(config.data.train_max_digits)")
+  return {k: v[keep] for k, v in shard.items()}
 
 
 def _check_split(split):
@@ -353,7 +382,8 @@ def train_dataset(config, *, seed: int, start_step: int = 0, process_index=None,
   builder = get_dataset_builder(config)
   n_all = builder.info.splits["train"].num_examples
   lo, hi = host_bounds(n_all, process_index, process_count, drop_remainder=True)
-  shard = _read_shard(builder, "train", lo, hi, decode=False)
+  shard = _restrict_lengths(_read_shard(builder, "train", lo, hi, decode=False),
+                            train_max_digits(config))
   pngs = tf.constant(shard["image"])
   toks = tf.constant(shard["tokens"])
   lens = tf.constant(shard["length"])
@@ -384,7 +414,8 @@ def train_dataset(config, *, seed: int, start_step: int = 0, process_index=None,
 
 def _train_positions(config, lengths, seed, start, process_index) -> tf.data.Dataset:
   """(position, index) pairs from stream position `start`: the curriculum's examples first
-  (config.data.curriculum_examples, per host), then epochs of the whole shard."""
+  (config.data.curriculum_examples, per host; lengths growing up to the longest training line),
+  then epochs of the whole shard."""
   total = int(config.data.get("curriculum_examples", 0) or 0)
   regular = index_stream(len(lengths), seed, max(start - total, 0), process_index)
   if not total:
@@ -394,7 +425,7 @@ def _train_positions(config, lengths, seed, start, process_index) -> tf.data.Dat
     return regular
   indices = curriculum_indices(
       lengths, num_examples=total, start_digits=int(config.data.curriculum_start_digits),
-      max_digits=int(config.data.max_digits), seed=seed, process_index=process_index)
+      max_digits=train_max_digits(config), seed=seed, process_index=process_index)
   head = tf.data.Dataset.from_tensor_slices(
       (np.arange(start, total, dtype=np.int64), indices[start:]))
   return head.concatenate(regular)

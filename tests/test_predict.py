@@ -1,0 +1,218 @@
+"""predict: image normalisation (polarity, crop, fit, stroke width), file errors, one compiled
+decoder for many files, attention maps, and the command line."""
+
+import csv
+import os
+import pathlib
+import subprocess
+import sys
+
+import chex
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from digit_vit import predict
+from digit_vit.models import tokens
+
+H, W = 32, 192
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _line(height=300, width=900, ink=255, paper=0, box=(100, 150, 700, 260), pen=12):
+  """A synthetic line: two strokes forming a wide box of ink on paper, uint8 [height, width]."""
+  image = Image.new("L", (width, height), paper)
+  ImageDraw.Draw(image).rectangle(box, outline=ink, width=pen)
+  return np.asarray(image)
+
+
+def _ink_box(canvas, threshold=0.35):
+  rows, cols = np.nonzero(canvas >= threshold)
+  return rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+
+
+# ---- Normalisation
+
+
+def test_canvas_fits_the_ink_at_training_height_keeping_aspect_ratio():
+  canvas = predict.to_canvas(_line(), H, W)
+  chex.assert_shape(canvas, (H, W))
+  assert canvas.dtype == np.float32 and canvas.min() == 0.0 and canvas.max() == pytest.approx(1)
+  top, bottom, left, right = _ink_box(canvas)
+  height, width = bottom - top, right - left
+  assert abs(height - predict.LINE_HEIGHT * H) <= 1.5
+  # The box is 601 x 111 pixels of ink: the aspect ratio survives the fit (to a pixel).
+  assert width / height == pytest.approx(601 / 111, rel=0.08)
+  assert abs((top + bottom) / 2 - H / 2) <= 1 and abs((left + right) / 2 - W / 2) <= 1
+
+
+def test_a_line_too_long_for_the_canvas_is_shrunk_to_its_width():
+  canvas = predict.to_canvas(_line(height=100, width=4000, box=(10, 20, 3990, 80), pen=6), H, W)
+  top, bottom, left, right = _ink_box(canvas)
+  assert right - left >= W - 4 and bottom - top < predict.LINE_HEIGHT * H - 4
+
+
+def test_polarity_is_detected_and_colour_is_accepted():
+  bright = predict.to_canvas(_line(ink=255, paper=0), H, W)
+  dark = predict.to_canvas(_line(ink=0, paper=255), H, W)
+  np.testing.assert_allclose(dark, bright, atol=1 / 255)
+  # Blue ink on yellow paper, as RGB uint8, and as float RGB in [0, 1].
+  mask = _line() > 0
+  rgb = np.where(mask[..., None], np.uint8([20, 30, 160]), np.uint8([240, 230, 120]))
+  np.testing.assert_allclose(predict.to_canvas(rgb, H, W), bright, atol=0.02)
+  np.testing.assert_allclose(predict.to_canvas(rgb / 255.0, H, W), bright, atol=0.02)
+
+
+def test_grey_ink_on_grey_paper_is_stretched_to_full_contrast():
+  faint = predict.to_canvas(_line(ink=150, paper=90), H, W)
+  np.testing.assert_allclose(faint, predict.to_canvas(_line(), H, W), atol=0.02)
+
+
+@pytest.mark.parametrize("fill", [0, 128, 255])
+def test_images_without_ink_give_no_canvas(fill):
+  assert predict.to_canvas(np.full((40, 90), fill, np.uint8), H, W) is None
+  noise = np.random.default_rng(0).integers(fill // 2, fill // 2 + 20, (40, 90), np.uint8)
+  assert predict.to_canvas(noise, H, W) is None
+
+
+def test_thin_strokes_are_thickened_to_training_width():
+  thin = _line(height=1200, width=3600, box=(400, 600, 2800, 1040), pen=2)
+  assert predict.stroke_width(thin / 255.0) == pytest.approx(2, abs=0.5)
+  canvas = predict.to_canvas(thin, H, W)
+  # Without thickening a 2-pixel pen shrunk ~19x would leave faint sub-pixel lines.
+  assert predict.stroke_width(canvas) >= predict.STROKE_WIDTH - 1
+  assert (canvas >= 0.9).sum() >= 100
+
+
+# ---- Files
+
+
+def test_load_image_reads_png_jpeg_bmp_and_transparency(tmp_path):
+  line = _line(ink=0, paper=255)
+  for suffix in ("png", "jpg", "bmp"):
+    Image.fromarray(line).convert("RGB").save(tmp_path / f"a.{suffix}")
+    grey = predict.load_image(tmp_path / f"a.{suffix}")
+    assert grey.shape == line.shape and grey.dtype == np.uint8
+    assert np.abs(grey.astype(int) - line).mean() < 3
+  # Black strokes on a transparent canvas (as drawing apps export) read as black on white.
+  rgba = np.zeros(line.shape + (4,), np.uint8)
+  rgba[..., 3] = 255 - line
+  Image.fromarray(rgba).save(tmp_path / "t.png")
+  with open(tmp_path / "t.png", "rb") as f:
+    np.testing.assert_array_equal(predict.load_image(f.read()), line)
+
+
+def test_bad_files_raise_errors_naming_them(tmp_path):
+  (tmp_path / "notes.txt").write_text("not an image")
+  Image.fromarray(_line()).save(tmp_path / "whole.png")
+  (tmp_path / "cut.png").write_bytes((tmp_path / "whole.png").read_bytes()[:200])
+  cases = {"missing.png": "no such file", "notes.txt": "not a readable image",
+           "cut.png": "cannot decode"}
+  for name, why in cases.items():
+    with pytest.raises(predict.ImageError, match=why) as error:
+      predict.load_image(tmp_path / name)
+    assert name in str(error.value)
+  with pytest.raises(predict.ImageError, match="more than the 1,000 accepted"):
+    predict.load_image(tmp_path / "whole.png", max_pixels=1000)
+
+
+# ---- Reading with a trained model
+
+
+def _test_lines(workdir, n):
+  """n test-split lines of the tiny run: uint8 images (ink bright) and their digits."""
+  from digit_vit.data import input_pipeline  # pylint: disable=import-outside-toplevel
+  config = predict.load_config(workdir)
+  batch = next(input_pipeline.eval_iterator(config, "test", batch_size=n))
+  images = np.uint8(np.round(batch["image"][..., 0] * 255))
+  return images, [tokens.decode_sequence(t) for t in batch["tokens"]]
+
+
+@pytest.fixture(scope="module")
+def reader(tiny_workdir):
+  return predict.Reader(tiny_workdir, batch_size=8)
+
+
+def test_reader_obeys_the_token_contract_with_one_compilation(reader, tiny_workdir):
+  images, _ = _test_lines(tiny_workdir, 20)
+  predictions = reader.read(list(images), attention=True)
+  assert reader.traces == 1  # 20 images, 3 batches of 8, one compiled function.
+  max_length = reader.config.max_digits + 1
+  patch_h, patch_w = reader.model_config.patch_size
+  for p in predictions:
+    assert len(p.tokens) == max_length
+    assert p.digits == tokens.read_output(p.tokens).digits and not p.no_ink
+    assert 0 < p.confidence <= 1 and p.confidence == pytest.approx(np.exp(p.log_prob))
+    ended = tokens.EOS in p.tokens
+    chex.assert_shape(p.attention, (len(p.digits) + 1 if ended else max_length, 16, 48))
+    # Each token's attention is a distribution over patches, spread over their pixels.
+    np.testing.assert_allclose(p.attention.sum(axis=(1, 2)), patch_h * patch_w, rtol=1e-4)
+    overlay = predict.attention_overlay(p, scale=4)
+    assert overlay.height == len(p.attention) * (16 * 4 + 4) - 4 and overlay.width > 48 * 4
+  reader.read(list(images[:3]))
+  assert reader.traces == 1
+
+
+def test_reader_reads_the_same_line_in_any_polarity_size_and_format(reader, tiny_workdir):
+  images, _ = _test_lines(tiny_workdir, 8)
+  big = [np.asarray(Image.fromarray(i).resize((48 * 5, 16 * 5), Image.BILINEAR)) for i in images]
+  variants = [list(images), [255 - i for i in images], big,
+              [np.stack([255 - i] * 3, -1) for i in big]]
+  readings = [[p.tokens for p in reader.read(v)] for v in variants]
+  for other in readings[1:]:
+    assert other == readings[0]
+
+
+def test_blank_images_read_as_empty_without_running_the_model(reader):
+  before = reader.traces
+  (p,) = reader.read([np.full((50, 50), 255, np.uint8)])
+  assert p.no_ink and p.digits == "" and p.tokens[0] == tokens.EOS
+  assert reader.traces == before
+
+
+def test_read_files_keeps_going_past_bad_files(reader, tiny_workdir, tmp_path):
+  images, _ = _test_lines(tiny_workdir, 2)
+  Image.fromarray(images[0]).save(tmp_path / "a.png")
+  (tmp_path / "b.txt").write_text("hello")
+  Image.fromarray(255 - images[1]).convert("RGB").save(tmp_path / "c.jpg")
+  predictions = predict.read_files(
+      reader, [str(tmp_path / "a.png"), str(tmp_path / "b.txt"), str(tmp_path / "nope.png"),
+               str(tmp_path / "c.jpg")])
+  assert [p.error is None for p in predictions] == [True, False, False, True]
+  assert "b.txt" in predictions[1].error and "nope.png" in predictions[2].error
+  assert predictions[0].tokens == reader.read([images[0]])[0].tokens
+
+
+@pytest.mark.slow
+def test_command_line_prints_writes_csv_and_maps_and_fails_on_bad_files(tiny_workdir, tmp_path):
+  images, _ = _test_lines(tiny_workdir, 3)
+  folder = tmp_path / "lines"
+  (folder / "sub").mkdir(parents=True)
+  Image.fromarray(images[0]).save(folder / "one.png")
+  Image.fromarray(255 - images[1]).save(folder / "sub" / "two.bmp")
+  Image.fromarray(np.full((30, 60), 255, np.uint8)).save(folder / "blank.png")
+  (folder / "broken.png").write_text("not a png")
+  (folder / "readme.md").write_text("ignored: not an image suffix")
+  Image.fromarray(images[2]).save(tmp_path / "three.jpg")
+  out, maps = tmp_path / "readings.csv", tmp_path / "maps"
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  result = subprocess.run(
+      [sys.executable, "-m", "digit_vit.predict", f"--workdir={tiny_workdir}", str(folder),
+       str(tmp_path / "three.jpg"), str(tmp_path / "missing.png"), f"--output={out}",
+       f"--attention={maps}"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+  assert result.returncode == 1, result.stderr[-2000:]
+  assert "broken.png" in result.stderr and "missing.png" in result.stderr
+  assert "2 of 6 file(s) could not be read" in result.stderr
+  lines = {line.split()[0]: line for line in result.stdout.splitlines() if "tokens=[" in line}
+  assert set(lines) == {"blank.png", "one.png", "sub/two.bmp", str(tmp_path / "three.jpg")}
+  assert "(no ink)" in lines["blank.png"]
+  with open(out) as f:
+    rows = list(csv.DictReader(f))
+  assert [r["filename"] for r in rows] == ["blank.png", "one.png", "sub/two.bmp",
+                                           str(tmp_path / "three.jpg")]
+  for row in rows:
+    assert f"digits={row['digits'] or '-'} " in lines[row["filename"]]
+    assert 0 < float(row["confidence"]) <= 1
+  assert (maps / "one.png.attention.png").is_file()
+  assert (maps / "sub" / "two.bmp.attention.png").is_file()
+  assert not (maps / "blank.png.attention.png").exists()
