@@ -255,3 +255,26 @@ def test_classify_task_trains_through_the_same_loop(tmp_path):
   history = reporting.History(str(tmp_path / "history.jsonl")).load()
   assert {r["step"] for r in history if r["split"] == "validation"} == {15, 30, 45, 60}
   assert (tmp_path / reporting.READINGS_PLOT).exists()
+
+
+def test_jit_train_steps_make_no_implicit_host_transfers():
+  """Inside the loop only the explicit batch upload crosses to the devices: no implicit
+  host<->device copies (the state stays on device, donated from step to step)."""
+  config = config_lib.load("tiny")
+  mesh = train.create_mesh()
+  model = train.build_model(config)
+  learning_rate_fn = train.create_learning_rate_fn(config)
+  state = train.create_train_state(
+      config, model, train.create_optimizer(config, learning_rate_fn), mesh)
+  stepper = train.Stepper(config, model, learning_rate_fn, mesh)
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.random((config.batch_size, 16, 48, 1), np.float32),
+           "tokens": np.tile(np.int32([10, 1, 2, 11, 12]), (config.batch_size, 1))}
+  state, _ = stepper(state, batch)  # Compiles outside the guard.
+  old_params = state.params
+  with jax.transfer_guard("disallow"):
+    for _ in range(3):
+      state, step_metrics = stepper(state, batch)
+  assert int(jax.device_get(state.step)) == 4
+  assert old_params["decoder"]["logits"]["bias"].is_deleted()  # Donated, not copied.
+  assert np.isfinite(jax.device_get(step_metrics["loss"]))
