@@ -302,12 +302,10 @@ def serve(workdir: str, host: str = "127.0.0.1", port: int = 8000, *,
 
 
 def _checkpoint(value: str) -> str | int:
-  if value in ("best", "latest"):
-    return value
   try:
-    return int(value)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"{value!r}: use 'best', 'latest' or a step number")
+    return predict.parse_checkpoint(value)
+  except ValueError as e:
+    raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

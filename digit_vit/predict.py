@@ -472,6 +472,16 @@ flags.DEFINE_float("alpha", None, "Beam length normalisation (default: the run's
 flags.DEFINE_integer("batch_size", 16, "Images per call of the compiled decoder.")
 
 
+def parse_checkpoint(value: str) -> str | int:
+  """'best', 'latest' or a step number, from the command line."""
+  if value in ("best", "latest"):
+    return value
+  try:
+    return int(value)
+  except ValueError:
+    raise ValueError(f"{value!r}: use 'best', 'latest' or a step number") from None
+
+
 def format_prediction(p: Prediction) -> str:
   """`name  digits=101  confidence=0.9873  tokens=[1, 0, 1, 11, 12, ...]`."""
   note = "  (no ink)" if p.no_ink else ""
@@ -504,8 +514,10 @@ def main(argv):
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required: a training run's directory")
   logs.quiet_libraries()
-  checkpoint = FLAGS.checkpoint if FLAGS.checkpoint in ("best", "latest") else int(
-      FLAGS.checkpoint)
+  try:
+    checkpoint = parse_checkpoint(FLAGS.checkpoint)
+  except ValueError as e:
+    raise app.UsageError(f"--checkpoint={e}") from None
   predictions = run(FLAGS.workdir, argv[1:], output=FLAGS.output,
                     attention_dir=FLAGS.attention, checkpoint=checkpoint,
                     beam_size=FLAGS.beam_size, alpha=FLAGS.alpha, batch_size=FLAGS.batch_size)
