@@ -186,12 +186,10 @@ def summarize(sums: Mapping) -> dict[str, float]:
     out["token_accuracy"] = ratio(s["token_correct"], s["token_count"])
     out["cer"] = ratio(s["edit_distance"], s["reference_digits"])
     out["no_eos"] = int(s["no_eos"])
-    if "wrong_length" in s:
-      out["wrong_length"] = int(s["wrong_length"])
-      out["order_errors"] = int(s["order_errors"])
+    out["wrong_length"] = int(s["wrong_length"])
+    out["order_errors"] = int(s["order_errors"])
     for n in range(1, len(s["length_count"])):
       if s["length_count"][n] > 0:
         out[f"exact_match_length_{n}"] = ratio(s["length_exact"][n], s["length_count"][n])
-        if "length_read_digits" in s:
-          out[f"read_length_{n}"] = ratio(s["length_read_digits"][n], s["length_count"][n])
+        out[f"read_length_{n}"] = ratio(s["length_read_digits"][n], s["length_count"][n])
   return out
