@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import resource
 import time
 from collections.abc import Callable
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
+from digit_vit import profiling
 from digit_vit.models import tokens
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/bench.py", "Config file.")
@@ -32,11 +34,15 @@ _ONLY = flags.DEFINE_list(
     "only", [], "Measure only these: peak, train, eval, decode, pipeline (default: all).")
 _JSON = flags.DEFINE_string("json", None, "Also write the figures to this JSON file.")
 _REPEATS = flags.DEFINE_integer("repeats", 10, "Timed calls per measurement.")
+_PROFILE = flags.DEFINE_string(
+    "profile", None, "Trace the timed calls with jax.profiler into this directory (open it in "
+    "Perfetto or TensorBoard) and print the XLA operations that took the most time.")
+_PROFILE_TOP = flags.DEFINE_integer("profile_top", 25, "Operations listed per profiled part.")
 
 PARTS = ("peak", "train", "eval", "decode", "pipeline")
 
 
-def _median_seconds(fn: Callable[[], object], repeats: int) -> list[float]:
+def _call_seconds(fn: Callable[[], object], repeats: int) -> list[float]:
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
@@ -51,11 +57,11 @@ def matmul_peak_gflops(repeats: int = 5, n: int = 2048) -> dict[str, float]:
   a, b = rng.standard_normal((n, n), np.float32), rng.standard_normal((n, n), np.float32)
   flops = 2.0 * n ** 3
   np.dot(a, b)
-  numpy_time = np.median(_median_seconds(lambda: np.dot(a, b), repeats))
+  numpy_time = np.median(_call_seconds(lambda: np.dot(a, b), repeats))
   xa, xb = jnp.asarray(a), jnp.asarray(b)
   dot = jax.jit(jnp.dot)
   dot(xa, xb).block_until_ready()
-  xla_time = np.median(_median_seconds(lambda: dot(xa, xb), repeats))
+  xla_time = np.median(_call_seconds(lambda: dot(xa, xb), repeats))
   return {"numpy_peak_gflops": flops / numpy_time / 1e9, "xla_peak_gflops": flops / xla_time / 1e9}
 
 
@@ -66,33 +72,60 @@ def _flops(compiled) -> float:
   return float(cost.get("flops", 0.0)) if cost else 0.0
 
 
-def _compile(name, fn, args, results):
-  """Compiles the jitted `fn` for `args`, recording `{name}_compile_s`."""
-  start = time.perf_counter()
-  compiled = fn.lower(*args).compile()
-  results[f"{name}_compile_s"] = time.perf_counter() - start
-  return compiled
+class _Recorder:
+  """Compiles and times the measured functions, collecting their figures in `results`.
 
+  Attributes:
+    results: figure name -> value, filled in as parts are measured.
+    peak: the numpy matmul GFLOP/s, once measured (fractions of peak need it).
+    repeats: timed calls per measurement.
+    profile_dir: if set, the timed calls of each part are traced into `profile_dir/<part>`
+      and the operations that took the most time are printed (`profile_top` of them).
+  """
 
-def _time(name, call, flops, batch, repeats, results, peak):
-  """Times `call` (one batch of `batch` images) after a warm-up call; records images/s
-  (median, min, max) and, from XLA's `flops` per call, FLOP figures under `name`."""
-  jax.block_until_ready(call())
-  rates = sorted(batch / t for t in _median_seconds(call, repeats))
-  results[f"{name}_images_per_s"] = float(np.median(rates))
-  results[f"{name}_images_per_s_min"] = rates[0]
-  results[f"{name}_images_per_s_max"] = rates[-1]
-  if flops:
-    results[f"{name}_flops_per_image"] = flops / batch
-    results[f"{name}_gflops"] = flops / batch * results[f"{name}_images_per_s"] / 1e9
-    if peak:
-      results[f"{name}_fraction_of_numpy_peak"] = results[f"{name}_gflops"] / peak
+  def __init__(self, repeats: int, profile_dir: str | None = None, profile_top: int = 25):
+    self.results: dict[str, float] = {}
+    self.peak: float | None = None
+    self.repeats = repeats
+    self.profile_dir = profile_dir
+    self.profile_top = profile_top
 
+  def compile(self, name, fn, args):
+    """Compiles the jitted `fn` for `args`, recording `{name}_compile_s`."""
+    start = time.perf_counter()
+    compiled = fn.lower(*args).compile()
+    self.results[f"{name}_compile_s"] = time.perf_counter() - start
+    return compiled
 
-def _throughput(name, fn, args, batch, repeats, results, peak):
-  """Compiles the jitted `fn` and times it on the same `args` every call."""
-  compiled = _compile(name, fn, args, results)
-  _time(name, lambda: compiled(*args), _flops(compiled), batch, repeats, results, peak)
+  def time(self, name, call, flops, batch, *, repeats=None, hlo_text=None):
+    """Times `call` (one batch of `batch` images) after a warm-up call; records images/s
+    (median, min, max) and, from XLA's `flops` per call, FLOP figures under `name`."""
+    repeats = repeats or self.repeats
+    jax.block_until_ready(call())
+    if self.profile_dir:
+      with profiling.trace(os.path.join(self.profile_dir, name)) as trace:
+        times = _call_seconds(call, repeats)
+      print(f"--- {name}: time per call by XLA operation (trace in {trace.path})")
+      print(profiling.format_table(trace.op_times(), calls=repeats, top=self.profile_top,
+                                   hlo_text=hlo_text))
+    else:
+      times = _call_seconds(call, repeats)
+    rates = sorted(batch / t for t in times)
+    results = self.results
+    results[f"{name}_images_per_s"] = float(np.median(rates))
+    results[f"{name}_images_per_s_min"] = rates[0]
+    results[f"{name}_images_per_s_max"] = rates[-1]
+    if flops:
+      results[f"{name}_flops_per_image"] = flops / batch
+      results[f"{name}_gflops"] = flops / batch * results[f"{name}_images_per_s"] / 1e9
+      if self.peak:
+        results[f"{name}_fraction_of_numpy_peak"] = results[f"{name}_gflops"] / self.peak
+
+  def throughput(self, name, fn, args, batch):
+    """Compiles the jitted `fn` and times it on the same `args` every call."""
+    compiled = self.compile(name, fn, args)
+    self.time(name, lambda: compiled(*args), _flops(compiled), batch,
+              hlo_text=compiled.as_text())
 
 
 def _fake_batch(config, batch_size):
@@ -120,7 +153,7 @@ def full_length_params(params):
   return {**params, "decoder": decoder}
 
 
-def _decode_throughputs(config, params, images, repeats, results, peak):
+def _decode_throughputs(recorder, config, params, images):
   """Cached greedy, uncached greedy and beam-4 decoding at full length.
 
   XLA's cost analysis counts a while loop's body once, so the FLOPs of a decode are assembled
@@ -154,27 +187,29 @@ def _decode_throughputs(config, params, images, repeats, results, peak):
        setup + length * full_decoder),
       ("decode_beam4", functools.partial(decode.beam_search, model_config, beam_size=4),
        setup + length * beam_step)):
-    compiled = _compile(name, jax.jit(fn), (params, images), results)
+    compiled = recorder.compile(name, jax.jit(fn), (params, images))
     outputs, _ = compiled(params, images)
     if bool(jnp.any(outputs == tokens.EOS)):
       raise AssertionError(f"{name}: a row stopped early despite the <eos> bias")
-    _time(name, lambda c=compiled: c(params, images), work, batch, max(repeats // 2, 2), results,
-          peak)
+    recorder.time(name, lambda c=compiled: c(params, images), work, batch,
+                  repeats=max(recorder.repeats // 2, 2), hlo_text=compiled.as_text())
 
 
-def run(config, parts=PARTS, repeats: int = 10) -> dict[str, float]:
-  """Measures the requested parts for `config`; returns the figures by name."""
+def run(config, parts=PARTS, repeats: int = 10, profile_dir: str | None = None,
+        profile_top: int = 25) -> dict[str, float]:
+  """Measures the requested parts for `config`; returns the figures by name. With
+  `profile_dir`, each part's timed calls are also traced there and summarised per operation."""
   from digit_vit import train
   from digit_vit.models import build_model
 
-  results: dict[str, float] = {}
+  recorder = _Recorder(repeats, profile_dir, profile_top)
+  results = recorder.results
   if "pipeline" in parts and "train" not in parts:
     # The pipeline's rate means something only beside what the train step consumes.
     parts = tuple(parts) + ("train",)
-  peak = None
   if "peak" in parts:
     results.update(matmul_peak_gflops())
-    peak = results["numpy_peak_gflops"]
+    recorder.peak = results["numpy_peak_gflops"]
   batch_size = config.batch_size
   if any(p in parts for p in ("train", "eval", "decode")):
     model = build_model(config)
@@ -187,24 +222,23 @@ def run(config, parts=PARTS, repeats: int = 10) -> dict[str, float]:
     stepper = train.Stepper(config, model, learning_rate_fn, mesh)
     global_batch = stepper.global_batch({k: v for k, v in batch.items() if k != "mask"})
   if "train" in parts:
-    # Each timed call continues from the previous call's state, as training does.
-    step = jax.jit(functools.partial(train.train_step, config=config, model=model,
-                                     learning_rate_fn=learning_rate_fn))
-    compiled = _compile("train", step, (state, global_batch), results)
+    # The step training runs (shardings, donated state); each timed call continues from the
+    # previous call's state, as training does.
+    compiled = recorder.compile("train", stepper.jit_step, (state, global_batch))
     holder = [state]
 
     def one_step():
       holder[0], step_metrics = compiled(holder[0], global_batch)
       return step_metrics
-    _time("train", one_step, _flops(compiled), batch_size, repeats, results, peak)
+    recorder.time("train", one_step, _flops(compiled), batch_size,
+                  hlo_text=compiled.as_text())
     state = holder[0]
   if "eval" in parts and config.task == "read":
     forward = jax.jit(lambda p, b: model.apply(
         {"params": p}, b["image"], b["tokens"][:, :-1]))
-    _throughput("eval", forward, (state.params, global_batch), batch_size, repeats, results,
-                peak)
+    recorder.throughput("eval", forward, (state.params, global_batch), batch_size)
   if "decode" in parts and config.task == "read":
-    _decode_throughputs(config, state.params, global_batch["image"], repeats, results, peak)
+    _decode_throughputs(recorder, config, state.params, global_batch["image"])
   if "pipeline" in parts:
     from digit_vit.data import benchmark
     results["pipeline_images_per_s"] = benchmark.pipeline_images_per_second(config)
@@ -231,7 +265,7 @@ def main(argv):
     raise app.UsageError(f"--only got {unknown}; choose from {PARTS}")
   config = _CONFIG.value
   print(f"devices: {jax.devices()}  batch: {config.batch_size}")
-  results = run(config, parts, _REPEATS.value)
+  results = run(config, parts, _REPEATS.value, _PROFILE.value, _PROFILE_TOP.value)
   print(format_results(results))
   if _JSON.value:
     with open(_JSON.value, "w") as f:

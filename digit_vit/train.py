@@ -251,6 +251,13 @@ class Stepper:
                             donate_argnums=0)
     self._pmap_state = None
 
+  @property
+  def jit_step(self):
+    """The jitted (state, global batch) -> (state, metrics) step; it donates the state."""
+    if self.parallelism != "jit":
+      raise ValueError(f"jit_step exists for parallelism='jit', not {self.parallelism!r}")
+    return self._step
+
   def global_batch(self, batch):
     """Host-local numpy batch -> global arrays sharded over the mesh's 'data' axis."""
     return jax.tree.map(

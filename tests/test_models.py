@@ -199,3 +199,14 @@ def test_encoder_block_shapes(norm):
   chex.assert_shape(block.apply(variables, x), (2, 10, 16))
   assert set(variables["params"]) == {"attention", "attention_residual", "mlp",
                                       "mlp_residual"}
+
+
+def test_gelu_is_the_exact_gelu_and_differentiates_like_it():
+  # The erf form replaces jax.nn.gelu's slower erfc form; values and gradients must agree.
+  x = jnp.linspace(-10.0, 10.0, 20_001, dtype=jnp.float32)
+  np.testing.assert_allclose(blocks.gelu(x), jax.nn.gelu(x, approximate=False), atol=2e-6)
+  grad = jax.vmap(jax.grad(blocks.gelu))(x)
+  reference = jax.vmap(jax.grad(lambda v: jax.nn.gelu(v, approximate=False)))(x)
+  np.testing.assert_allclose(grad, reference, atol=2e-6)
+  assert blocks.activation_fn("gelu") is blocks.gelu
+  assert blocks.gelu(jnp.ones((2,), jnp.bfloat16)).dtype == jnp.bfloat16

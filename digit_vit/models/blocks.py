@@ -7,12 +7,25 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from digit_vit.models.attention import MultiHeadAttention
 
+
+def gelu(x):
+  """Exact GELU, x * Phi(x), written with erf.
+
+  `jax.nn.gelu(approximate=False)` uses erfc(-x / sqrt 2), which XLA's CPU backend expands
+  into exp, two polynomials and selects; erf is one rational polynomial. Both agree within
+  1e-6 on [-10, 10], and this form is 7x faster on a [12288, 512] array here (see the
+  performance log in the README).
+  """
+  return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(2 ** -0.5, x.dtype)))
+
+
 ACTIVATIONS = {
-    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "gelu": gelu,
     "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
     "relu": nn.relu,
 }
