@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
-from digit_vit import profiling
+from digit_vit import profiling, xla_options
 from digit_vit.models import tokens
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/bench.py", "Config file.")
@@ -170,7 +170,7 @@ def _decode_throughputs(recorder, config, params, images):
       params, images)
 
   def flops(fn, *args):
-    return _flops(jax.jit(fn).lower(*args).compile())
+    return _flops(xla_options.jit(fn).lower(*args).compile())
 
   setup = flops(functools.partial(decode.encode_and_init_cache, model_config), params, images)
   token = jnp.full((batch,), tokens.SOS, jnp.int32)
@@ -187,7 +187,7 @@ def _decode_throughputs(recorder, config, params, images):
        setup + length * full_decoder),
       ("decode_beam4", functools.partial(decode.beam_search, model_config, beam_size=4),
        setup + length * beam_step)):
-    compiled = recorder.compile(name, jax.jit(fn), (params, images))
+    compiled = recorder.compile(name, xla_options.jit(fn), (params, images))
     outputs, _ = compiled(params, images)
     if bool(jnp.any(outputs == tokens.EOS)):
       raise AssertionError(f"{name}: a row stopped early despite the <eos> bias")
@@ -234,7 +234,7 @@ def run(config, parts=PARTS, repeats: int = 10, profile_dir: str | None = None,
                   hlo_text=compiled.as_text())
     state = holder[0]
   if "eval" in parts and config.task == "read":
-    forward = jax.jit(lambda p, b: model.apply(
+    forward = xla_options.jit(lambda p, b: model.apply(
         {"params": p}, b["image"], b["tokens"][:, :-1]))
     recorder.throughput("eval", forward, (state.params, global_batch), batch_size)
   if "decode" in parts and config.task == "read":

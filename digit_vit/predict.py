@@ -37,7 +37,7 @@ from absl import app, flags
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 from scipy import ndimage
 
-from digit_vit import checkpointing, decode, logs
+from digit_vit import checkpointing, decode, logs, xla_options
 from digit_vit.models import build_model, tokens
 from digit_vit.models.reader import DigitReader, ModelConfig
 
@@ -302,7 +302,7 @@ class Reader:
     self.batch_size = batch_size
     self.height, self.width = self.model_config.image_height, self.model_config.image_width
     self.traces = 0  # Compilations of the reading function (tests check there is one).
-    self._read_batch = jax.jit(self._read_fn)
+    self._read_batch = xla_options.jit(self._read_fn)
 
   def _read_fn(self, params, images):
     self.traces += 1

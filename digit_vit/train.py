@@ -42,7 +42,7 @@ from flax.training import train_state
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from digit_vit import checkpointing, decode, losses, metrics, reporting
+from digit_vit import checkpointing, decode, losses, metrics, reporting, xla_options
 from digit_vit.models import build_model, tokens
 
 PARALLELISM = ("jit", "pmap")
@@ -244,8 +244,9 @@ class Stepper:
     step = functools.partial(train_step, config=config, model=model,
                              learning_rate_fn=learning_rate_fn)
     if self.parallelism == "jit":
-      self._step = jax.jit(step, in_shardings=(self.replicated, self.data_sharding),
-                           out_shardings=(self.replicated, self.replicated), donate_argnums=0)
+      self._step = xla_options.jit(step, in_shardings=(self.replicated, self.data_sharding),
+                                   out_shardings=(self.replicated, self.replicated),
+                                   donate_argnums=0)
     else:
       self._step = jax.pmap(functools.partial(step, axis_name="batch"), axis_name="batch",
                             donate_argnums=0)
@@ -312,9 +313,9 @@ class Evaluator:
     self.input_module = input_module
     self.data_sharding = NamedSharding(mesh, P("data"))
     replicated = NamedSharding(mesh, P())
-    self._step = jax.jit(functools.partial(eval_step, config=config, model=model),
-                         in_shardings=(replicated, self.data_sharding),
-                         out_shardings=(replicated, self.data_sharding))
+    self._step = xla_options.jit(functools.partial(eval_step, config=config, model=model),
+                                 in_shardings=(replicated, self.data_sharding),
+                                 out_shardings=(replicated, self.data_sharding))
 
   def __call__(self, params, split: str, num_examples: int = -1):
     """Metrics of `params` on the first `num_examples` of `split` (-1: all of it).

@@ -18,7 +18,8 @@ CONFIGS = {
                                   attention_impl="einsum"),
     "tall-patches-sin2d": ModelConfig(**SMALL, patch_size=(16, 4),
                                       encoder_position="sinusoidal_2d",
-                                      decoder_position="sinusoidal"),
+                                      decoder_position="sinusoidal",
+                                      attention_impl="custom_vjp"),
     "small-canvas-1head": ModelConfig(**dict(SMALL, num_heads=1), image_height=16,
                                       image_width=48, patch_size=(4, 4), max_length=4,
                                       encoder_position="learned_2d", decoder_position="none"),
@@ -210,3 +211,21 @@ def test_gelu_is_the_exact_gelu_and_differentiates_like_it():
   np.testing.assert_allclose(grad, reference, atol=2e-6)
   assert blocks.activation_fn("gelu") is blocks.gelu
   assert blocks.gelu(jnp.ones((2,), jnp.bfloat16)).dtype == jnp.bfloat16
+
+
+def test_attention_impl_switch_changes_speed_not_the_model():
+  # The same parameters give the same logits and gradients whichever implementation runs.
+  cfg = CONFIGS["linear-learned"]
+  images, decoder_inputs = _inputs(cfg)
+  params = DigitReader(cfg).init(jax.random.key(0), images, decoder_inputs)["params"]
+
+  def logits_and_grads(impl):
+    model = DigitReader(dataclasses.replace(cfg, attention_impl=impl))
+    loss = lambda p: jnp.sum(model.apply({"params": p}, images, decoder_inputs) ** 2)  # noqa: E731
+    return model.apply({"params": params}, images, decoder_inputs), jax.grad(loss)(params)
+
+  logits, grads = logits_and_grads("xla")
+  for impl in ("einsum", "custom_vjp"):
+    other_logits, other_grads = logits_and_grads(impl)
+    np.testing.assert_allclose(other_logits, logits, rtol=1e-4, atol=1e-5)
+    chex.assert_trees_all_close(other_grads, grads, rtol=1e-3, atol=1e-5)

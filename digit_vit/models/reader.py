@@ -44,7 +44,7 @@ class ModelConfig:
   num_classes: int = 10
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
-  attention_impl: str = "xla"
+  attention_impl: str = "custom_vjp"
   dtype: str = "float32"
   max_length: int = 9
   vocab_size: int = tokens.VOCAB_SIZE

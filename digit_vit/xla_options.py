@@ -1,0 +1,49 @@
+"""XLA compiler options for the project's compiled functions, chosen by measurement.
+
+XLA's CPU backend (jaxlib 0.10) hands dots, and the element-wise work around them, to YNNPACK
+fusions. On this model those fusions need every scalar and LayerNorm scale broadcast to a full
+activation in memory first; with them off, evaluation and cached greedy decoding ran about 20%
+faster on the 2-core development machine and the train step the same (the README's performance
+log has the figures and the command). So on CPU the train, eval, decode and predict functions
+are compiled with `--xla_cpu_experimental_ynn_fusion_type=` (an empty list: no YNN fusions).
+
+Set `xla_cpu_experimental_ynn_fusion_type` in `XLA_FLAGS` yourself to choose otherwise; that
+setting is then left alone. On other backends, or on an XLA that does not know the option,
+nothing is passed.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+
+YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
+_CPU_OPTIONS = {YNN_OPTION: ""}
+
+
+def options_for(backend: str, xla_flags: str) -> dict[str, str]:
+  """The options wanted on `backend` given the user's `XLA_FLAGS` (before checking that the
+  installed XLA knows them)."""
+  if backend != "cpu" or YNN_OPTION in xla_flags:
+    return {}
+  return dict(_CPU_OPTIONS)
+
+
+@functools.cache
+def compiler_options() -> dict[str, str]:
+  """Options for `jax.jit(..., compiler_options=...)` on the default backend."""
+  options = options_for(jax.default_backend(), os.environ.get("XLA_FLAGS", ""))
+  if not options:
+    return {}
+  try:
+    jax.jit(lambda x: x + 1, compiler_options=options).lower(1.0).compile()
+  except Exception:  # noqa: BLE001 - an XLA without the option keeps its own defaults
+    return {}
+  return options
+
+
+def jit(fn, **kwargs):
+  """`jax.jit(fn, **kwargs)` with this backend's `compiler_options()`."""
+  return jax.jit(fn, compiler_options=compiler_options(), **kwargs)
