@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from digit_vit.models import position
+from digit_vit.models import layers, position
 
 IMPLEMENTATIONS = ("xla", "einsum", "custom_vjp", "cudnn")
 
@@ -235,7 +235,7 @@ class MultiHeadAttention(nn.Module):
     return qk_dim, v_dim
 
   def _dense(self, features, name):
-    return nn.Dense(features, use_bias=self.use_bias, dtype=self.dtype,
+    return layers.Dense(features, use_bias=self.use_bias, dtype=self.dtype,
                     param_dtype=self.param_dtype, name=name,
                     kernel_init=nn.initializers.xavier_uniform())
 

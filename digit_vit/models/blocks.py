@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from digit_vit.models import layers
 from digit_vit.models.attention import MultiHeadAttention
 
 
@@ -49,10 +50,10 @@ class MlpBlock(nn.Module):
   def __call__(self, x, *, deterministic: bool = True):
     """x: [batch, length, width] -> [batch, length, width]."""
     width = x.shape[-1]
-    y = nn.Dense(self.mlp_dim, dtype=self.dtype, name="fc1")(x)
+    y = layers.Dense(self.mlp_dim, dtype=self.dtype, name="fc1")(x)
     y = activation_fn(self.activation)(y)
     y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
-    return nn.Dense(width, dtype=self.dtype, name="fc2")(y)
+    return layers.Dense(width, dtype=self.dtype, name="fc2")(y)
 
 
 class _Residual(nn.Module):

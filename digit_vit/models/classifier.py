@@ -7,6 +7,7 @@ import dataclasses
 import flax.linen as nn
 import jax.numpy as jnp
 
+from digit_vit.models import layers
 from digit_vit.models.reader import Encoder, ModelConfig
 
 
@@ -24,6 +25,6 @@ class ViTClassifier(nn.Module):
     cls = x[:, 0]
     if cfg.norm == "post":
       cls = nn.LayerNorm(dtype=cfg.compute_dtype, name="head_norm")(cls)
-    cls = nn.tanh(nn.Dense(cfg.width, dtype=cfg.compute_dtype, name="pre_logits")(cls))
-    return nn.Dense(cfg.num_classes, dtype=cfg.compute_dtype,
+    cls = nn.tanh(layers.Dense(cfg.width, dtype=cfg.compute_dtype, name="pre_logits")(cls))
+    return layers.Dense(cfg.num_classes, dtype=cfg.compute_dtype,
                     name="head")(cls).astype(jnp.float32)

@@ -14,6 +14,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from digit_vit.models import layers
+
 KINDS = ("linear", "conv")
 
 
@@ -77,13 +79,13 @@ class PatchEmbedding(nn.Module):
     if self.kind == "linear":
       x = x.reshape(b, rows, ph, cols, pw, c).transpose(0, 1, 3, 2, 4, 5)
       x = x.reshape(b, rows * cols, ph * pw * c)
-      return nn.Dense(self.width, dtype=self.dtype, name="projection")(x)
+      return layers.Dense(self.width, dtype=self.dtype, name="projection")(x)
     if self.kind != "conv":
       raise ValueError(f"unknown patch embedding {self.kind!r}; use one of {KINDS}")
     channels = self.stem_channels
     for i, stride in enumerate(stem_strides((ph, pw))):
-      x = nn.Dense(channels, dtype=self.dtype, name=f"conv{i}")(_neighbourhoods(x, stride))
+      x = layers.Dense(channels, dtype=self.dtype, name=f"conv{i}")(_neighbourhoods(x, stride))
       x = nn.gelu(x)
       channels *= 2
-    x = nn.Dense(self.width, dtype=self.dtype, name="projection")(x)
+    x = layers.Dense(self.width, dtype=self.dtype, name="projection")(x)
     return x.reshape(b, rows * cols, self.width)

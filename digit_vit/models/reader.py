@@ -15,7 +15,7 @@ import dataclasses
 import flax.linen as nn
 import jax.numpy as jnp
 
-from digit_vit.models import attention, patch, position, tokens
+from digit_vit.models import attention, layers, patch, position, tokens
 from digit_vit.models.blocks import DecoderBlock, EncoderBlock
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -167,7 +167,7 @@ class Decoder(nn.Module):
       x = out
     if cfg.norm == "pre":
       x = nn.LayerNorm(dtype=dtype, name="final_norm")(x)
-    logits = nn.Dense(cfg.vocab_size, dtype=dtype, name="logits")(x).astype(jnp.float32)
+    logits = layers.Dense(cfg.vocab_size, dtype=dtype, name="logits")(x).astype(jnp.float32)
     return (logits, all_weights) if return_weights else logits
 
 

@@ -1,0 +1,44 @@
+"""layers.Dense is nn.Dense with another backward pass: same parameters, values and gradients."""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from digit_vit.models import layers
+
+
+@pytest.mark.parametrize("shape", [(6, 5), (3, 4, 5)])
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_dense_equals_flax_dense_forward_and_backward(shape, use_bias):
+  x = jax.random.normal(jax.random.key(0), shape)
+  ours = layers.Dense(7, use_bias=use_bias)
+  theirs = nn.Dense(7, use_bias=use_bias)
+  params = ours.init(jax.random.key(1), x)
+  # The same names, shapes and initial values as flax's, so checkpoints carry over.
+  chex.assert_trees_all_equal(params, theirs.init(jax.random.key(1), x))
+  cotangent = jax.random.normal(jax.random.key(2), shape[:-1] + (7,))
+
+  def loss(module):
+    return lambda p, x: jnp.sum(cotangent * module.apply(p, x))
+  np.testing.assert_allclose(ours.apply(params, x), theirs.apply(params, x), rtol=1e-6)
+  got = jax.jit(jax.grad(loss(ours), argnums=(0, 1)))(params, x)
+  expected = jax.grad(loss(theirs), argnums=(0, 1))(params, x)
+  chex.assert_trees_all_close(got, expected, rtol=1e-5, atol=1e-6)
+  if use_bias:
+    # The bias's gradient is the cotangent summed over every row.
+    np.testing.assert_allclose(got[0]["params"]["bias"],
+                               cotangent.reshape(-1, 7).sum(0), rtol=1e-5, atol=1e-6)
+
+
+def test_dense_computes_in_its_dtype_and_keeps_float32_parameters():
+  x = jnp.ones((2, 3, 4))
+  dense = layers.Dense(5, dtype=jnp.bfloat16)
+  params = dense.init(jax.random.key(0), x)
+  chex.assert_type(jax.tree.leaves(params), jnp.float32)
+  chex.assert_type(dense.apply(params, x), jnp.bfloat16)
+  grads = jax.grad(lambda p: dense.apply(p, x).astype(jnp.float32).sum())(params)
+  chex.assert_type(jax.tree.leaves(grads), jnp.float32)
+  np.testing.assert_allclose(grads["params"]["bias"], 6.0, rtol=1e-2)
