@@ -61,6 +61,15 @@ def test_matmul_peak_is_measured():
   assert peak["numpy_peak_gflops"] > 0 and peak["xla_peak_gflops"] > 0
 
 
+def test_unpinned_numpy_peak_is_measured_only_where_openblas_is_pinned(monkeypatch):
+  for name in bench.OPENBLAS_PINS:
+    monkeypatch.delenv(name, raising=False)
+  assert bench.unpinned_numpy_matmul_gflops(repeats=1, n=128) is None
+  monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
+  assert bench.unpinned_numpy_matmul_gflops(repeats=1, n=128) > 0
+  assert bench.matmul_peak_gflops(repeats=1, n=128)["numpy_unpinned_peak_gflops"] > 0
+
+
 def test_format_lists_every_key(figures):
   text = bench.format_results(figures)
   assert all(key in text for key in figures)
