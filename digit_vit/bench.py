@@ -300,7 +300,9 @@ def main(argv):
   if unknown:
     raise app.UsageError(f"--only got {unknown}; choose from {PARTS}")
   config = _CONFIG.value
-  print(f"devices: {jax.devices()}  batch: {config.batch_size}")
+  print(f"devices: {jax.devices()}  batch: {config.batch_size}  "
+        f"attention: {config.model.attention_impl}  "
+        f"compiler options: {xla_options.compiler_options() or 'XLA defaults'}")
   results = run(config, parts, _REPEATS.value, _PROFILE.value, _PROFILE_TOP.value)
   print(format_results(results))
   if _JSON.value:

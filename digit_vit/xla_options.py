@@ -8,8 +8,9 @@ log has the figures and the command). So on CPU the train, eval, decode and pred
 are compiled with `--xla_cpu_experimental_ynn_fusion_type=` (an empty list: no YNN fusions).
 
 Set `xla_cpu_experimental_ynn_fusion_type` in `XLA_FLAGS` yourself to choose otherwise; that
-setting is then left alone. On other backends, or on an XLA that does not know the option,
-nothing is passed.
+setting is then left alone. `DIGIT_VIT_XLA_DEFAULTS=1` passes nothing, for XLA's own defaults
+(to measure against them). On other backends, or on an XLA that does not know the option,
+nothing is passed either.
 """
 
 from __future__ import annotations
@@ -23,10 +24,13 @@ YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
 _CPU_OPTIONS = {YNN_OPTION: ""}
 
 
-def options_for(backend: str, xla_flags: str) -> dict[str, str]:
-  """The options wanted on `backend` given the user's `XLA_FLAGS` (before checking that the
-  installed XLA knows them)."""
-  if backend != "cpu" or YNN_OPTION in xla_flags:
+DEFAULTS_VARIABLE = "DIGIT_VIT_XLA_DEFAULTS"
+
+
+def options_for(backend: str, xla_flags: str, xla_defaults: bool = False) -> dict[str, str]:
+  """The options wanted on `backend` given the user's `XLA_FLAGS` and whether XLA's own
+  defaults were asked for (before checking that the installed XLA knows them)."""
+  if xla_defaults or backend != "cpu" or YNN_OPTION in xla_flags:
     return {}
   return dict(_CPU_OPTIONS)
 
@@ -34,7 +38,8 @@ def options_for(backend: str, xla_flags: str) -> dict[str, str]:
 @functools.cache
 def compiler_options() -> dict[str, str]:
   """Options for `jax.jit(..., compiler_options=...)` on the default backend."""
-  options = options_for(jax.default_backend(), os.environ.get("XLA_FLAGS", ""))
+  options = options_for(jax.default_backend(), os.environ.get("XLA_FLAGS", ""),
+                        os.environ.get(DEFAULTS_VARIABLE, "") not in ("", "0"))
   if not options:
     return {}
   try:

@@ -13,6 +13,7 @@ def test_ynn_fusions_are_turned_off_on_cpu_unless_the_user_chose():
       xla_options.YNN_OPTION: ""}
   # A user's own choice in XLA_FLAGS is left alone, and other backends get nothing.
   assert xla_options.options_for("cpu", f"--{xla_options.YNN_OPTION}=dot") == {}
+  assert xla_options.options_for("cpu", "", xla_defaults=True) == {}
   assert xla_options.options_for("gpu", "") == {}
   assert xla_options.options_for("tpu", "") == {}
 
