@@ -2,9 +2,9 @@
 
 XLA's CPU backend (jaxlib 0.10) hands dots, and the element-wise work around them, to YNNPACK
 fusions. On this model those fusions need every scalar and LayerNorm scale broadcast to a full
-activation in memory first; with them off, evaluation and cached greedy decoding ran about 20%
-faster on the 2-core development machine and the train step the same (the README's performance
-log has the figures and the command). So on CPU the train, eval, decode and predict functions
+activation in memory first; with them off, evaluation ran 20-40% and cached greedy decoding
+16-20% faster on the 2-core development machine, and the train step the same
+(docs/performance.md has the figures and the commands). So on CPU the train, eval, decode and predict functions
 are compiled with `--xla_cpu_experimental_ynn_fusion_type=` (an empty list: no YNN fusions).
 
 Set `xla_cpu_experimental_ynn_fusion_type` in `XLA_FLAGS` yourself to choose otherwise; that

@@ -27,4 +27,4 @@ class ViTClassifier(nn.Module):
       cls = nn.LayerNorm(dtype=cfg.compute_dtype, name="head_norm")(cls)
     cls = nn.tanh(layers.Dense(cfg.width, dtype=cfg.compute_dtype, name="pre_logits")(cls))
     return layers.Dense(cfg.num_classes, dtype=cfg.compute_dtype,
-                    name="head")(cls).astype(jnp.float32)
+                        name="head")(cls).astype(jnp.float32)

@@ -6,7 +6,7 @@ slower than a matrix-vector product on a [128 x 96, 512] gradient here (7.5 ms a
 0.45 ms); such sums were about a sixth of the bench train step. Written as a separate product
 the sum made XLA transpose the gradient for it instead. `affine` gets the bias's gradient from
 the kernel's own product, [x, 1]^T g, which the step computes anyway: the bench train step went
-from 164 to 211 images/s (the README's performance log). Parameter names, shapes and
+from 164 to 211 images/s (docs/performance.md). Parameter names, shapes and
 initialisers are `nn.Dense`'s, so checkpoints and parameter counts are unchanged.
 """
 
