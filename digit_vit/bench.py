@@ -60,12 +60,21 @@ def _call_seconds(fn: Callable[[], object], repeats: int) -> list[float]:
 OPENBLAS_PINS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 
 
+def _square_operands(n: int) -> tuple[np.ndarray, np.ndarray]:
+  rng = np.random.default_rng(0)
+  return rng.standard_normal((n, n), np.float32), rng.standard_normal((n, n), np.float32)
+
+
+def _matmul_gflops(matmul: Callable[[], object], n: int, repeats: int) -> float:
+  """GFLOP/s of the n^3 `matmul` (already warmed up), median of `repeats` calls."""
+  return 2.0 * n ** 3 / np.median(_call_seconds(matmul, repeats)) / 1e9
+
+
 def numpy_matmul_gflops(repeats: int = 5, n: int = 2048) -> float:
   """Float32 n^3 matmul GFLOP/s with numpy (its BLAS), median of `repeats`."""
-  rng = np.random.default_rng(0)
-  a, b = rng.standard_normal((n, n), np.float32), rng.standard_normal((n, n), np.float32)
+  a, b = _square_operands(n)
   np.dot(a, b)
-  return 2.0 * n ** 3 / np.median(_call_seconds(lambda: np.dot(a, b), repeats)) / 1e9
+  return _matmul_gflops(lambda: np.dot(a, b), n, repeats)
 
 
 def unpinned_numpy_matmul_gflops(repeats: int = 5, n: int = 2048) -> float | None:
@@ -83,14 +92,11 @@ def unpinned_numpy_matmul_gflops(repeats: int = 5, n: int = 2048) -> float | Non
 def matmul_peak_gflops(repeats: int = 5, n: int = 2048) -> dict[str, float]:
   """Float32 n^3 matmul GFLOP/s with numpy (BLAS) and with XLA, median of `repeats`; also
   numpy's without the OpenBLAS pins, where the environment sets them."""
-  rng = np.random.default_rng(0)
-  a, b = rng.standard_normal((n, n), np.float32), rng.standard_normal((n, n), np.float32)
-  xa, xb = jnp.asarray(a), jnp.asarray(b)
+  xa, xb = map(jnp.asarray, _square_operands(n))
   dot = jax.jit(jnp.dot)
   dot(xa, xb).block_until_ready()
-  xla_time = np.median(_call_seconds(lambda: dot(xa, xb), repeats))
   peaks = {"numpy_peak_gflops": numpy_matmul_gflops(repeats, n),
-           "xla_peak_gflops": 2.0 * n ** 3 / xla_time / 1e9}
+           "xla_peak_gflops": _matmul_gflops(lambda: dot(xa, xb), n, repeats)}
   unpinned = unpinned_numpy_matmul_gflops(repeats, n)
   if unpinned is not None:
     peaks["numpy_unpinned_peak_gflops"] = unpinned
@@ -108,8 +114,8 @@ class _Recorder:
   """Compiles and times the measured functions, collecting their figures in `results`.
 
   Attributes:
-    results: figure name -> value, filled in as parts are measured.
-    peak: the numpy matmul GFLOP/s, once measured (fractions of peak need it).
+    results: figure name -> value, filled in as parts are measured; the matmul peaks in it
+      (`<peak>_peak_gflops`) give each throughput its fractions of peak.
     repeats: timed calls per measurement.
     profile_dir: if set, the timed calls of each part are traced into `profile_dir/<part>`
       and the operations that took the most time are printed (`profile_top` of them).
@@ -117,7 +123,6 @@ class _Recorder:
 
   def __init__(self, repeats: int, profile_dir: str | None = None, profile_top: int = 25):
     self.results: dict[str, float] = {}
-    self.peak: float | None = None
     self.repeats = repeats
     self.profile_dir = profile_dir
     self.profile_top = profile_top
@@ -150,9 +155,7 @@ class _Recorder:
     if flops:
       results[f"{name}_flops_per_image"] = flops / batch
       results[f"{name}_gflops"] = flops / batch * results[f"{name}_images_per_s"] / 1e9
-      if self.peak:
-        results[f"{name}_fraction_of_numpy_peak"] = results[f"{name}_gflops"] / self.peak
-      for peak in ("xla", "numpy_unpinned"):
+      for peak in ("numpy", "xla", "numpy_unpinned"):
         if f"{peak}_peak_gflops" in results:
           results[f"{name}_fraction_of_{peak}_peak"] = (
               results[f"{name}_gflops"] / results[f"{peak}_peak_gflops"])
@@ -245,7 +248,6 @@ def run(config, parts=PARTS, repeats: int = 10, profile_dir: str | None = None,
     parts = tuple(parts) + ("train",)
   if "peak" in parts:
     results.update(matmul_peak_gflops())
-    recorder.peak = results["numpy_peak_gflops"]
   batch_size = config.batch_size
   if any(p in parts for p in ("train", "eval", "decode")):
     model = build_model(config)

@@ -4,8 +4,9 @@ XLA's CPU backend (jaxlib 0.10) hands dots, and the element-wise work around the
 fusions. On this model those fusions need every scalar and LayerNorm scale broadcast to a full
 activation in memory first; with them off, evaluation ran 20-40% and cached greedy decoding
 16-20% faster on the 2-core development machine, and the train step the same
-(docs/performance.md has the figures and the commands). So on CPU the train, eval, decode and predict functions
-are compiled with `--xla_cpu_experimental_ynn_fusion_type=` (an empty list: no YNN fusions).
+(docs/performance.md has the figures and the commands). So on CPU the train, eval, decode and
+predict functions are compiled with `--xla_cpu_experimental_ynn_fusion_type=` (an empty list:
+no YNN fusions). `jax.pmap` takes no compiler options, so `parallelism='pmap'` keeps XLA's.
 
 Set `xla_cpu_experimental_ynn_fusion_type` in `XLA_FLAGS` yourself to choose otherwise; that
 setting is then left alone. `DIGIT_VIT_XLA_DEFAULTS=1` passes nothing, for XLA's own defaults
@@ -22,9 +23,7 @@ import jax
 
 YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
 _CPU_OPTIONS = {YNN_OPTION: ""}
-
-
-DEFAULTS_VARIABLE = "DIGIT_VIT_XLA_DEFAULTS"
+DEFAULTS_VARIABLE = "DIGIT_VIT_XLA_DEFAULTS"  # Set (not '0') for XLA's own options.
 
 
 def options_for(backend: str, xla_flags: str, xla_defaults: bool = False) -> dict[str, str]:

@@ -20,11 +20,15 @@ import jax
 import jax.numpy as jnp
 
 
+def project(x, kernel):
+  """x: [..., in_features], kernel: [in_features, features] -> x @ kernel: [..., features]."""
+  return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+
+
 @jax.custom_vjp
 def affine(x, kernel, bias):
-  """x: [..., in_features], kernel: [in_features, features], bias: [features] ->
-  x @ kernel + bias: [..., features]."""
-  return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ()))) + bias
+  """project(x, kernel) + bias: [..., features], bias: [features]."""
+  return project(x, kernel) + bias
 
 
 def _affine_forward(x, kernel, bias):
@@ -74,4 +78,4 @@ class Dense(nn.Module):
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     if bias is not None:
       return affine(x, kernel, bias)
-    return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+    return project(x, kernel)
