@@ -188,8 +188,18 @@ def test_stem_depth_adds_residual_stride_one_convs():
     zeroed[name] = plain_params[name]
   np.testing.assert_allclose(deep.apply({"params": zeroed}, images),
                              plain.apply(plain_vars, images), rtol=1e-6)
+  capped = patch.PatchEmbedding((8, 4), width=12, kind="conv", stem_channels=4, stem_depth=1,
+                                stem_max_channels=8)
+  capped_params = capped.init(jax.random.key(1), images)["params"]
+  # Channels 4, 8, then 8 again instead of 16.
+  chex.assert_shape(capped_params["conv2"]["kernel"], (9 * 8, 8))
+  chex.assert_shape(capped_params["conv2_0"]["kernel"], (9 * 8, 8))
+  chex.assert_shape(capped_params["projection"]["kernel"], (8, 12))
   with pytest.raises(ValueError, match="stem_depth"):
     patch.PatchEmbedding((8, 4), width=12, kind="conv", stem_depth=-1).init(
+        jax.random.key(1), images)
+  with pytest.raises(ValueError, match="stem_max_channels"):
+    patch.PatchEmbedding((8, 4), width=12, kind="conv", stem_max_channels=-1).init(
         jax.random.key(1), images)
 
 

@@ -64,6 +64,7 @@ class PatchEmbedding(nn.Module):
     width: output channels (d_model).
     kind: 'linear' or 'conv'.
     stem_channels: channels of the first stem conv; doubled after each conv.
+    stem_max_channels: the doubling stops here (0 = no limit).
     stem_depth: residual stride-1 3x3 convs after each strided conv of the 'conv' stem.
   """
   patch_size: tuple[int, int]
@@ -71,6 +72,7 @@ class PatchEmbedding(nn.Module):
   kind: str = "linear"
   stem_channels: int = 32
   stem_depth: int = 0
+  stem_max_channels: int = 0
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -86,15 +88,18 @@ class PatchEmbedding(nn.Module):
       return layers.Dense(self.width, dtype=self.dtype, name="projection")(x)
     if self.stem_depth < 0:
       raise ValueError(f"model.stem_depth must be >= 0, got {self.stem_depth}")
+    if self.stem_max_channels < 0:
+      raise ValueError(f"model.stem_max_channels must be >= 0, got {self.stem_max_channels}")
     if self.kind != "conv":
       raise ValueError(f"unknown patch embedding {self.kind!r}; use one of {KINDS}")
-    channels = self.stem_channels
     for i, stride in enumerate(stem_strides((ph, pw))):
+      channels = self.stem_channels * 2 ** i
+      if self.stem_max_channels:
+        channels = min(channels, self.stem_max_channels)
       x = layers.Dense(channels, dtype=self.dtype, name=f"conv{i}")(_neighbourhoods(x, stride))
       x = nn.gelu(x)
       for j in range(self.stem_depth):
         x = x + nn.gelu(layers.Dense(channels, dtype=self.dtype, name=f"conv{i}_{j}")(
             _neighbourhoods(x, (1, 1))))
-      channels *= 2
     x = layers.Dense(self.width, dtype=self.dtype, name="projection")(x)
     return x.reshape(b, rows * cols, self.width)
