@@ -4,8 +4,9 @@
 patch with one matrix (the ViT paper's "linear projection of flattened patches"). 'conv' is a
 small convolutional stem: 3x3 convolutions of stride 2 until the patch size is reached, which
 gives each token a view slightly wider than its patch. `stem_depth` adds residual 3x3
-convolutions of stride 1 after each of them: more of a CNN's per-pixel feature extraction
-before the transformer, for little compute at these channel counts.
+convolutions of stride 1 after each of them: more of a CNN's feature extraction before the
+transformer (+0.5-0.9 points of single-digit accuracy in `configs/digit_probe.py`), at 2-2.6x
+the default reader's train step on a CPU, since they run at every resolution.
 """
 
 from __future__ import annotations
