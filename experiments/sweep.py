@@ -24,6 +24,7 @@ the measured values) and the PNG plots are rewritten from the points of the curr
 
 from __future__ import annotations
 
+import copy
 import csv
 import dataclasses
 import datetime
@@ -212,11 +213,26 @@ def resolve_config(config: str, overrides: Mapping[str, Any]):
   return flag_values.config
 
 
+# Config fields added after results were recorded under experiments/results/, each with the
+# value that behaves as the code did before it existed. At that value a field is left out of
+# the hash, so a new option does not orphan every finished point; any other value is hashed.
+ADDED_FIELDS = {"model.stem_depth": 0, "model.stem_max_channels": 0}
+
+
 def config_hash(config_json: Mapping | str) -> str:
   """12 hex digits of SHA-256 over the sorted JSON of a config (a ConfigDict's JSON text, or
-  the dict read back from a workdir's config.json)."""
+  the dict read back from a workdir's config.json), without the ADDED_FIELDS at their
+  neutral values."""
   if isinstance(config_json, str):
     config_json = json.loads(config_json)
+  config_json = copy.deepcopy(dict(config_json))
+  for dotted, neutral in ADDED_FIELDS.items():
+    *parents, leaf = dotted.split(".")
+    section = config_json
+    for key in parents:
+      section = section.get(key) if isinstance(section, dict) else None
+    if isinstance(section, dict) and leaf in section and section[leaf] == neutral:
+      del section[leaf]
   text = json.dumps(config_json, sort_keys=True, separators=(",", ":"))
   return hashlib.sha256(text.encode()).hexdigest()[:12]
 

@@ -4,6 +4,7 @@ classification (MNIST digits, CIFAR-10 with mock data), the throughput benchmark
 import hashlib
 import itertools
 
+import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -226,6 +227,34 @@ def test_mnist_digits_test_split_is_rows_400_to_499(mnist_config):
   rows = np.arange(5000)[np.arange(5000) % 500 >= 400]
   np.testing.assert_allclose(images[..., 0], (pixels[rows] / 255 - 0.1307) / 0.3081, atol=1e-5)
   np.testing.assert_array_equal(labels, csv_labels[rows])
+
+
+def test_mnist_digits_canvas_padding_and_distortions(mnist_config):
+  config = ml_collections.ConfigDict(mnist_config.to_dict())
+  config.data.mean, config.data.std = (), ()
+  config.data.random_crop_padding = 0
+  config.data.canvas_padding = 2
+  plain = next(classification.train_iterator(config, seed=0, process_index=0, process_count=1))
+  test = next(classification.eval_iterator(config, "test", process_index=0, process_count=1))
+  for images in (plain["image"], test["image"]):
+    assert images.shape[1:] == (32, 32, 1)
+    assert not images[:, :2].any() and not images[:, -2:].any()
+    assert not images[:, :, :2].any() and not images[:, :, -2:].any()
+  pixels, _ = sources.load_embedded_all()
+  np.testing.assert_allclose(test["image"][0, 2:30, 2:30, 0], pixels[400].reshape(28, 28) / 255,
+                             atol=1e-6)
+  config.data.augment.affine_prob = 1.0
+  config.data.augment.elastic_prob = 1.0
+  distorted = [next(classification.train_iterator(config, seed=0, process_index=0,
+                                                  process_count=1)) for _ in range(2)]
+  np.testing.assert_array_equal(distorted[0]["image"], distorted[1]["image"])  # deterministic
+  np.testing.assert_array_equal(distorted[0]["label"], plain["label"])  # same order
+  changed = np.abs(distorted[0]["image"] - plain["image"]).mean(axis=(1, 2, 3))
+  assert (changed > 0.01).all() and 0.0 <= distorted[0]["image"].min() <= distorted[0][
+      "image"].max() <= 1.0
+  with pytest.raises(ValueError, match="canvas_padding"):
+    config.data.canvas_padding = -1
+    classification.num_examples(config, "test")
 
 
 def test_cifar10_with_mock_data():

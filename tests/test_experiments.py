@@ -64,6 +64,32 @@ def test_hash_is_of_the_resolved_config():
   assert len(digest) == 12 and int(digest, 16) >= 0
 
 
+def test_added_fields_at_their_neutral_value_keep_the_hash():
+  base = sweep_lib.resolve_config("configs/tiny.py", {})
+  as_dict = json.loads(base.to_json_best_effort())
+  assert as_dict["model"]["stem_depth"] == 0
+  before_the_field = json.loads(base.to_json_best_effort())
+  del before_the_field["model"]["stem_depth"]
+  digest = sweep_lib.config_hash(as_dict)
+  assert digest == sweep_lib.config_hash(before_the_field)
+  deeper = sweep_lib.resolve_config("configs/tiny.py", {"model.stem_depth": 1})
+  assert sweep_lib.config_hash(deeper.to_json_best_effort()) != digest
+
+
+def test_committed_results_are_still_keyed_by_the_current_configs():
+  """A changed default would orphan the committed full-mode points (a re-run would train
+  them again); new fields must go into sweep.ADDED_FIELDS."""
+  results = ROOT / "experiments" / "results"
+  checked = 0
+  for points_dir in sorted(results.glob("*/points")):
+    sweep = sweep_lib.load_sweep(points_dir.parent.name)
+    current = {p.config_hash for p in sweep_lib.points(sweep)}
+    for record in points_dir.glob("*.json"):
+      assert record.stem in current, f"{record} no longer matches a point of {sweep.name}"
+      checked += 1
+  assert checked >= 10
+
+
 def test_override_values_survive_the_command_line():
   overrides = {"model.patch_size": (4, 8), "loss.ignore_pad": False, "learning_rate": 2e-3,
                "loss.class_weights": "9:2,eos:0.5,pad:0.5", "model.norm": "post",

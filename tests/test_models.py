@@ -167,6 +167,42 @@ def test_patch_embedding_linear_is_a_projection_of_flattened_patches():
   np.testing.assert_allclose(out[1, 1], second_patch @ kernel + bias, rtol=1e-5, atol=1e-6)
 
 
+def test_stem_depth_adds_residual_stride_one_convs():
+  images = jax.random.uniform(jax.random.key(0), (2, 32, 16, 1))
+  plain = patch.PatchEmbedding((8, 4), width=12, kind="conv", stem_channels=4)
+  deep = patch.PatchEmbedding((8, 4), width=12, kind="conv", stem_channels=4, stem_depth=2)
+  plain_vars = plain.init(jax.random.key(1), images)
+  deep_vars = deep.init(jax.random.key(1), images)
+  plain_params, deep_params = plain_vars["params"], deep_vars["params"]
+  # Three strided convs of 4, 8, 16 channels; two residual convs after each keep its width.
+  assert set(deep_params) == set(plain_params) | {f"conv{i}_{j}" for i in range(3)
+                                                  for j in range(2)}
+  for i, c in enumerate((4, 8, 16)):
+    for j in range(2):
+      chex.assert_shape(deep_params[f"conv{i}_{j}"]["kernel"], (9 * c, c))
+  chex.assert_shape(deep.apply(deep_vars, images), (2, 16, 12))
+  # Zeroed residual convs add gelu(0) = 0: the deep stem then equals the plain one.
+  zeroed = jax.tree_util.tree_map_with_path(
+      lambda path, v: jnp.zeros_like(v) if "_" in path[0].key else v, deep_params)
+  for name in plain_params:
+    zeroed[name] = plain_params[name]
+  np.testing.assert_allclose(deep.apply({"params": zeroed}, images),
+                             plain.apply(plain_vars, images), rtol=1e-6)
+  capped = patch.PatchEmbedding((8, 4), width=12, kind="conv", stem_channels=4, stem_depth=1,
+                                stem_max_channels=8)
+  capped_params = capped.init(jax.random.key(1), images)["params"]
+  # Channels 4, 8, then 8 again instead of 16.
+  chex.assert_shape(capped_params["conv2"]["kernel"], (9 * 8, 8))
+  chex.assert_shape(capped_params["conv2_0"]["kernel"], (9 * 8, 8))
+  chex.assert_shape(capped_params["projection"]["kernel"], (8, 12))
+  with pytest.raises(ValueError, match="stem_depth"):
+    patch.PatchEmbedding((8, 4), width=12, kind="conv", stem_depth=-1).init(
+        jax.random.key(1), images)
+  with pytest.raises(ValueError, match="stem_max_channels"):
+    patch.PatchEmbedding((8, 4), width=12, kind="conv", stem_max_channels=-1).init(
+        jax.random.key(1), images)
+
+
 def test_conv_stem_strides_reach_non_square_patches():
   assert patch.stem_strides((8, 8)) == [(2, 2)] * 3
   assert patch.stem_strides((4, 8)) == [(2, 2), (2, 2), (1, 2)]

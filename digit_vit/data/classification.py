@@ -14,14 +14,19 @@ Batches: `image` float32 [b, H, W, C] (scaled to [0, 1], then normalised per cha
 Train augmentation as in the seeds' CIFAR-10 coursework: random crop with zero padding
 (`random_crop_padding`, 4 for CIFAR-10), random horizontal flip (`horizontal_flip`), then
 normalisation with mean (0.4914, 0.4822, 0.4465) and std (0.2023, 0.1994, 0.2010).
+`config.data.augment` (the reader's affine and elastic distortions, input_pipeline.py) applies
+to the training images too, before the normalisation. `canvas_padding` pads every image of every
+split with that many zero pixels a side: 28x28 digits become 32x32, which the reader's
+power-of-two conv stem can cut (`configs/digit_probe.py`).
 Resumption (`start_step`), determinism and per-host sharding work as in input_pipeline.py.
 
 The configs `configs/mnist_vit.py` (28x28x1) and `configs/cifar10_vit.py` (32x32x3) hold the
 documented `config.data` blocks for each dataset; the model's image size must match.
 
 Fields read here (all optional except name): name, source, source_dir, data_dir,
-validation_per_class, validation_size, random_crop_padding, horizontal_flip, mean, std,
-num_parallel_calls, threads, prefetch; plus config.batch_size and config.eval_batch_size.
+validation_per_class, validation_size, canvas_padding, random_crop_padding, horizontal_flip,
+augment, mean, std, num_parallel_calls, threads, prefetch; plus config.batch_size and
+config.eval_batch_size.
 """
 
 from __future__ import annotations
@@ -76,6 +81,10 @@ def load_arrays(config, split: str) -> tuple[np.ndarray, np.ndarray]:
   else:
     raise ValueError(f"unknown classification dataset {name!r}; set config.data.name to one of "
                      f"{NAMES}")
+  pad = int(d.get("canvas_padding", 0))
+  if pad < 0:
+    raise ValueError(f"config.data.canvas_padding must be >= 0, got {pad}")
+  key += (pad,)
   with _LOCK:
     if key in _CACHE:
       return _CACHE[key]
@@ -90,6 +99,8 @@ def load_arrays(config, split: str) -> tuple[np.ndarray, np.ndarray]:
     cut = tr_y.shape[0] - val
     out = {"train": (tr_x[:cut], tr_y[:cut]), "validation": (tr_x[cut:], tr_y[cut:]),
            "test": (te_x, te_y)}[split]
+  if pad:
+    out = (np.pad(out[0], ((0, 0), (pad, pad), (pad, pad), (0, 0))), out[1])
   with _LOCK:
     _CACHE[key] = out
   return out
@@ -130,6 +141,10 @@ def train_iterator(config, *, seed: int, start_step: int = 0, process_index=None
   pad = int(config.data.get("random_crop_padding", 0))
   flip = bool(config.data.get("horizontal_flip", False))
   norm = _normalizer(config, c)
+  distort = ip.augment_fn(config)
+  if distort is not None and c != 1:
+    raise ValueError(f"config.data.augment distorts grayscale images only; these have {c} "
+                     "channels (use random_crop_padding and horizontal_flip for colour images)")
   aug_base = ip.seed_pair(seed, process_index, 0xC1A55)
 
   def load(pos, idx):
@@ -141,6 +156,9 @@ def train_iterator(config, *, seed: int, start_step: int = 0, process_index=None
       image = tf.image.stateless_random_crop(image, [h, w, c], seed=seeds[0])
     if flip:
       image = tf.image.stateless_random_flip_left_right(image, seed=seeds[1])
+    if distort is not None:
+      # Its own seed, derived so that the crop and flip streams stay as they were without it.
+      image = distort(image, tf.random.experimental.stateless_split(seeds[0], 2)[1])
     if norm is not None:
       image = norm(image)
     return {"image": image, "label": tf.gather(labels_t, idx)}
