@@ -16,39 +16,51 @@ QUICK_PATCHES = {"4x4": (4, 4), "4x8": (4, 8), "8x8": (8, 8), "16x16": (16, 16),
                  "16x8 strips": (16, 8)}
 
 
-def _area(row):
+def _tokens(row) -> int:
+  """Encoder tokens of a point: its canvas cut into its patches."""
   height, width = row["varied"]["model.patch_size"]
-  return height * width
+  return (row["config"]["image_height"] // height) * (row["config"]["image_width"] // width)
 
 
 def conclusion(rows):
   done = [r for r in sweep.ok_rows(rows) if "test_exact_match" in r]
-  # From the largest patch (fewest tokens) to the smallest.
-  done.sort(key=lambda r: -_area(r))
-  exact = [r["test_exact_match"] for r in done]
-  speed = [r.get("train_images_per_second", float("nan")) for r in done]
-  top, fast = sweep.best(done, "test_exact_match"), sweep.best(done, "train_images_per_second")
-  order = " -> ".join(f"{r['label']} {sweep.pct(r['test_exact_match'])}" for r in done)
-  rates = " -> ".join(f"{r['label']} {r.get('train_images_per_second', 0):,.0f}" for r in done)
-  text = (
-      "From the largest patch to the smallest, test exact match "
-      f"{sweep.trend(exact, tolerance=0.01)} ({order}) while training images/s "
-      f"{sweep.trend(speed)} ({rates}). "
-      f"The most accurate point is {top['label']} ({sweep.pct(top['test_exact_match'])}, "
-      f"{top.get('train_images_per_second', 0):,.0f} training images/s); the fastest, "
-      f"{fast['label']}, trains "
-      f"{fast['train_images_per_second'] / top['train_images_per_second']:.1f}x as fast and "
-      f"reaches {sweep.pct(fast['test_exact_match'])}. ")
-  if top["label"] == done[-1]["label"]:
+  # Points with as many tokens (16x16 patches and 32x8 strips) are one step of the trend: the
+  # question is what more, finer tokens buy, so each count is represented by its best point.
+  by_tokens = {}
+  for r in sorted(done, key=_tokens):
+    by_tokens.setdefault(_tokens(r), []).append(r)
+  groups = [(n, max(g, key=lambda r: r["test_exact_match"])) for n, g in by_tokens.items()]
+  exact = [r["test_exact_match"] for _, r in groups]
+  speed = [r.get("train_images_per_second", float("nan")) for _, r in groups]
+  order = "; ".join(
+      f"{n} tokens: " + ", ".join(f"{r['label']} {sweep.pct(r['test_exact_match'])} at "
+                                  f"{r.get('train_images_per_second', 0):,.0f} images/s"
+                                  for r in by_tokens[n])
+      for n, _ in groups)
+  top = sweep.best(done, "test_exact_match")
+  text = (f"From the fewest tokens to the most ({order}), the best test exact match of each "
+          f"token count {sweep.trend(exact, tolerance=0.01)} and training images/s "
+          f"{sweep.trend(speed)}. The most accurate point is {top['label']} "
+          f"({sweep.pct(top['test_exact_match'])}). ")
+  if _tokens(top) == groups[-1][0]:
     text += "So at an equal number of steps the seeds' 'smaller patches -> accuracy' holds here"
   else:
-    text += ("So the smallest patch is not the most accurate at an equal number of steps: "
-             "here finer tokens did not pay for themselves within this budget")
-  largest, smallest = done[0], done[-1]
-  text += (f"; the price of small patches is speed: {smallest['label']} trains at "
-           f"{smallest['train_images_per_second'] / largest['train_images_per_second']:.2f}x "
-           f"the rate of {largest['label']}.")
+    text += "So finer tokens did not pay for themselves at an equal number of steps"
+  (few, fastest), (many, slowest) = groups[0], groups[-1]
+  text += (f"; they also cost speed: {slowest['label']} ({many} tokens) trains at "
+           f"{slowest['train_images_per_second'] / fastest['train_images_per_second']:.2f}x "
+           f"the rate of {fastest['label']} ({few}).")
+  learned = [(r["label"], _last_train_accuracy(r)) for _, r in groups]
+  if all(acc is not None for _, acc in learned):
+    text += (" Teacher-forced train token accuracy at the last logged step: " +
+             ", ".join(f"{label} {sweep.pct(acc)}" for label, acc in learned) +
+             " (how far each point got within the budget).")
   return text + sweep.failed_note(rows)
+
+
+def _last_train_accuracy(row):
+  train = [h for h in row.get("history", []) if h.get("split") == "train" and "accuracy" in h]
+  return train[-1]["accuracy"] if train else None
 
 
 SWEEP = sweep.Sweep(
