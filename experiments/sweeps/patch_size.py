@@ -46,10 +46,11 @@ def conclusion(rows):
     text += "So at an equal number of steps the seeds' 'smaller patches -> accuracy' holds here"
   else:
     text += "So finer tokens did not pay for themselves at an equal number of steps"
-  (few, fastest), (many, slowest) = groups[0], groups[-1]
-  text += (f"; they also cost speed: {slowest['label']} ({many} tokens) trains at "
-           f"{slowest['train_images_per_second'] / fastest['train_images_per_second']:.2f}x "
-           f"the rate of {fastest['label']} ({few}).")
+  # The best point of the fewest and of the most tokens (not necessarily the fastest/slowest).
+  (few, coarse), (many, fine) = groups[0], groups[-1]
+  text += (f"; they also cost speed: {fine['label']} ({many} tokens) trains at "
+           f"{fine['train_images_per_second'] / coarse['train_images_per_second']:.2f}x "
+           f"the rate of {coarse['label']} ({few}).")
   learned = [(r["label"], _last_train_accuracy(r)) for _, r in groups]
   if all(acc is not None for _, acc in learned):
     text += (" Teacher-forced train token accuracy at the last logged step: " +
