@@ -203,6 +203,18 @@ def test_stem_depth_adds_residual_stride_one_convs():
         jax.random.key(1), images)
 
 
+@pytest.mark.parametrize("option", [{"stem_depth": 1}, {"stem_max_channels": 64}])
+def test_stem_options_with_the_linear_embedding_are_an_error(option):
+  images = jnp.zeros((1, 32, 16, 1))
+  layer = patch.PatchEmbedding((8, 4), width=12, kind="linear", **option)
+  with pytest.raises(ValueError, match="patch_embedding='conv'"):
+    layer.init(jax.random.key(0), images)
+  # The same option on the conv stem is fine.
+  conv_vars = patch.PatchEmbedding((8, 4), width=12, kind="conv", **option).init(
+      jax.random.key(0), images)
+  assert "conv0" in conv_vars["params"]
+
+
 def test_conv_stem_strides_reach_non_square_patches():
   assert patch.stem_strides((8, 8)) == [(2, 2)] * 3
   assert patch.stem_strides((4, 8)) == [(2, 2), (2, 2), (1, 2)]

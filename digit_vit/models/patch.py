@@ -82,17 +82,23 @@ class PatchEmbedding(nn.Module):
     b, h, w, c = images.shape
     rows, cols = grid_shape((h, w), tuple(self.patch_size))
     ph, pw = self.patch_size
+    if self.kind not in KINDS:
+      raise ValueError(f"unknown patch embedding {self.kind!r}; use one of {KINDS}")
+    if self.stem_depth < 0:
+      raise ValueError(f"model.stem_depth must be >= 0, got {self.stem_depth}")
+    if self.stem_max_channels < 0:
+      raise ValueError(f"model.stem_max_channels must be >= 0, got {self.stem_max_channels}")
+    if self.kind == "linear" and (self.stem_depth or self.stem_max_channels):
+      # Silently ignoring them would make a sweep over them measure nothing.
+      raise ValueError(
+          f"model.stem_depth={self.stem_depth} and model.stem_max_channels="
+          f"{self.stem_max_channels} shape the 'conv' stem; the 'linear' patch embedding has "
+          "none: set both to 0 or use model.patch_embedding='conv'")
     x = images.astype(self.dtype)
     if self.kind == "linear":
       x = x.reshape(b, rows, ph, cols, pw, c).transpose(0, 1, 3, 2, 4, 5)
       x = x.reshape(b, rows * cols, ph * pw * c)
       return layers.Dense(self.width, dtype=self.dtype, name="projection")(x)
-    if self.stem_depth < 0:
-      raise ValueError(f"model.stem_depth must be >= 0, got {self.stem_depth}")
-    if self.stem_max_channels < 0:
-      raise ValueError(f"model.stem_max_channels must be >= 0, got {self.stem_max_channels}")
-    if self.kind != "conv":
-      raise ValueError(f"unknown patch embedding {self.kind!r}; use one of {KINDS}")
     for i, stride in enumerate(stem_strides((ph, pw))):
       channels = self.stem_channels * 2 ** i
       if self.stem_max_channels:
