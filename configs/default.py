@@ -102,7 +102,7 @@ def get_config(arg=None):
   config.model.dtype = "float32"         # Compute dtype: 'float32' or 'bfloat16' (params stay float32).
   config.model.max_length = config.get_ref("max_digits") + 1  # Decoder positions: <sos> + digits.
 
-  # ---- Reading (digit_vit/decode.py; used by predict and the demo) ----
+  # ---- Reading (digit_vit/decode.py; used by predict, the demo and evaluate) ----
   # Evaluation during training always decodes greedily; these pick how a trained model reads.
   config.decode = ml_collections.ConfigDict()
   config.decode.beam_size = 1            # 1 = cached greedy decoding; > 1 = beam search.

@@ -48,7 +48,7 @@ from urllib.parse import urlsplit
 import numpy as np
 from PIL import Image
 
-from digit_vit import logs, predict
+from digit_vit import logs, predict, trained
 from digit_vit.models import tokens
 
 log = logging.getLogger("digit_vit.demo")
@@ -303,7 +303,7 @@ def serve(workdir: str, host: str = "127.0.0.1", port: int = 8000, *,
 
 def _checkpoint(value: str) -> str | int:
   try:
-    return predict.parse_checkpoint(value)
+    return trained.parse_checkpoint(value)
   except ValueError as e:
     raise argparse.ArgumentTypeError(str(e)) from None
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import json
 import os
 import pathlib
 import sys
@@ -37,8 +36,8 @@ from absl import app, flags
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 from scipy import ndimage
 
-from digit_vit import checkpointing, decode, logs, xla_options
-from digit_vit.models import build_model, tokens
+from digit_vit import decode, logs, trained, xla_options
+from digit_vit.models import tokens
 from digit_vit.models.reader import DigitReader, ModelConfig
 
 # Files a directory argument contributes (others in it are ignored).
@@ -226,57 +225,8 @@ def _thicken(ink: np.ndarray, scale: float) -> np.ndarray:
 
 
 def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
-  """The config a training run saved in `workdir/config.json`."""
-  path = pathlib.Path(workdir) / "config.json"
-  if not path.is_file():
-    raise FileNotFoundError(f"{path} not found: --workdir must be a training run's directory "
-                            "(python -m digit_vit.main --config=... --workdir=...)")
-  config = ml_collections.ConfigDict(json.loads(path.read_text()))
-  if config.task != "read":
-    raise ValueError(f"{workdir} trained a config.task={config.task!r} model; predict reads "
-                     "lines with a 'read' model")
-  return config
-
-
-def restore_params(workdir: str | os.PathLike, config, checkpoint: str | int = "best"):
-  """The parameters of a checkpoint of `workdir`.
-
-  Args:
-    checkpoint: 'best' (by the validation metric the run kept its best checkpoint by),
-      'latest', or a step number.
-
-  Returns:
-    (params, step).
-  """
-  # Imported here: only restoring needs the optimiser's state structure from train.
-  from digit_vit import train  # pylint: disable=import-outside-toplevel
-  directory = pathlib.Path(workdir) / "checkpoints"
-  checkpoints = checkpointing.Checkpoints(str(directory), keep=config.keep_checkpoints,
-                                          best_metric=f"validation_{train.main_metric(config)}")
-  try:
-    steps = checkpoints.manager.all_steps()
-    if not steps:
-      raise FileNotFoundError(f"no checkpoint in {directory}: train first, or wait for the "
-                              "first checkpoint")
-    if checkpoint == "best":
-      step = checkpoints.best_step()
-    elif checkpoint == "latest":
-      step = checkpoints.latest_step()
-    else:
-      step = int(checkpoint)
-      if step not in steps:
-        raise ValueError(f"no checkpoint of step {step} in {directory}; there are {steps}")
-    mesh = train.create_mesh()
-    model = build_model(config)
-    tx = train.create_optimizer(config, train.create_learning_rate_fn(config))
-    abstract = jax.eval_shape(lambda: train.create_train_state(config, model, tx, mesh))
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    abstract = jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), abstract)
-    state, _ = checkpoints.restore(abstract, step)
-  finally:
-    checkpoints.close()
-  return state.params, step
+  """The config a training run saved in `workdir/config.json`; it must be a 'read' run."""
+  return trained.load_config(workdir, task="read")
 
 
 class Reader:
@@ -284,7 +234,7 @@ class Reader:
 
   Args:
     workdir: a training run's directory (config.json and checkpoints/).
-    checkpoint: 'best', 'latest' or a step (see `restore_params`).
+    checkpoint: 'best', 'latest' or a step (see `trained.restore_params`).
     beam_size, alpha: decoding (default: the run's config.decode; 1 = greedy).
     batch_size: images per call of the compiled decoder; every call has this shape.
   """
@@ -293,7 +243,7 @@ class Reader:
                beam_size: int | None = None, alpha: float | None = None, batch_size: int = 16):
     self.config = load_config(workdir)
     self.model_config = ModelConfig.from_config(self.config.model)
-    self.params, self.step = restore_params(workdir, self.config, checkpoint)
+    self.params, self.step = trained.restore_params(workdir, self.config, checkpoint)
     decode_config = self.config.get("decode", ml_collections.ConfigDict())
     self.beam_size = int(beam_size or decode_config.get("beam_size", 1))
     self.alpha = float(decode_config.get("alpha", 0.6) if alpha is None else alpha)
@@ -472,16 +422,6 @@ flags.DEFINE_float("alpha", None, "Beam length normalisation (default: the run's
 flags.DEFINE_integer("batch_size", 16, "Images per call of the compiled decoder.")
 
 
-def parse_checkpoint(value: str) -> str | int:
-  """'best', 'latest' or a step number, from the command line."""
-  if value in ("best", "latest"):
-    return value
-  try:
-    return int(value)
-  except ValueError:
-    raise ValueError(f"{value!r}: use 'best', 'latest' or a step number") from None
-
-
 def format_prediction(p: Prediction) -> str:
   """`name  digits=101  confidence=0.9873  tokens=[1, 0, 1, 11, 12, ...]`."""
   note = "  (no ink)" if p.no_ink else ""
@@ -515,7 +455,7 @@ def main(argv):
     raise app.UsageError("--workdir is required: a training run's directory")
   logs.quiet_libraries()
   try:
-    checkpoint = parse_checkpoint(FLAGS.checkpoint)
+    checkpoint = trained.parse_checkpoint(FLAGS.checkpoint)
   except ValueError as e:
     raise app.UsageError(f"--checkpoint={e}") from None
   predictions = run(FLAGS.workdir, argv[1:], output=FLAGS.output,

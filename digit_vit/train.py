@@ -208,18 +208,22 @@ def train_step(state: TrainState, batch, *, config, model, learning_rate_fn,
   return new_state, step_metrics
 
 
-def eval_step(params, batch, *, config, model):
+def eval_step(params, batch, *, config, model, beam_size: int = 1, alpha: float = 0.6):
   """Metric sums of one evaluation batch (padding rows, mask False, count for nothing).
+
+  Args:
+    beam_size, alpha: how a reader decodes (`decode.decode`); training evaluates greedily.
 
   Returns:
     (sums, predictions): sums as in `metrics` plus the teacher-forced `loss` and `weight`;
-    predictions are the raw greedy outputs int32 [b, max_digits + 1] (read) or the
+    predictions are the raw free-running outputs int32 [b, max_digits + 1] (read) or the
     predicted labels int32 [b] (classify).
   """
   _, sums = loss_fn(params, batch, config=config, model=model, train=False)
   loss_sums = {"loss": sums["loss"], "weight": sums["weight"]}
   if config.task == "read":
-    outputs, _ = decode.greedy_decode(model.config, params, batch["image"])
+    outputs, _ = decode.decode(model.config, params, batch["image"], beam_size=beam_size,
+                               alpha=alpha)
     _, targets = tokens.split_decoder_io(batch["tokens"])
     return {**metrics.reading_sums(outputs, targets, batch["mask"],
                                    max_digits=config.max_digits), **loss_sums}, outputs
@@ -306,14 +310,17 @@ def local_rows(x: jax.Array) -> np.ndarray:
 
 
 class Evaluator:
-  """Evaluates parameters on a split with a compiled `eval_step`."""
+  """Evaluates parameters on a split with a compiled `eval_step` decoding as asked."""
 
-  def __init__(self, config, model, mesh, input_module):
+  def __init__(self, config, model, mesh, input_module, *, beam_size: int = 1,
+               alpha: float = 0.6):
     self.config = config
     self.input_module = input_module
     self.data_sharding = NamedSharding(mesh, P("data"))
     replicated = NamedSharding(mesh, P())
-    self._step = xla_options.jit(functools.partial(eval_step, config=config, model=model),
+    step = functools.partial(eval_step, config=config, model=model, beam_size=beam_size,
+                             alpha=alpha)
+    self._step = xla_options.jit(step,
                                  in_shardings=(replicated, self.data_sharding),
                                  out_shardings=(replicated, self.data_sharding))
 

@@ -1,0 +1,133 @@
+r"""Evaluates checkpoints of a training run on its splits, decoding greedily or by beam search.
+
+  python -m digit_vit.evaluate --workdir=runs/long [--checkpoint=best] [--splits=test] \
+      [--beam_size=4] [--alpha=0.6] [--num_examples=-1] [--output=FILE.json]
+  python -m digit_vit.evaluate --workdir=runs/long --checkpoint=10000,12000  # mean of the two
+
+Training evaluates its last parameters greedily; this measures any kept checkpoint, the mean of
+several (`--checkpoint` with commas), and beam search, with the same metrics as `report.json`
+(keys prefixed by the split: `test_exact_match`, `test_cer`, ...). The metrics are printed and
+written as JSON, by default to `workdir/evaluation_<checkpoints>_beam<k>.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from typing import Any, Sequence
+
+import tensorflow as tf
+from absl import app, flags
+
+from digit_vit import logs, trained
+from digit_vit.models import build_model
+
+# Printed first, in this order; every metric goes to the JSON file.
+SUMMARY_KEYS = ("exact_match", "cer", "token_accuracy", "accuracy", "no_eos", "wrong_length",
+                "num_examples")
+
+
+def output_path(workdir: str | os.PathLike, checkpoints: Sequence[trained.Checkpoint],
+                beam_size: int) -> pathlib.Path:
+  """`workdir/evaluation_best_beam4.json`, `..._10000+12000_beam1.json`, ..."""
+  name = "+".join(str(c) for c in checkpoints)
+  return pathlib.Path(workdir) / f"evaluation_{name}_beam{beam_size}.json"
+
+
+def evaluate(workdir: str | os.PathLike, *, checkpoints: Sequence[trained.Checkpoint] = ("best",),
+             splits: Sequence[str] | None = None, beam_size: int | None = None,
+             alpha: float | None = None, num_examples: int = -1,
+             data_dir: str | None = None) -> dict[str, Any]:
+  """Metrics of the (mean) parameters of `checkpoints` of `workdir` on each of `splits`.
+
+  Args:
+    checkpoints: 'best', 'latest' or steps; several are averaged parameter by parameter.
+    splits: default: the run's `config.eval_splits`.
+    beam_size, alpha: decoding of a reader (default: the run's `config.decode`; 1 = greedy).
+    num_examples: the first this many examples of each split; -1 = all.
+    data_dir: where the built dataset is (default: the run's `config.data.data_dir`).
+
+  Returns:
+    {'checkpoints', 'steps', 'splits', 'beam_size', 'alpha', '<split>_<metric>', ...}.
+  """
+  # Imported here: the training module brings the input pipeline and TensorFlow.
+  from digit_vit import train  # pylint: disable=import-outside-toplevel
+  config = trained.load_config(workdir)
+  decode_config = config.get("decode", {})
+  beam_size = int(decode_config.get("beam_size", 1) if beam_size is None else beam_size)
+  alpha = float(decode_config.get("alpha", 0.6) if alpha is None else alpha)
+  if beam_size < 1:
+    raise ValueError(f"--beam_size must be >= 1, got {beam_size}")
+  if beam_size > 1 and config.task != "read":
+    raise ValueError(f"{workdir} is a config.task={config.task!r} run: beam search only "
+                     "applies to readers; leave --beam_size at 1")
+  splits = list(config.eval_splits if splits is None else splits)
+  unknown = [s for s in splits if s not in ("train", "validation", "test")]
+  if unknown or not splits:
+    raise ValueError(f"--splits={','.join(splits)}: choose among train, validation, test")
+  if data_dir is not None:
+    config.data.data_dir = data_dir
+  params, steps = trained.restore_average(workdir, config, checkpoints)
+  evaluator = train.Evaluator(config, build_model(config), train.create_mesh(),
+                              train.input_module(config), beam_size=beam_size, alpha=alpha)
+  result: dict[str, Any] = {"checkpoints": [str(c) for c in checkpoints], "steps": steps,
+                            "splits": splits, "beam_size": beam_size, "alpha": alpha}
+  for split in splits:
+    split_metrics, _ = evaluator(params, split, num_examples)
+    result.update({f"{split}_{k}": v for k, v in split_metrics.items()})
+  return result
+
+
+def format_result(result: dict[str, Any]) -> str:
+  """A line of decoding settings, then one a split with its headline metrics."""
+  lines = [f"steps {result['steps']}, beam {result['beam_size']} (alpha {result['alpha']})"]
+  for split in result["splits"]:
+    parts = [f"{k}={result[f'{split}_{k}']:.4g}" for k in SUMMARY_KEYS
+             if f"{split}_{k}" in result]
+    lines.append(f"{split}: " + "  ".join(parts))
+  return "\n".join(lines)
+
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "A training run's directory (config.json, checkpoints/).")
+flags.DEFINE_list("checkpoint", ["best"], "'best', 'latest' or a step; several (commas) are "
+                  "averaged parameter by parameter.")
+flags.DEFINE_list("splits", None, "Splits to evaluate (default: the run's config.eval_splits).")
+flags.DEFINE_integer("beam_size", None, "Beam size (default: the run's config.decode; 1 = "
+                     "greedy).")
+flags.DEFINE_float("alpha", None, "Beam length normalisation (default: the run's config).")
+flags.DEFINE_integer("num_examples", -1, "Examples of each split to evaluate; -1 = all.")
+flags.DEFINE_string("data_dir", None, "The built dataset's directory (default: the run's "
+                    "config.data.data_dir).")
+flags.DEFINE_string("output", None, "JSON file for the metrics (default: "
+                    "workdir/evaluation_<checkpoints>_beam<k>.json).")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  if not FLAGS.workdir:
+    raise app.UsageError("--workdir is required: a training run's directory")
+  logs.quiet_libraries()
+  tf.config.set_visible_devices([], "GPU")
+  try:
+    checkpoints = [trained.parse_checkpoint(c) for c in FLAGS.checkpoint]
+  except ValueError as e:
+    raise app.UsageError(f"--checkpoint: {e}") from None
+  try:
+    result = evaluate(FLAGS.workdir, checkpoints=checkpoints, splits=FLAGS.splits,
+                      beam_size=FLAGS.beam_size, alpha=FLAGS.alpha,
+                      num_examples=FLAGS.num_examples, data_dir=FLAGS.data_dir)
+  except (ValueError, FileNotFoundError) as e:
+    raise app.UsageError(str(e)) from None
+  path = pathlib.Path(FLAGS.output or output_path(FLAGS.workdir, checkpoints,
+                                                  result["beam_size"]))
+  path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+  print(format_result(result))
+  print(f"wrote {path}")
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(main)

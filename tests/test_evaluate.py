@@ -1,0 +1,110 @@
+"""evaluate: a checkpoint's metrics reproduce the run's report; beam search and checkpoint
+averaging; errors that say what to change; the command line."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from digit_vit import evaluate, trained
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+# tiny.py checkpoints every 10 of its 30 steps and keeps the last two.
+KEPT_STEPS = [20, 30]
+
+
+def _report(workdir):
+  return json.loads((pathlib.Path(workdir) / "report.json").read_text())
+
+
+@pytest.mark.slow
+def test_greedy_evaluation_of_the_last_checkpoint_reproduces_the_report(tiny_workdir):
+  result = evaluate.evaluate(tiny_workdir, checkpoints=["latest"], beam_size=1)
+  report = _report(tiny_workdir)
+  assert result["steps"] == [30] and result["splits"] == ["validation", "test"]
+  for split in ("validation", "test"):
+    for key in ("exact_match", "cer", "token_accuracy", "loss", "num_examples", "no_eos",
+                "wrong_length", "exact_match_length_3"):
+      np.testing.assert_allclose(result[f"{split}_{key}"], report[f"{split}_{key}"],
+                                 rtol=1e-6, err_msg=f"{split}_{key}")
+
+
+@pytest.mark.slow
+def test_beam_search_changes_only_the_free_running_metrics(tiny_workdir):
+  greedy = evaluate.evaluate(tiny_workdir, checkpoints=["latest"], splits=["test"],
+                             beam_size=1)
+  beam = evaluate.evaluate(tiny_workdir, checkpoints=["latest"], splits=["test"],
+                           beam_size=3, alpha=0.0)
+  assert (beam["beam_size"], beam["alpha"]) == (3, 0.0)
+  # The teacher-forced loss does not depend on decoding; the readings may.
+  np.testing.assert_allclose(beam["test_loss"], greedy["test_loss"], rtol=1e-6)
+  assert beam["test_num_examples"] == greedy["test_num_examples"] == 100
+  assert 0.0 <= beam["test_exact_match"] <= 1.0 and 0.0 <= beam["test_cer"]
+
+
+@pytest.mark.slow
+def test_averaged_checkpoints_are_the_mean_of_their_parameters(tiny_workdir):
+  config = trained.load_config(tiny_workdir)
+  first, step_a = trained.restore_params(tiny_workdir, config, KEPT_STEPS[0])
+  second, step_b = trained.restore_params(tiny_workdir, config, KEPT_STEPS[1])
+  mean, steps = trained.restore_average(tiny_workdir, config, KEPT_STEPS)
+  assert (step_a, step_b, steps) == (20, 30, KEPT_STEPS)
+  differences = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), first, second)
+  assert max(jax.tree.leaves(differences)) > 0  # Training moved them: the mean is new.
+  jax.tree.map(lambda m, a, b: np.testing.assert_allclose(m, (a + b) / 2, rtol=1e-6, atol=1e-7),
+               mean, first, second)
+  averaged = evaluate.evaluate(tiny_workdir, checkpoints=KEPT_STEPS, splits=["test"])
+  assert averaged["steps"] == KEPT_STEPS and averaged["checkpoints"] == ["20", "30"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kwargs, message", [
+    ({"checkpoints": [7]}, "no checkpoint of step 7"),
+    ({"checkpoints": ["latest", 30]}, "more than once"),
+    ({"checkpoints": []}, "at least one checkpoint"),
+    ({"splits": ["tset"]}, "choose among train, validation, test"),
+    ({"beam_size": 0}, "--beam_size must be >= 1"),
+])
+def test_bad_requests_name_what_to_change(tiny_workdir, kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    evaluate.evaluate(tiny_workdir, **kwargs)
+
+
+def test_beam_search_on_a_classifier_run_is_an_error(tmp_path):
+  (tmp_path / "config.json").write_text(json.dumps({"task": "classify"}))
+  with pytest.raises(ValueError, match="beam search only applies to readers"):
+    evaluate.evaluate(tmp_path, beam_size=4)
+
+
+def test_a_directory_without_a_run_is_an_error(tmp_path):
+  with pytest.raises(FileNotFoundError, match="must be a training run's directory"):
+    evaluate.evaluate(tmp_path)
+
+
+def test_output_names_say_which_checkpoints_and_beam():
+  assert evaluate.output_path("runs/x", ["best"], 4) == pathlib.Path(
+      "runs/x/evaluation_best_beam4.json")
+  assert evaluate.output_path("runs/x", [20, 30], 1).name == "evaluation_20+30_beam1.json"
+
+
+@pytest.mark.slow
+def test_command_line_prints_and_writes_the_metrics(tiny_workdir):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  result = subprocess.run(
+      [sys.executable, "-m", "digit_vit.evaluate", f"--workdir={tiny_workdir}",
+       "--checkpoint=20,30", "--splits=test", "--beam_size=2"],
+      capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  path = pathlib.Path(tiny_workdir) / "evaluation_20+30_beam2.json"
+  written = json.loads(path.read_text())
+  assert written["steps"] == KEPT_STEPS and written["beam_size"] == 2
+  assert f"test: exact_match={written['test_exact_match']:.4g}" in result.stdout
+  bad = subprocess.run(
+      [sys.executable, "-m", "digit_vit.evaluate", f"--workdir={tiny_workdir}",
+       "--checkpoint=first"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+  assert bad.returncode != 0 and "use 'best', 'latest' or a step number" in bad.stderr
