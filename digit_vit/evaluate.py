@@ -90,18 +90,23 @@ def format_result(result: dict[str, Any]) -> str:
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "A training run's directory (config.json, checkpoints/).")
-flags.DEFINE_list("checkpoint", ["best"], "'best', 'latest' or a step; several (commas) are "
-                  "averaged parameter by parameter.")
-flags.DEFINE_list("splits", None, "Splits to evaluate (default: the run's config.eval_splits).")
-flags.DEFINE_integer("beam_size", None, "Beam size (default: the run's config.decode; 1 = "
-                     "greedy).")
-flags.DEFINE_float("alpha", None, "Beam length normalisation (default: the run's config).")
-flags.DEFINE_integer("num_examples", -1, "Examples of each split to evaluate; -1 = all.")
-flags.DEFINE_string("data_dir", None, "The built dataset's directory (default: the run's "
-                    "config.data.data_dir).")
-flags.DEFINE_string("output", None, "JSON file for the metrics (default: "
-                    "workdir/evaluation_<checkpoints>_beam<k>.json).")
+
+
+def define_flags():
+  """Defines the command's flags when it runs, not on import: absl flags are global and
+  `main` and `predict` define --workdir too."""
+  flags.DEFINE_string("workdir", None, "A training run's directory (config.json, checkpoints/).")
+  flags.DEFINE_list("checkpoint", ["best"], "'best', 'latest' or a step; several (commas) are "
+                    "averaged parameter by parameter.")
+  flags.DEFINE_list("splits", None, "Splits to evaluate (default: the run's config.eval_splits).")
+  flags.DEFINE_integer("beam_size", None, "Beam size (default: the run's config.decode; 1 = "
+                       "greedy).")
+  flags.DEFINE_float("alpha", None, "Beam length normalisation (default: the run's config).")
+  flags.DEFINE_integer("num_examples", -1, "Examples of each split to evaluate; -1 = all.")
+  flags.DEFINE_string("data_dir", None, "The built dataset's directory (default: the run's "
+                      "config.data.data_dir).")
+  flags.DEFINE_string("output", None, "JSON file for the metrics (default: "
+                      "workdir/evaluation_<checkpoints>_beam<k>.json).")
 
 
 def main(argv):
@@ -130,4 +135,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -411,15 +411,20 @@ def attention_path(directory: str | os.PathLike, filename: str) -> pathlib.Path:
 # Command line
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "A training run's directory (config.json, checkpoints/).")
-flags.DEFINE_string("checkpoint", "best", "'best' (by validation), 'latest', or a step.")
-flags.DEFINE_string("output", None, "Write rows filename,digits,confidence to this CSV file.")
-flags.DEFINE_string("attention", None, "Write each image's attention maps as PNG under this "
-                    "directory.")
-flags.DEFINE_integer("beam_size", None, "Beam size (default: the run's config.decode; 1 = "
-                     "greedy).")
-flags.DEFINE_float("alpha", None, "Beam length normalisation (default: the run's config).")
-flags.DEFINE_integer("batch_size", 16, "Images per call of the compiled decoder.")
+
+
+def define_flags():
+  """Defines the command's flags when it runs, not on import: absl flags are global and
+  `main` and `evaluate` define --workdir too."""
+  flags.DEFINE_string("workdir", None, "A training run's directory (config.json, checkpoints/).")
+  flags.DEFINE_string("checkpoint", "best", "'best' (by validation), 'latest', or a step.")
+  flags.DEFINE_string("output", None, "Write rows filename,digits,confidence to this CSV file.")
+  flags.DEFINE_string("attention", None, "Write each image's attention maps as PNG under this "
+                      "directory.")
+  flags.DEFINE_integer("beam_size", None, "Beam size (default: the run's config.decode; 1 = "
+                       "greedy).")
+  flags.DEFINE_float("alpha", None, "Beam length normalisation (default: the run's config).")
+  flags.DEFINE_integer("batch_size", 16, "Images per call of the compiled decoder.")
 
 
 def format_prediction(p: Prediction) -> str:
@@ -470,4 +475,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -1,6 +1,7 @@
 """evaluate: a checkpoint's metrics reproduce the run's report; beam search and checkpoint
 averaging; errors that say what to change; the command line."""
 
+import importlib
 import json
 import os
 import pathlib
@@ -108,3 +109,9 @@ def test_command_line_prints_and_writes_the_metrics(tiny_workdir):
       [sys.executable, "-m", "digit_vit.evaluate", f"--workdir={tiny_workdir}",
        "--checkpoint=first"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
   assert bad.returncode != 0 and "use 'best', 'latest' or a step number" in bad.stderr
+
+
+def test_the_commands_import_into_one_process():
+  # absl flags are global: commands that defined --workdir on import could not be imported together.
+  for name in ("main", "predict", "evaluate"):
+    importlib.import_module(f"digit_vit.{name}")
