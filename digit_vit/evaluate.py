@@ -21,6 +21,7 @@ import tensorflow as tf
 from absl import app, flags
 
 from digit_vit import logs, trained
+from digit_vit.data import input_pipeline
 from digit_vit.models import build_model
 
 # Printed first, in this order; every metric goes to the JSON file.
@@ -63,9 +64,10 @@ def evaluate(workdir: str | os.PathLike, *, checkpoints: Sequence[trained.Checkp
     raise ValueError(f"{workdir} is a config.task={config.task!r} run: beam search only "
                      "applies to readers; leave --beam_size at 1")
   splits = list(config.eval_splits if splits is None else splits)
-  unknown = [s for s in splits if s not in ("train", "validation", "test")]
+  unknown = [s for s in splits if s not in input_pipeline.SPLITS]
   if unknown or not splits:
-    raise ValueError(f"--splits={','.join(splits)}: choose among train, validation, test")
+    raise ValueError(f"--splits={','.join(splits)}: choose among "
+                     f"{', '.join(input_pipeline.SPLITS)}")
   if data_dir is not None:
     config.data.data_dir = data_dir
   params, steps = trained.restore_average(workdir, config, checkpoints)
