@@ -33,15 +33,22 @@ import numpy as np
 from digit_vit import profiling, xla_options
 from digit_vit.models import tokens
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/bench.py", "Config file.")
-_ONLY = flags.DEFINE_list(
-    "only", [], "Measure only these: peak, train, eval, decode, pipeline (default: all).")
-_JSON = flags.DEFINE_string("json", None, "Also write the figures to this JSON file.")
-_REPEATS = flags.DEFINE_integer("repeats", 10, "Timed calls per measurement.")
-_PROFILE = flags.DEFINE_string(
-    "profile", None, "Trace the timed calls with jax.profiler into this directory (open it in "
-    "Perfetto or TensorBoard) and print the XLA operations that took the most time.")
-_PROFILE_TOP = flags.DEFINE_integer("profile_top", 25, "Operations listed per profiled part.")
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """Defines the command's flags when it runs, not on import: absl flags are global and
+  `main` defines --config too."""
+  config_flags.DEFINE_config_file("config", "configs/bench.py", "Config file.")
+  flags.DEFINE_list(
+      "only", [], "Measure only these: peak, train, eval, decode, pipeline (default: all).")
+  flags.DEFINE_string("json", None, "Also write the figures to this JSON file.")
+  flags.DEFINE_integer("repeats", 10, "Timed calls per measurement.")
+  flags.DEFINE_string(
+      "profile", None, "Trace the timed calls with jax.profiler into this directory (open it in "
+      "Perfetto or TensorBoard) and print the XLA operations that took the most time.")
+  flags.DEFINE_integer("profile_top", 25, "Operations listed per profiled part.")
+
 
 PARTS = ("peak", "train", "eval", "decode", "pipeline")
 
@@ -297,20 +304,21 @@ def format_results(results: dict[str, float]) -> str:
 
 def main(argv):
   del argv
-  parts = tuple(_ONLY.value) or PARTS
+  parts = tuple(FLAGS.only) or PARTS
   unknown = sorted(set(parts) - set(PARTS))
   if unknown:
     raise app.UsageError(f"--only got {unknown}; choose from {PARTS}")
-  config = _CONFIG.value
+  config = FLAGS.config
   print(f"devices: {jax.devices()}  batch: {config.batch_size}  "
         f"attention: {config.model.attention_impl}  "
         f"compiler options: {xla_options.compiler_options() or 'XLA defaults'}")
-  results = run(config, parts, _REPEATS.value, _PROFILE.value, _PROFILE_TOP.value)
+  results = run(config, parts, FLAGS.repeats, FLAGS.profile, FLAGS.profile_top)
   print(format_results(results))
-  if _JSON.value:
-    with open(_JSON.value, "w") as f:
+  if FLAGS.json:
+    with open(FLAGS.json, "w") as f:
       json.dump(results, f, indent=2)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -55,14 +55,7 @@ def evaluate(workdir: str | os.PathLike, *, checkpoints: Sequence[trained.Checkp
   # Imported here: the training module brings the input pipeline and TensorFlow.
   from digit_vit import train  # pylint: disable=import-outside-toplevel
   config = trained.load_config(workdir)
-  decode_config = config.get("decode", {})
-  beam_size = int(decode_config.get("beam_size", 1) if beam_size is None else beam_size)
-  alpha = float(decode_config.get("alpha", 0.6) if alpha is None else alpha)
-  if beam_size < 1:
-    raise ValueError(f"--beam_size must be >= 1, got {beam_size}")
-  if beam_size > 1 and config.task != "read":
-    raise ValueError(f"{workdir} is a config.task={config.task!r} run: beam search only "
-                     "applies to readers; leave --beam_size at 1")
+  beam_size, alpha = trained.decoding(config, beam_size, alpha)
   splits = list(config.eval_splits if splits is None else splits)
   unknown = [s for s in splits if s not in input_pipeline.SPLITS]
   if unknown or not splits:

@@ -14,13 +14,18 @@ from ml_collections import config_flags
 from digit_vit import logs, train
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, summaries and the report.")
-flags.DEFINE_bool("jax_distributed", False,
-                  "Call jax.distributed.initialize() first (multi-host runs; the cluster "
-                  "environment, e.g. SLURM or TPU pods, supplies the coordinator).")
-flags.mark_flags_as_required(["config", "workdir"])
+
+
+def define_flags():
+  """Defines the command's flags when it runs, not on import: absl flags are global, and
+  `bench` defines --config, `predict` and `evaluate` --workdir."""
+  config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "Directory for checkpoints, summaries and the report.")
+  flags.DEFINE_bool("jax_distributed", False,
+                    "Call jax.distributed.initialize() first (multi-host runs; the cluster "
+                    "environment, e.g. SLURM or TPU pods, supplies the coordinator).")
+  flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
@@ -37,4 +42,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

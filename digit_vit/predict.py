@@ -244,9 +244,7 @@ class Reader:
     self.config = load_config(workdir)
     self.model_config = ModelConfig.from_config(self.config.model)
     self.params, self.step = trained.restore_params(workdir, self.config, checkpoint)
-    decode_config = self.config.get("decode", ml_collections.ConfigDict())
-    self.beam_size = int(beam_size or decode_config.get("beam_size", 1))
-    self.alpha = float(decode_config.get("alpha", 0.6) if alpha is None else alpha)
+    self.beam_size, self.alpha = trained.decoding(self.config, beam_size, alpha)
     if batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     self.batch_size = batch_size

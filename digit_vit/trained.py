@@ -47,6 +47,25 @@ def parse_checkpoint(value: str) -> Checkpoint:
     raise ValueError(f"{value!r}: use 'best', 'latest' or a step number") from None
 
 
+def decoding(config, beam_size: int | None = None,
+             alpha: float | None = None) -> tuple[int, float]:
+  """(beam_size, alpha) for reading with a run's model: the given values, else the run's
+  `config.decode` (runs saved before it existed read greedily, alpha 0.6).
+
+  Raises ValueError for a beam size below 1 (1 = greedy), and for beam search (> 1) with a
+  classifier run, which has no sequence to search.
+  """
+  decode_config = config.get("decode", {})
+  beam_size = int(decode_config.get("beam_size", 1) if beam_size is None else beam_size)
+  alpha = float(decode_config.get("alpha", 0.6) if alpha is None else alpha)
+  if beam_size < 1:
+    raise ValueError(f"beam_size must be >= 1 (1 = greedy decoding), got {beam_size}")
+  if beam_size > 1 and config.get("task", "read") != "read":
+    raise ValueError(f"beam search only applies to readers; this is a "
+                     f"config.task={config.task!r} run: leave beam_size at 1")
+  return beam_size, alpha
+
+
 def restore_params(workdir: str | os.PathLike, config, checkpoint: Checkpoint = "best"):
   """The parameters of a checkpoint of `workdir`.
 

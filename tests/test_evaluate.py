@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -69,7 +70,7 @@ def test_averaged_checkpoints_are_the_mean_of_their_parameters(tiny_workdir):
     ({"checkpoints": ["latest", 30]}, "more than once"),
     ({"checkpoints": []}, "at least one checkpoint"),
     ({"splits": ["tset"]}, "choose among train, validation, test"),
-    ({"beam_size": 0}, "--beam_size must be >= 1"),
+    ({"beam_size": 0}, "beam_size must be >= 1"),
 ])
 def test_bad_requests_name_what_to_change(tiny_workdir, kwargs, message):
   with pytest.raises(ValueError, match=message):
@@ -80,6 +81,24 @@ def test_beam_search_on_a_classifier_run_is_an_error(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps({"task": "classify"}))
   with pytest.raises(ValueError, match="beam search only applies to readers"):
     evaluate.evaluate(tmp_path, beam_size=4)
+
+
+@pytest.mark.parametrize("decode_config, given, expected", [
+    ({"beam_size": 4, "alpha": 0.3}, (None, None), (4, 0.3)),  # The run's choice.
+    ({"beam_size": 4, "alpha": 0.3}, (1, 0.0), (1, 0.0)),     # Given values win, 0.0 included.
+    (None, (None, None), (1, 0.6)),                           # Runs saved before config.decode.
+])
+def test_predict_and_evaluate_share_one_decoding_rule(decode_config, given, expected):
+  config = ml_collections.ConfigDict({"task": "read"})
+  if decode_config is not None:
+    config.decode = decode_config
+  assert trained.decoding(config, *given) == expected
+
+
+def test_a_beam_of_zero_is_an_error_not_the_configs_default():
+  config = ml_collections.ConfigDict({"task": "read", "decode": {"beam_size": 4, "alpha": 0.6}})
+  with pytest.raises(ValueError, match="beam_size must be >= 1"):
+    trained.decoding(config, beam_size=0)
 
 
 def test_a_directory_without_a_run_is_an_error(tmp_path):
@@ -111,8 +130,8 @@ def test_command_line_prints_and_writes_the_metrics(tiny_workdir):
   assert bad.returncode != 0 and "use 'best', 'latest' or a step number" in bad.stderr
 
 
-def test_the_reading_commands_import_into_one_process():
+def test_the_commands_import_into_one_process():
   # absl flags are global: predict and evaluate both defined --workdir on import, which broke
-  # collecting these tests after predict's.
-  for name in ("predict", "evaluate"):
+  # collecting these tests after predict's; main and bench both defined --config.
+  for name in ("main", "bench", "predict", "evaluate"):
     importlib.import_module(f"digit_vit.{name}")
