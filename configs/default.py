@@ -107,6 +107,9 @@ def get_config(arg=None):
   config.decode = ml_collections.ConfigDict()
   config.decode.beam_size = 1            # 1 = cached greedy decoding; > 1 = beam search.
   config.decode.alpha = 0.6              # Beam length normalisation ((5 + len) / 6) ** alpha; 0 = none.
+  # Test-time augmentation: read this many copies of each image shifted by a pixel
+  # (decode.VIEW_SHIFTS, 1..9) and pick each token by their mean probability; 1 = the image alone.
+  config.decode.views = 1
 
   # ---- Training (digit_vit/train.py) ----
   config.num_train_steps = 5_000       # Optimiser steps (one global batch each): 320k lines.
@@ -119,6 +122,9 @@ def get_config(arg=None):
   config.b2 = 0.999                    # Adam beta2.
   config.weight_decay = 1e-4           # Decoupled weight decay on matrices (not biases or norms).
   config.grad_clip_norm = 1.0          # Clip gradients to this global norm; 0 = no clipping.
+  # Exponential moving average of the parameters, used for every evaluation, the best checkpoint
+  # and reading (predict, demo, evaluate); 0 = none, 0.999 = about the last 1,000 steps.
+  config.ema_decay = 0.0
   config.loss = ml_collections.ConfigDict()
   config.loss.label_smoothing = 0.0    # Target = (1 - s) one-hot + s / classes (training only).
   config.loss.ignore_pad = True        # <pad> targets weigh 0; False counts them (the seeds' variant).

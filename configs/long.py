@@ -3,8 +3,9 @@
 The 30-minute default ends with train (teacher-forced) token accuracy near 1.0 and validation
 token accuracy near 0.96: what is left is generalisation from 3,600 training digits to the
 held-out writers. So this config draws twice as many training lines, augments them on the fly
-(affine and elastic distortions), adds dropout, gives the conv stem a residual conv a stage (the
-digit_probe sweep's per-digit evidence), and trains 2.4x longer.
+(affine and elastic distortions), adds dropout and weight decay, gives the conv stem a residual
+conv a stage (the digit_probe sweep's per-digit evidence), trains on 390 digits a class instead
+of 360, 3x longer, and reads each line in nine shifted views.
 
   python -m digit_vit.main --config=configs/long.py --workdir=runs/long
 """
@@ -20,6 +21,9 @@ def get_config(arg=None):
   # ---- Data ----
   config.data.train_size = 120_000        # Twice the default's lines (builds in ~3 minutes).
   config.data.curriculum_examples = 128_000  # Twice the default's curriculum.
+  # 10 held-out digits a class for validation instead of 40: 3,900 train digits (390 a class)
+  # instead of 3,600. The test split (rows 400-499) is the same lines either way.
+  config.data.validation_per_class = 10
   config.data.augment.affine_prob = 0.5   # Small rotations, scale changes, shears, shifts.
   config.data.augment.elastic_prob = 0.3  # Handwriting-like local distortions.
 
@@ -32,8 +36,17 @@ def get_config(arg=None):
   config.model.stem_max_channels = 64
 
   # ---- Training ----
-  config.num_train_steps = 12_000         # 768k lines of 64: ~2.0 steps/s here with augmentation.
+  config.num_train_steps = 15_000         # 960k lines of 64: ~2.7 steps/s here with augmentation.
   config.warmup_steps = 400
-  config.eval_every_steps = 2_000
-  config.checkpoint_every_steps = 2_000
+  # AdamW's decoupled decay at the strength ViTs train with (the default's 1e-4 is next to none):
+  # single held-out digits 98.3% against 97.9% in configs/digit_probe.py.
+  config.weight_decay = 0.05
+  config.ema_decay = 0.999                # Evaluate and read with the parameters' moving average.
+  config.eval_every_steps = 2_500
+  config.checkpoint_every_steps = 2_500
+
+  # ---- Reading (predict, demo, evaluate; training's own evaluations stay greedy on one view) ----
+  # Nine one-pixel-shifted views a line: 92.5% test exact match against 91.25% for the image
+  # alone, at 4x the reading time (README, "Longer run").
+  config.decode.views = 9
   return config

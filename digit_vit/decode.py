@@ -69,20 +69,61 @@ def decode_step(model_config: ModelConfig, params, cache, token, memory):
   return next_token_log_probs(logits[:, 0]), variables["cache"]
 
 
-def greedy_decode(model_config: ModelConfig, params, images, *, max_length: int | None = None):
+# Test-time views of an image: (rows, columns) pixel shifts, the unshifted image first. A
+# strided conv stem sees a one-pixel shift as a different sampling of the strokes, so the views
+# disagree where the model is unsure.
+VIEW_SHIFTS = ((0, 0), (0, -1), (0, 1), (-1, 0), (1, 0), (-1, -1), (1, 1), (-1, 1), (1, -1))
+
+
+def check_views(views: int) -> int:
+  if not 1 <= views <= len(VIEW_SHIFTS):
+    raise ValueError(f"views must be in 1..{len(VIEW_SHIFTS)} (1 = the image alone), got {views}")
+  return views
+
+
+def shifted_views(images, views: int):
+  """The first `views` of VIEW_SHIFTS of every image, view-major, the edges filled with 0.
+
+  Args:
+    images: [batch, H, W, C].
+
+  Returns:
+    [views * batch, H, W, C]: rows v * batch .. (v + 1) * batch - 1 hold view v.
+  """
+  _, h, w, _ = images.shape
+  padded = jnp.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  return jnp.concatenate([padded[:, 1 - dy:1 - dy + h, 1 - dx:1 - dx + w]
+                          for dy, dx in VIEW_SHIFTS[:check_views(views)]], axis=0)
+
+
+def mean_over_views(log_probs, views: int):
+  """log of the mean probability over the views: [views * batch, vocab] -> [batch, vocab]."""
+  if views == 1:
+    return log_probs
+  per_view = log_probs.reshape((views, -1) + log_probs.shape[1:])
+  return jax.nn.logsumexp(per_view, axis=0) - jnp.log(float(views))
+
+
+def greedy_decode(model_config: ModelConfig, params, images, *, max_length: int | None = None,
+                  views: int = 1):
   """Greedy reading with the cache.
 
   Args:
     images: float [batch, H, W, C].
     max_length: steps at most (default: all decoder positions, max_digits + 1).
+    views: test-time augmentation: read this many shifted copies of each image
+      (`shifted_views`) and pick each token by its mean probability over them; 1 = none.
 
   Returns:
     tokens: int32 [batch, max_length] raw outputs.
-    log_prob: float32 [batch], the sum of the chosen tokens' log-probabilities.
+    log_prob: float32 [batch], the sum of the chosen tokens' log-probabilities (under the mean
+      over the views).
   """
   length = _max_length(model_config, max_length)
-  memory, cache = encode_and_init_cache(model_config, params, images)
   batch = images.shape[0]
+  if check_views(views) > 1:
+    images = shifted_views(images, views)
+  memory, cache = encode_and_init_cache(model_config, params, images)
 
   def cond(state):
     step, _, _, _, _, done = state
@@ -91,14 +132,16 @@ def greedy_decode(model_config: ModelConfig, params, images, *, max_length: int 
   def body(state):
     step, token, cache, out, log_prob, done = state
     step_log_probs, cache = decode_step(model_config, params, cache, token, memory)
+    step_log_probs = mean_over_views(step_log_probs, views)
     best = jnp.argmax(step_log_probs, axis=-1).astype(jnp.int32)
     best = jnp.where(done, tokens.PAD, best)
     chosen = jnp.take_along_axis(step_log_probs, best[:, None], axis=-1)[:, 0]
     log_prob = log_prob + jnp.where(done, 0.0, chosen)
     out = jax.lax.dynamic_update_slice(out, best[:, None], (0, step))
-    return step + 1, best, cache, out, log_prob, done | (best == tokens.EOS)
+    # Every view of an image is fed the token chosen for the image.
+    return step + 1, jnp.tile(best, views), cache, out, log_prob, done | (best == tokens.EOS)
 
-  state = (jnp.array(0, jnp.int32), jnp.full((batch,), tokens.SOS, jnp.int32), cache,
+  state = (jnp.array(0, jnp.int32), jnp.full((views * batch,), tokens.SOS, jnp.int32), cache,
            jnp.full((batch, length), tokens.PAD, jnp.int32), jnp.zeros((batch,), jnp.float32),
            jnp.zeros((batch,), jnp.bool_))
   _, _, _, out, log_prob, _ = jax.lax.while_loop(cond, body, state)
@@ -145,7 +188,7 @@ def length_penalty(length, alpha: float):
 
 
 def beam_search(model_config: ModelConfig, params, images, *, beam_size: int = 4,
-                alpha: float = 0.6, max_length: int | None = None):
+                alpha: float = 0.6, max_length: int | None = None, views: int = 1):
   """Beam search with the cache.
 
   Keeps the `beam_size` most likely hypotheses by log-prob. A hypothesis that emitted
@@ -153,7 +196,8 @@ def beam_search(model_config: ModelConfig, params, images, *, beam_size: int = 4
   with the unfinished ones; the loop stops once every hypothesis of every image has finished,
   since unfinished log-probs only fall. The answer is the finished hypothesis with the best
   log-prob / length_penalty(tokens, alpha) (unfinished ones only where none finished). With
-  `beam_size=1` this is exactly greedy decoding.
+  `beam_size=1` this is exactly greedy decoding. `views` as in `greedy_decode`: each hypothesis
+  is scored by the mean probability over the views of its image.
 
   Returns:
     tokens: int32 [batch, max_length] the chosen hypothesis (raw outputs, as greedy).
@@ -166,9 +210,12 @@ def beam_search(model_config: ModelConfig, params, images, *, beam_size: int = 4
   if k > vocab:
     raise ValueError(f"beam_size={k} exceeds the vocabulary of {vocab} tokens")
   neg_inf = jnp.float32(-1e9)
+  if check_views(views) > 1:
+    images = shifted_views(images, views)
   memory, cache = encode_and_init_cache(model_config, params, images)
-  # Every beam of an image shares the image's memory and cross-attention cache.
-  expand = functools.partial(_expand_beams, batch=batch, beam_size=k)
+  # Every beam of an image (view) shares its memory and cross-attention cache: rows
+  # (view * batch + image) * k + beam.
+  expand = functools.partial(_expand_beams, batch=views * batch, beam_size=k)
   memory, cache = expand(memory), jax.tree.map(expand, cache)
   pad_only = jnp.where(jnp.arange(vocab) == tokens.PAD, 0.0, neg_inf)
 
@@ -178,9 +225,10 @@ def beam_search(model_config: ModelConfig, params, images, *, beam_size: int = 4
 
   def body(state):
     step, seq, log_prob, finished, last, cache = state
-    step_log_probs, cache = decode_step(model_config, params, cache, last.reshape(-1), memory)
+    step_log_probs, cache = decode_step(model_config, params, cache,
+                                        jnp.tile(last.reshape(-1), views), memory)
     step_log_probs = jnp.where(finished[:, :, None], pad_only,
-                               step_log_probs.reshape(batch, k, vocab))
+                               mean_over_views(step_log_probs, views).reshape(batch, k, vocab))
     candidates = (log_prob[:, :, None] + step_log_probs).reshape(batch, k * vocab)
     log_prob, top = jax.lax.top_k(candidates, k)
     source, token = top // vocab, (top % vocab).astype(jnp.int32)
@@ -188,7 +236,9 @@ def beam_search(model_config: ModelConfig, params, images, *, beam_size: int = 4
     seq = jax.lax.dynamic_update_slice(seq, token[:, :, None], (0, 0, step))
     finished = jnp.take_along_axis(finished, source, axis=1) | (token == tokens.EOS)
     flat_source = (jnp.arange(batch)[:, None] * k + source).reshape(-1)
-    cache = jax.tree.map(lambda x: _gather_beams(x, flat_source, batch * k), cache)
+    # The same reordering in every view.
+    flat_source = (jnp.arange(views)[:, None] * (batch * k) + flat_source).reshape(-1)
+    cache = jax.tree.map(lambda x: _gather_beams(x, flat_source, views * batch * k), cache)
     return step + 1, seq, log_prob, finished, token, cache
 
   # All beams start as copies of one <sos>; -inf on the copies keeps them from duplicating.
@@ -218,9 +268,10 @@ def _gather_beams(x, flat_source, rows):
 
 
 def decode(model_config: ModelConfig, params, images, *, beam_size: int = 1,
-           alpha: float = 0.6, max_length: int | None = None):
-  """Greedy for beam_size 1, else beam search. Returns (tokens, log_prob)."""
+           alpha: float = 0.6, max_length: int | None = None, views: int = 1):
+  """Greedy for beam_size 1, else beam search; over `views` shifted copies of each image.
+  Returns (tokens, log_prob)."""
   if beam_size == 1:
-    return greedy_decode(model_config, params, images, max_length=max_length)
+    return greedy_decode(model_config, params, images, max_length=max_length, views=views)
   return beam_search(model_config, params, images, beam_size=beam_size, alpha=alpha,
-                     max_length=max_length)
+                     max_length=max_length, views=views)

@@ -2,7 +2,7 @@ r"""Draw-and-read web demo: draw a line of digits with the mouse, a pen or a fin
 Classify, and see what the model reads.
 
   python -m digit_vit.demo --workdir=runs/default [--host=127.0.0.1] [--port=8000] \
-      [--beam_size=4] [--checkpoint=best]
+      [--beam_size=4] [--views=5] [--checkpoint=best]
 
 then open the printed address in a browser. The page (digit_vit/web/) is served from this
 process with no asset from the internet, so the demo runs offline. It shows the raw tokens
@@ -12,7 +12,7 @@ attention map of every output token; an image file can be uploaded instead of dr
 HTTP interface (all JSON except the page itself):
 
   GET  /               the page; GET /static/NAME: its script and style
-  GET  /api/info       {"height", "width", "max_digits", "beam_size", "step",
+  GET  /api/info       {"height", "width", "max_digits", "beam_size", "views", "step",
                         "max_request_bytes", "max_pixels"}
   POST /api/read       body {"image": "data:image/png;base64,..."} (or the raw image bytes)
     200  {"digits": "101", "tokens": [1, 0, 1, 11, 12, ...], "token_names": ["1", ...],
@@ -148,7 +148,7 @@ class DemoServer(ThreadingHTTPServer):
   def info(self) -> dict[str, Any]:
     r = self.reader
     return {"height": r.height, "width": r.width, "max_digits": int(r.config.max_digits),
-            "beam_size": r.beam_size, "step": int(r.step),
+            "beam_size": r.beam_size, "views": r.views, "step": int(r.step),
             "max_request_bytes": self.max_request_bytes, "max_pixels": self.max_pixels}
 
   def read(self, body: bytes, content_type: str) -> dict[str, Any]:
@@ -277,10 +277,12 @@ def make_server(reader: predict.Reader, host: str = "127.0.0.1", port: int = 800
 
 
 def serve(workdir: str, host: str = "127.0.0.1", port: int = 8000, *,
-          beam_size: int | None = None, checkpoint: str | int = "best") -> None:
+          beam_size: int | None = None, views: int | None = None,
+          checkpoint: str | int = "best") -> None:
   """Loads the run in `workdir`, compiles the decoder once, and serves until Ctrl-C."""
   # One image per request: batch 1 is the cheapest fixed shape for the compiled decoder.
-  reader = predict.Reader(workdir, checkpoint=checkpoint, beam_size=beam_size, batch_size=1)
+  reader = predict.Reader(workdir, checkpoint=checkpoint, beam_size=beam_size, views=views,
+                          batch_size=1)
   try:
     server = make_server(reader, host, port)
   except OSError as e:
@@ -290,8 +292,8 @@ def serve(workdir: str, host: str = "127.0.0.1", port: int = 8000, *,
   stroke = np.zeros((28, 28), np.float32)
   stroke[4:24, 12:16] = 1.0  # Any image with ink compiles the decoder before the first visitor.
   reader.read([stroke], attention=True)
-  log.info("Loaded %s (step %d, beam %d); compiled in %.1f s.", workdir, reader.step,
-           reader.beam_size, time.perf_counter() - start)
+  log.info("Loaded %s (step %d, beam %d, %d view(s)); compiled in %.1f s.", workdir,
+           reader.step, reader.beam_size, reader.views, time.perf_counter() - start)
   log.info("Serving the demo at %s (Ctrl-C stops).", server.url)
   try:
     server.serve_forever()
@@ -321,6 +323,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                       help="port to listen on (default %(default)s; 0 picks a free one)")
   parser.add_argument("--beam_size", type=int, default=None,
                       help="beam size (default: the run's config.decode; 1 = greedy)")
+  parser.add_argument("--views", type=int, default=None,
+                      help="test-time shifted views averaged per token (default: the run's "
+                           "config.decode; 1 = the image alone)")
   parser.add_argument("--checkpoint", type=_checkpoint, default="best",
                       help="'best' (by validation, the default), 'latest' or a step")
   return parser.parse_args(argv)
@@ -337,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   log.propagate = False
   logs.quiet_libraries()
   try:
-    serve(args.workdir, args.host, args.port, beam_size=args.beam_size,
+    serve(args.workdir, args.host, args.port, beam_size=args.beam_size, views=args.views,
           checkpoint=args.checkpoint)
   except (FileNotFoundError, ValueError) as e:  # A wrong --workdir, --checkpoint or --port.
     print(f"error: {e}", file=sys.stderr)

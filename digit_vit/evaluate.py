@@ -1,11 +1,14 @@
 r"""Evaluates checkpoints of a training run on its splits, decoding greedily or by beam search.
 
   python -m digit_vit.evaluate --workdir=runs/long [--checkpoint=best] [--splits=test] \
-      [--beam_size=4] [--alpha=0.6] [--num_examples=-1] [--output=FILE.json]
+      [--beam_size=4] [--alpha=0.6] [--views=5] [--num_examples=-1] [--noema] \
+      [--output=FILE.json]
   python -m digit_vit.evaluate --workdir=runs/long --checkpoint=10000,12000  # mean of the two
 
 Training evaluates its last parameters greedily; this measures any kept checkpoint, the mean of
-several (`--checkpoint` with commas), and beam search, with the same metrics as `report.json`
+several (`--checkpoint` with commas), beam search, test-time views (`--views`), and the raw
+parameters of a run that kept a moving average (`--noema`), with the same metrics as
+`report.json`
 (keys prefixed by the split: `test_exact_match`, `test_cer`, ...). The metrics are printed and
 written as JSON, by default to `workdir/evaluation_<checkpoints>_beam<k>.json`.
 """
@@ -30,32 +33,42 @@ SUMMARY_KEYS = ("exact_match", "cer", "token_accuracy", "accuracy", "no_eos", "w
 
 
 def output_path(workdir: str | os.PathLike, checkpoints: Sequence[trained.Checkpoint],
-                beam_size: int) -> pathlib.Path:
-  """`workdir/evaluation_best_beam4.json`, `..._10000+12000_beam1.json`, ..."""
+                beam_size: int, ema: bool = True, views: int = 1) -> pathlib.Path:
+  """`workdir/evaluation_best_beam4.json`, `..._10000+12000_beam1.json`,
+  `..._latest_beam1_views5.json`, `..._latest_beam1_noema.json` (the raw parameters of a run
+  that kept a moving average)."""
   name = "+".join(str(c) for c in checkpoints)
-  return pathlib.Path(workdir) / f"evaluation_{name}_beam{beam_size}.json"
+  suffix = (f"_views{views}" if views > 1 else "") + ("" if ema else "_noema")
+  return pathlib.Path(workdir) / f"evaluation_{name}_beam{beam_size}{suffix}.json"
 
 
 def evaluate(workdir: str | os.PathLike, *, checkpoints: Sequence[trained.Checkpoint] = ("best",),
              splits: Sequence[str] | None = None, beam_size: int | None = None,
              alpha: float | None = None, num_examples: int = -1,
-             data_dir: str | None = None) -> dict[str, Any]:
+             data_dir: str | None = None, ema: bool = True,
+             views: int | None = None) -> dict[str, Any]:
   """Metrics of the (mean) parameters of `checkpoints` of `workdir` on each of `splits`.
 
   Args:
     checkpoints: 'best', 'latest' or steps; several are averaged parameter by parameter.
     splits: default: the run's `config.eval_splits`.
     beam_size, alpha: decoding of a reader (default: the run's `config.decode`; 1 = greedy).
+    views: test-time shifted views of each image whose probabilities are averaged (default:
+      the run's `config.decode`; 1 = the image alone).
     num_examples: the first this many examples of each split; -1 = all.
     data_dir: where the built dataset is (default: the run's `config.data.data_dir`).
+    ema: read with the moving average of the parameters where the run kept one
+      (`config.ema_decay` > 0); False: the raw parameters.
 
   Returns:
-    {'checkpoints', 'steps', 'splits', 'beam_size', 'alpha', '<split>_<metric>', ...}.
+    {'checkpoints', 'steps', 'splits', 'beam_size', 'alpha', 'views', 'ema',
+    '<split>_<metric>', ...};
+    `ema` says whether a moving average was read.
   """
   # Imported here: the training module brings the input pipeline and TensorFlow.
   from digit_vit import train  # pylint: disable=import-outside-toplevel
   config = trained.load_config(workdir)
-  beam_size, alpha = trained.decoding(config, beam_size, alpha)
+  beam_size, alpha, views = trained.decoding(config, beam_size, alpha, views)
   splits = list(config.eval_splits if splits is None else splits)
   unknown = [s for s in splits if s not in input_pipeline.SPLITS]
   if unknown or not splits:
@@ -63,11 +76,14 @@ def evaluate(workdir: str | os.PathLike, *, checkpoints: Sequence[trained.Checkp
                      f"{', '.join(input_pipeline.SPLITS)}")
   if data_dir is not None:
     config.data.data_dir = data_dir
-  params, steps = trained.restore_average(workdir, config, checkpoints)
+  params, steps = trained.restore_average(workdir, config, checkpoints, ema=ema)
   evaluator = train.Evaluator(config, build_model(config), train.create_mesh(),
-                              train.input_module(config), beam_size=beam_size, alpha=alpha)
+                              train.input_module(config), beam_size=beam_size, alpha=alpha,
+                              views=views)
   result: dict[str, Any] = {"checkpoints": [str(c) for c in checkpoints], "steps": steps,
-                            "splits": splits, "beam_size": beam_size, "alpha": alpha}
+                            "splits": splits, "beam_size": beam_size, "alpha": alpha,
+                            "views": views,
+                            "ema": ema and float(config.get("ema_decay", 0.0)) > 0}
   for split in splits:
     split_metrics, _ = evaluator(params, split, num_examples)
     result.update({f"{split}_{k}": v for k, v in split_metrics.items()})
@@ -76,7 +92,9 @@ def evaluate(workdir: str | os.PathLike, *, checkpoints: Sequence[trained.Checkp
 
 def format_result(result: dict[str, Any]) -> str:
   """A line of decoding settings, then one a split with its headline metrics."""
-  lines = [f"steps {result['steps']}, beam {result['beam_size']} (alpha {result['alpha']})"]
+  params = "moving average" if result.get("ema") else "parameters"
+  lines = [f"{params} of steps {result['steps']}, beam {result['beam_size']} "
+           f"(alpha {result['alpha']}), {result.get('views', 1)} view(s)"]
   for split in result["splits"]:
     parts = [f"{k}={result[f'{split}_{k}']:.4g}" for k in SUMMARY_KEYS
              if f"{split}_{k}" in result]
@@ -100,6 +118,11 @@ def define_flags():
   flags.DEFINE_integer("num_examples", -1, "Examples of each split to evaluate; -1 = all.")
   flags.DEFINE_string("data_dir", None, "The built dataset's directory (default: the run's "
                       "config.data.data_dir).")
+  flags.DEFINE_integer("views", None, "Test-time views: read this many shifted copies of each "
+                       "image and average their probabilities (default: the run's "
+                       "config.decode; 1 = the image alone).")
+  flags.DEFINE_bool("ema", True, "Read with the moving average of the parameters where the run "
+                    "kept one (config.ema_decay > 0); --noema reads the raw parameters.")
   flags.DEFINE_string("output", None, "JSON file for the metrics (default: "
                       "workdir/evaluation_<checkpoints>_beam<k>.json).")
 
@@ -118,11 +141,13 @@ def main(argv):
   try:
     result = evaluate(FLAGS.workdir, checkpoints=checkpoints, splits=FLAGS.splits,
                       beam_size=FLAGS.beam_size, alpha=FLAGS.alpha,
-                      num_examples=FLAGS.num_examples, data_dir=FLAGS.data_dir)
+                      num_examples=FLAGS.num_examples, data_dir=FLAGS.data_dir, ema=FLAGS.ema,
+                      views=FLAGS.views)
   except (ValueError, FileNotFoundError) as e:
     raise app.UsageError(str(e)) from None
   path = pathlib.Path(FLAGS.output or output_path(FLAGS.workdir, checkpoints,
-                                                  result["beam_size"]))
+                                                  result["beam_size"], FLAGS.ema,
+                                                  result["views"]))
   path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
   print(format_result(result))
   print(f"wrote {path}")

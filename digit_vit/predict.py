@@ -1,7 +1,7 @@
 r"""Reads digits from image files with a trained model.
 
   python -m digit_vit.predict --workdir=runs/default IMAGE_OR_DIR... \
-      [--output=readings.csv] [--attention=maps/] [--beam_size=4]
+      [--output=readings.csv] [--attention=maps/] [--beam_size=4] [--views=5]
 
 Any image Pillow opens (PNG, JPEG, BMP, ...) of any size, grey or colour, light ink on a dark
 background or dark ink on light paper: `to_canvas` detects the polarity, crops to the ink and
@@ -235,16 +235,19 @@ class Reader:
   Args:
     workdir: a training run's directory (config.json and checkpoints/).
     checkpoint: 'best', 'latest' or a step (see `trained.restore_params`).
-    beam_size, alpha: decoding (default: the run's config.decode; 1 = greedy).
+    beam_size, alpha, views: decoding (default: the run's config.decode; 1 = greedy on the
+      image alone).
     batch_size: images per call of the compiled decoder; every call has this shape.
   """
 
   def __init__(self, workdir: str | os.PathLike, *, checkpoint: str | int = "best",
-               beam_size: int | None = None, alpha: float | None = None, batch_size: int = 16):
+               beam_size: int | None = None, alpha: float | None = None,
+               views: int | None = None, batch_size: int = 16):
     self.config = load_config(workdir)
     self.model_config = ModelConfig.from_config(self.config.model)
     self.params, self.step = trained.restore_params(workdir, self.config, checkpoint)
-    self.beam_size, self.alpha = trained.decoding(self.config, beam_size, alpha)
+    self.beam_size, self.alpha, self.views = trained.decoding(self.config, beam_size, alpha,
+                                                              views)
     if batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     self.batch_size = batch_size
@@ -255,7 +258,8 @@ class Reader:
   def _read_fn(self, params, images):
     self.traces += 1
     outputs, log_prob = decode.decode(self.model_config, params, images,
-                                      beam_size=self.beam_size, alpha=self.alpha)
+                                      beam_size=self.beam_size, alpha=self.alpha,
+                                      views=self.views)
     return outputs, log_prob, cross_attention(self.model_config, params, images, outputs)
 
   def read(self, images: Sequence[np.ndarray | Image.Image], *, attention: bool = False,
@@ -422,6 +426,9 @@ def define_flags():
   flags.DEFINE_integer("beam_size", None, "Beam size (default: the run's config.decode; 1 = "
                        "greedy).")
   flags.DEFINE_float("alpha", None, "Beam length normalisation (default: the run's config).")
+  flags.DEFINE_integer("views", None, "Test-time views: shifted copies of each image whose "
+                       "probabilities are averaged (default: the run's config.decode; 1 = the "
+                       "image alone).")
   flags.DEFINE_integer("batch_size", 16, "Images per call of the compiled decoder.")
 
 
@@ -463,7 +470,8 @@ def main(argv):
     raise app.UsageError(f"--checkpoint={e}") from None
   predictions = run(FLAGS.workdir, argv[1:], output=FLAGS.output,
                     attention_dir=FLAGS.attention, checkpoint=checkpoint,
-                    beam_size=FLAGS.beam_size, alpha=FLAGS.alpha, batch_size=FLAGS.batch_size)
+                    beam_size=FLAGS.beam_size, alpha=FLAGS.alpha, views=FLAGS.views,
+                    batch_size=FLAGS.batch_size)
   failures = sum(p.error is not None for p in predictions)
   if failures:
     print(f"{failures} of {len(predictions)} file(s) could not be read", file=sys.stderr)

@@ -17,6 +17,10 @@ normalised once by the global sum of token weights, so any split of the batch gi
 update. The canonical state is always the jit form (global arrays): evaluation and checkpoints
 use it, and the pmap path converts to and from it around its steps.
 
+Moving average. With `config.ema_decay` > 0 the state also keeps an exponential moving average
+of the parameters, updated inside the step; every evaluation, the best checkpoint's metric and
+reading (`trained.restore_params`) use it, and checkpoints hold both.
+
 Randomness: dropout at step t uses fold_in(state.rng, t) (and the device index under pmap), so a
 resumed run draws exactly what an uninterrupted one would; the input order is the pipeline's,
 resumed with `start_step`.
@@ -51,8 +55,14 @@ OPTIMIZERS = ("adamw", "sgd")
 
 
 class TrainState(train_state.TrainState):
-  """Step, params, optimiser state and the base dropout key (a raw uint32 [2] key)."""
+  """Step, params, optimiser state, the base dropout key (a raw uint32 [2] key) and, when
+  `config.ema_decay` > 0, an exponential moving average of the params (else None)."""
   rng: jax.Array
+  ema_params: Any = None
+
+  def eval_params(self):
+    """The parameters to evaluate and read with: the moving average when kept."""
+    return self.params if self.ema_params is None else self.ema_params
 
 
 # ----------------------------------------------------------------------------------------------
@@ -63,6 +73,7 @@ def check_config(config) -> None:
   """Fails early, saying what to change, on settings the step cannot run with."""
   if config.parallelism not in PARALLELISM:
     raise ValueError(f"config.parallelism={config.parallelism!r} is not one of {PARALLELISM}")
+  check_ema_decay(config)
   devices, processes = jax.device_count(), jax.process_count()
   for name in ("batch_size", "eval_batch_size"):
     size = int(config[name])
@@ -114,8 +125,35 @@ def create_optimizer(config, learning_rate_fn) -> optax.GradientTransformation:
   return optimizer
 
 
+def check_ema_decay(config) -> float:
+  """config.ema_decay as a float in [0, 1); 0 = no moving average."""
+  decay = float(config.get("ema_decay", 0.0))
+  if not 0.0 <= decay < 1.0:
+    raise ValueError(f"config.ema_decay={decay} must be in [0, 1): 0 keeps no moving average, "
+                     "0.999 averages over about the last 1,000 steps")
+  return decay
+
+
+def update_ema(ema_params, params, decay: float, step):
+  """One step of the moving average of the parameters.
+
+  The decay is capped at (1 + step) / (10 + step), so the average is not held back by the
+  initial parameters during the first steps (as TensorFlow's ExponentialMovingAverage with
+  `num_updates`).
+
+  Args:
+    ema_params, params: pytrees of the same structure.
+    decay: the decay once the run is long under way, in [0, 1).
+    step: the optimiser step that produced `params` (0 for the first).
+  """
+  step = jnp.asarray(step, jnp.float32)
+  d = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+  return jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema_params, params)
+
+
 def create_train_state(config, model, tx, mesh) -> TrainState:
-  """Initialises parameters (float32) and optimiser state, replicated over `mesh`."""
+  """Initialises parameters (float32), optimiser state and, with `config.ema_decay` > 0, the
+  parameters' moving average, replicated over `mesh`."""
   height, width = config.model.image_height, config.model.image_width
   images = jnp.zeros((1, height, width, config.model.image_channels), jnp.float32)
   inputs = (images,)
@@ -125,7 +163,9 @@ def create_train_state(config, model, tx, mesh) -> TrainState:
   def init(rng):
     params_rng, dropout_rng = jax.random.split(rng)
     params = model.init({"params": params_rng}, *inputs)["params"]
-    return TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=dropout_rng)
+    ema_params = params if check_ema_decay(config) > 0 else None
+    return TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=dropout_rng,
+                             ema_params=ema_params)
 
   replicated = NamedSharding(mesh, P())
   return jax.jit(init, out_shardings=replicated)(jax.random.PRNGKey(config.seed))
@@ -199,6 +239,9 @@ def train_step(state: TrainState, batch, *, config, model, learning_rate_fn,
   weight = jnp.maximum(sums["weight"], 1e-9)
   grads = jax.tree.map(lambda g: g / weight, grads)
   new_state = state.apply_gradients(grads=grads)
+  if state.ema_params is not None:
+    new_state = new_state.replace(ema_params=update_ema(
+        state.ema_params, new_state.params, check_ema_decay(config), state.step))
   step_metrics = {
       "loss": sums["loss"] / weight,
       "accuracy": sums["correct"] / jnp.maximum(sums["count"], 1.0),
@@ -208,11 +251,13 @@ def train_step(state: TrainState, batch, *, config, model, learning_rate_fn,
   return new_state, step_metrics
 
 
-def eval_step(params, batch, *, config, model, beam_size: int = 1, alpha: float = 0.6):
+def eval_step(params, batch, *, config, model, beam_size: int = 1, alpha: float = 0.6,
+              views: int = 1):
   """Metric sums of one evaluation batch (padding rows, mask False, count for nothing).
 
   Args:
-    beam_size, alpha: how a reader decodes (`decode.decode`); training evaluates greedily.
+    beam_size, alpha, views: how a reader decodes (`decode.decode`); training evaluates
+      greedily on the images alone.
 
   Returns:
     (sums, predictions): sums as in `metrics` plus the teacher-forced `loss` and `weight`;
@@ -223,7 +268,7 @@ def eval_step(params, batch, *, config, model, beam_size: int = 1, alpha: float 
   loss_sums = {"loss": sums["loss"], "weight": sums["weight"]}
   if config.task == "read":
     outputs, _ = decode.decode(model.config, params, batch["image"], beam_size=beam_size,
-                               alpha=alpha)
+                               alpha=alpha, views=views)
     _, targets = tokens.split_decoder_io(batch["tokens"])
     return {**metrics.reading_sums(outputs, targets, batch["mask"],
                                    max_digits=config.max_digits), **loss_sums}, outputs
@@ -313,13 +358,13 @@ class Evaluator:
   """Evaluates parameters on a split with a compiled `eval_step` decoding as asked."""
 
   def __init__(self, config, model, mesh, input_module, *, beam_size: int = 1,
-               alpha: float = 0.6):
+               alpha: float = 0.6, views: int = 1):
     self.config = config
     self.input_module = input_module
     self.data_sharding = NamedSharding(mesh, P("data"))
     replicated = NamedSharding(mesh, P())
     step = functools.partial(eval_step, config=config, model=model, beam_size=beam_size,
-                             alpha=alpha)
+                             alpha=alpha, views=views)
     self._step = xla_options.jit(step,
                                  in_shardings=(replicated, self.data_sharding),
                                  out_shardings=(replicated, self.data_sharding))
@@ -490,7 +535,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         state = stepper.to_canonical(state)
       checkpoint_metrics = None
       if do_eval:
-        validation, _ = evaluate(state.params, "validation", config.num_eval_examples)
+        validation, _ = evaluate(state.eval_params(), "validation", config.num_eval_examples)
         writer.write_scalars(step, {f"validation_{k}": v for k, v in validation.items()})
         history.append(step, "validation", validation)
         checkpoint_metrics = {f"validation_{best}": validation[best]}
@@ -510,7 +555,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     report["train_images_per_second"] = float(np.median(rates[1:] if len(rates) > 1 else rates))
   sample = None
   for split in config.eval_splits:
-    split_metrics, split_sample = evaluate(state.params, split)
+    split_metrics, split_sample = evaluate(state.eval_params(), split)
     writer.write_scalars(num_steps, {f"final_{split}_{k}": v for k, v in split_metrics.items()})
     report.update({f"{split}_{k}": v for k, v in split_metrics.items()})
     sample = split_sample if split == "test" or sample is None else sample

@@ -9,12 +9,12 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import ml_collections
 
-from digit_vit import checkpointing
+from digit_vit import checkpointing, decode
 from digit_vit.models import build_model
 
 Checkpoint = str | int  # 'best', 'latest' or a step number.
@@ -47,43 +47,58 @@ def parse_checkpoint(value: str) -> Checkpoint:
     raise ValueError(f"{value!r}: use 'best', 'latest' or a step number") from None
 
 
-def decoding(config, beam_size: int | None = None,
-             alpha: float | None = None) -> tuple[int, float]:
-  """(beam_size, alpha) for reading with a run's model: the given values, else the run's
-  `config.decode` (runs saved before it existed read greedily, alpha 0.6).
+class Decoding(NamedTuple):
+  """How a trained reader reads: `decode.decode`'s beam_size, alpha and views."""
+  beam_size: int
+  alpha: float
+  views: int
 
-  Raises ValueError for a beam size below 1 (1 = greedy), and for beam search (> 1) with a
-  classifier run, which has no sequence to search.
+
+def decoding(config, beam_size: int | None = None, alpha: float | None = None,
+             views: int | None = None) -> Decoding:
+  """How to read with a run's model: the given values, else the run's `config.decode` (runs
+  saved before a field existed read greedily, alpha 0.6, one view).
+
+  Raises ValueError for a beam size below 1 (1 = greedy), for beam search (> 1) or several
+  views with a classifier run, which has no sequence to decode, and for a number of views
+  outside 1..len(decode.VIEW_SHIFTS).
   """
   decode_config = config.get("decode", {})
   beam_size = int(decode_config.get("beam_size", 1) if beam_size is None else beam_size)
   alpha = float(decode_config.get("alpha", 0.6) if alpha is None else alpha)
+  views = int(decode_config.get("views", 1) if views is None else views)
   if beam_size < 1:
     raise ValueError(f"beam_size must be >= 1 (1 = greedy decoding), got {beam_size}")
-  if beam_size > 1 and config.get("task", "read") != "read":
-    raise ValueError(f"beam search only applies to readers; this is a "
-                     f"config.task={config.task!r} run: leave beam_size at 1")
-  return beam_size, alpha
+  decode.check_views(views)
+  if (beam_size > 1 or views > 1) and config.get("task", "read") != "read":
+    raise ValueError(f"beam search and test-time views only apply to readers; this is a "
+                     f"config.task={config.task!r} run: leave beam_size and views at 1")
+  return Decoding(beam_size, alpha, views)
 
 
-def restore_params(workdir: str | os.PathLike, config, checkpoint: Checkpoint = "best"):
+def restore_params(workdir: str | os.PathLike, config, checkpoint: Checkpoint = "best", *,
+                   ema: bool = True):
   """The parameters of a checkpoint of `workdir`.
 
   Args:
     checkpoint: 'best' (by the validation metric the run kept its best checkpoint by),
       'latest', or a step number.
+    ema: the moving average of the parameters where the run kept one (`config.ema_decay` >
+      0), as its evaluations used; False: the optimiser's last iterate.
 
   Returns:
     (params, step).
   """
-  params, steps = restore_average(workdir, config, [checkpoint])
+  params, steps = restore_average(workdir, config, [checkpoint], ema=ema)
   return params, steps[0]
 
 
-def restore_average(workdir: str | os.PathLike, config, checkpoints: Sequence[Checkpoint]):
+def restore_average(workdir: str | os.PathLike, config, checkpoints: Sequence[Checkpoint], *,
+                    ema: bool = True):
   """The mean of the parameters of several checkpoints of `workdir` (one: just its params).
 
   Averaging the last checkpoints of a run is a cheap ensemble of one model's late iterates.
+  `ema` as in `restore_params`.
 
   Returns:
     (params, steps): the steps the checkpoints named, in order.
@@ -123,7 +138,8 @@ def restore_average(workdir: str | os.PathLike, config, checkpoints: Sequence[Ch
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), abstract)
     total = None
     for step in steps:
-      params = manager.restore(abstract, step)[0].params
+      state = manager.restore(abstract, step)[0]
+      params = state.eval_params() if ema else state.params
       total = params if total is None else jax.tree.map(lambda a, b: a + b, total, params)
   finally:
     manager.close()

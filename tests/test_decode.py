@@ -103,3 +103,63 @@ def test_max_length_is_checked():
     decode.greedy_decode(CFG, _params(0), _images(), max_length=CFG.max_length + 1)
   out, _ = decode.greedy_decode(CFG, _params(0), _images(), max_length=2)
   chex.assert_shape(out, (6, 2))
+
+
+# ---- Test-time views
+
+
+def test_shifted_views_move_the_image_by_one_pixel_with_zero_edges():
+  images = _images(2)
+  views = decode.shifted_views(images, len(decode.VIEW_SHIFTS))
+  chex.assert_shape(views, (2 * len(decode.VIEW_SHIFTS), 16, 48, 1))
+  for v, (dy, dx) in enumerate(decode.VIEW_SHIFTS):
+    want = np.zeros_like(np.asarray(images))
+    src = np.asarray(images)
+    h, w = src.shape[1:3]
+    want[:, max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = (
+        src[:, max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)])
+    np.testing.assert_array_equal(views[v * 2:(v + 1) * 2], want, err_msg=f"view {v}")
+  for bad in (0, len(decode.VIEW_SHIFTS) + 1):
+    with pytest.raises(ValueError, match="views must be in"):
+      decode.shifted_views(images, bad)
+
+
+@pytest.mark.parametrize("views", [3, 5])
+def test_greedy_over_views_picks_the_token_of_the_mean_probability(views):
+  """A python loop: every view is run teacher-forced on the chosen prefix, and each token is
+  the argmax of the views' mean probability."""
+  params = _params(1)
+  images = _images(4)
+  shifted = decode.shifted_views(images, views).reshape((views, 4) + images.shape[1:])
+  model = DigitReader(CFG)
+  prefix = np.full((4, 1), tokens.SOS, np.int32)
+  for _ in range(CFG.max_length):
+    probs = np.mean([np.exp(decode.next_token_log_probs(
+        model.apply({"params": params}, shifted[v], jnp.asarray(prefix))[:, -1]))
+                     for v in range(views)], axis=0)
+    prefix = np.concatenate([prefix, probs.argmax(-1)[:, None]], axis=1)
+  expected = prefix[:, 1:]
+  for row in expected:
+    eos = np.flatnonzero(row == tokens.EOS)
+    if eos.size:
+      row[eos[0] + 1:] = tokens.PAD
+  out, _ = jax.jit(functools.partial(decode.greedy_decode, CFG, views=views))(params, images)
+  np.testing.assert_array_equal(out, expected)
+  _assert_contract(out)
+  beam, _ = decode.decode(CFG, params, images, beam_size=1, views=views)
+  np.testing.assert_array_equal(beam, out)  # A beam of one is greedy over views too.
+
+
+def test_beam_search_over_views_returns_its_log_prob_under_the_mean():
+  params, images, views = _params(1), _images(), 3
+  beam, lp_beam = decode.beam_search(CFG, params, images, beam_size=3, alpha=0.0, views=views)
+  chex.assert_shape(beam, (6, CFG.max_length))
+  _assert_contract(beam)
+  decoder_inputs = jnp.concatenate([jnp.full((6, 1), tokens.SOS), beam[:, :-1]], axis=1)
+  shifted = decode.shifted_views(images, views)
+  logits = DigitReader(CFG).apply({"params": params}, shifted, jnp.tile(decoder_inputs, (3, 1)))
+  mean_lp = decode.mean_over_views(decode.next_token_log_probs(logits).reshape(
+      views * 6, -1), views).reshape(6, CFG.max_length, -1)
+  token_lp = jnp.take_along_axis(mean_lp, beam[..., None], -1)[..., 0]
+  valid = np.cumsum(np.asarray(beam) == tokens.EOS, axis=1) - (np.asarray(beam) == tokens.EOS)
+  np.testing.assert_allclose((token_lp * (valid == 0)).sum(-1), lp_beam, rtol=1e-4, atol=1e-4)

@@ -151,7 +151,7 @@ def test_info(server, reader):
   assert status == 200
   assert json.loads(body) == {
       "height": 16, "width": 48, "max_digits": 3, "beam_size": reader.beam_size,
-      "step": reader.step, "max_request_bytes": demo.MAX_REQUEST_BYTES,
+      "views": reader.views, "step": reader.step, "max_request_bytes": demo.MAX_REQUEST_BYTES,
       "max_pixels": predict.MAX_PIXELS}
 
 
@@ -241,7 +241,7 @@ def test_concurrent_requests_all_get_the_reading(server, reader, test_image):
 
 class _BrokenReader:
   """Stands in for a Reader whose model call fails."""
-  height, width, beam_size, step = 16, 48, 1, 0
+  height, width, beam_size, views, step = 16, 48, 1, 1, 0
 
   def read(self, images, attention=False):
     raise RuntimeError("the model fell over")
@@ -266,7 +266,7 @@ def test_command_line(tmp_path, capsys):
     demo.main(["--help"])
   assert exit_info.value.code == 0
   usage = capsys.readouterr().out
-  for flag in ("--workdir", "--host", "--port", "--beam_size", "--checkpoint"):
+  for flag in ("--workdir", "--host", "--port", "--beam_size", "--views", "--checkpoint"):
     assert flag in usage
   assert demo.main([f"--workdir={tmp_path / 'missing'}"]) == 2
   assert "config.json not found" in capsys.readouterr().err

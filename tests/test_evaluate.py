@@ -84,9 +84,10 @@ def test_beam_search_on_a_classifier_run_is_an_error(tmp_path):
 
 
 @pytest.mark.parametrize("decode_config, given, expected", [
-    ({"beam_size": 4, "alpha": 0.3}, (None, None), (4, 0.3)),  # The run's choice.
-    ({"beam_size": 4, "alpha": 0.3}, (1, 0.0), (1, 0.0)),     # Given values win, 0.0 included.
-    (None, (None, None), (1, 0.6)),                           # Runs saved before config.decode.
+    ({"beam_size": 4, "alpha": 0.3, "views": 5}, (None, None, None), (4, 0.3, 5)),  # The run's.
+    ({"beam_size": 4, "alpha": 0.3, "views": 5}, (1, 0.0, 1), (1, 0.0, 1)),  # Given values win.
+    ({"beam_size": 4, "alpha": 0.3}, (None, None, None), (4, 0.3, 1)),  # Saved before views.
+    (None, (None, None, None), (1, 0.6, 1)),                 # Runs saved before config.decode.
 ])
 def test_predict_and_evaluate_share_one_decoding_rule(decode_config, given, expected):
   config = ml_collections.ConfigDict({"task": "read"})
@@ -99,6 +100,22 @@ def test_a_beam_of_zero_is_an_error_not_the_configs_default():
   config = ml_collections.ConfigDict({"task": "read", "decode": {"beam_size": 4, "alpha": 0.6}})
   with pytest.raises(ValueError, match="beam_size must be >= 1"):
     trained.decoding(config, beam_size=0)
+  for views in (0, 10):
+    with pytest.raises(ValueError, match=r"views must be in 1\.\.9"):
+      trained.decoding(config, views=views)
+  with pytest.raises(ValueError, match="leave beam_size and views at 1"):
+    trained.decoding(ml_collections.ConfigDict({"task": "classify"}), views=3)
+
+
+@pytest.mark.slow
+def test_views_change_only_the_free_running_metrics(tiny_workdir):
+  single = evaluate.evaluate(tiny_workdir, checkpoints=["latest"], splits=["test"], views=1)
+  viewed = evaluate.evaluate(tiny_workdir, checkpoints=["latest"], splits=["test"], views=5,
+                             beam_size=2)
+  assert (viewed["views"], viewed["beam_size"], single["views"]) == (5, 2, 1)
+  np.testing.assert_allclose(viewed["test_loss"], single["test_loss"], rtol=1e-6)
+  assert viewed["test_num_examples"] == 100
+  assert 0.0 <= viewed["test_exact_match"] <= 1.0 and 0.0 <= viewed["test_cer"]
 
 
 def test_a_directory_without_a_run_is_an_error(tmp_path):
@@ -110,6 +127,10 @@ def test_output_names_say_which_checkpoints_and_beam():
   assert evaluate.output_path("runs/x", ["best"], 4) == pathlib.Path(
       "runs/x/evaluation_best_beam4.json")
   assert evaluate.output_path("runs/x", [20, 30], 1).name == "evaluation_20+30_beam1.json"
+  assert evaluate.output_path("runs/x", ["latest"], 1, ema=False).name == (
+      "evaluation_latest_beam1_noema.json")
+  assert evaluate.output_path("runs/x", ["best"], 4, views=5).name == (
+      "evaluation_best_beam4_views5.json")
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from digit_vit import predict
+from digit_vit import decode, predict
 from digit_vit.models import tokens
 
 H, W = 32, 192
@@ -216,3 +216,15 @@ def test_command_line_prints_writes_csv_and_maps_and_fails_on_bad_files(tiny_wor
   assert (maps / "one.png.attention.png").is_file()
   assert (maps / "sub" / "two.bmp.attention.png").is_file()
   assert not (maps / "blank.png.attention.png").exists()
+
+
+def test_reader_with_test_time_views_reads_as_the_decoder_does(tiny_workdir):
+  reader = predict.Reader(tiny_workdir, batch_size=8, views=3)
+  assert (reader.beam_size, reader.views) == (1, 3)
+  images, _ = _test_lines(tiny_workdir, 8)
+  predictions = reader.read(list(images))
+  canvases = np.stack([predict.to_canvas(i, reader.height, reader.width) for i in images])
+  want, log_prob = decode.decode(reader.model_config, reader.params, canvases[..., None],
+                                 views=3)
+  assert [p.tokens for p in predictions] == np.asarray(want).tolist()
+  np.testing.assert_allclose([p.log_prob for p in predictions], log_prob, rtol=1e-4, atol=1e-5)

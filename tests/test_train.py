@@ -278,3 +278,70 @@ def test_jit_train_steps_make_no_implicit_host_transfers():
   assert int(jax.device_get(state.step)) == 4
   assert old_params["decoder"]["logits"]["bias"].is_deleted()  # Donated, not copied.
   assert np.isfinite(jax.device_get(step_metrics["loss"]))
+
+
+# ---- Moving average of the parameters
+
+
+def test_update_ema_by_hand():
+  ema, params = {"w": np.float32([1.0, 2.0])}, {"w": np.float32([3.0, 6.0])}
+  # Step 0: the decay is capped at 1/10, so the average is mostly the new params.
+  np.testing.assert_allclose(train.update_ema(ema, params, 0.999, 0)["w"],
+                             0.1 * ema["w"] + 0.9 * params["w"], rtol=1e-6)
+  # Late in a run the configured decay holds: (1 + 10^6) / (10 + 10^6) > 0.99.
+  np.testing.assert_allclose(train.update_ema(ema, params, 0.99, 10**6)["w"],
+                             0.99 * ema["w"] + 0.01 * params["w"], rtol=1e-6)
+  config = config_lib.load("tiny")
+  for bad in (1.0, -0.1):
+    config.ema_decay = bad
+    with pytest.raises(ValueError, match="ema_decay"):
+      train.check_config(config)
+
+
+@pytest.mark.slow
+def test_ema_is_kept_checkpointed_and_read_with(tmp_path):
+  """The train step updates the average from the new params, evaluation and reading use it."""
+  from digit_vit import trained  # pylint: disable=import-outside-toplevel
+  config = _tiny(num_train_steps=20, learning_rate=3e-3, ema_decay=0.9, eval_every_steps=10,
+                 checkpoint_every_steps=10)
+  mesh = train.create_mesh()
+  model = train.build_model(config)
+  learning_rate_fn = train.create_learning_rate_fn(config)
+  state = train.create_train_state(
+      config, model, train.create_optimizer(config, learning_rate_fn), mesh)
+  assert len(jax.tree.leaves(state.ema_params)) == len(jax.tree.leaves(state.params))
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.random((config.batch_size, 16, 48, 1), np.float32),
+           "tokens": np.tile(np.int32([10, 1, 2, 11, 12]), (config.batch_size, 1))}
+  stepper = train.Stepper(config, model, learning_rate_fn, mesh)
+  for step in range(3):
+    before = jax.device_get(state.ema_params)
+    state, _ = stepper(state, batch)
+    want = train.update_ema(before, jax.device_get(state.params), 0.9, step)
+    for a, b in zip(jax.tree.leaves(jax.device_get(state.ema_params)), jax.tree.leaves(want)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  assert state.eval_params() is state.ema_params
+
+  config.data.data_dir = str(tmp_path / "tfds")
+  report = train.train_and_evaluate(config, str(tmp_path / "run"))
+  saved = ocp.PyTreeCheckpointer().restore(str(tmp_path / "run" / "checkpoints" / "20" / "state"))
+  read, step = trained.restore_params(tmp_path / "run", trained.load_config(tmp_path / "run"),
+                                      "latest")
+  assert step == 20
+  differs = False
+  for a, e, p in zip(jax.tree.leaves(read), jax.tree.leaves(saved["ema_params"]),
+                     jax.tree.leaves(saved["params"])):
+    np.testing.assert_allclose(np.asarray(a), e, atol=1e-7)
+    differs = differs or not np.allclose(e, p)
+  assert differs  # The average is not the last iterate.
+  raw, _ = trained.restore_params(tmp_path / "run", trained.load_config(tmp_path / "run"),
+                                  "latest", ema=False)
+  for a, p in zip(jax.tree.leaves(raw), jax.tree.leaves(saved["params"])):
+    np.testing.assert_allclose(np.asarray(a), p, atol=1e-7)
+  # The report measured the average; evaluate measures either.
+  from digit_vit import evaluate  # pylint: disable=import-outside-toplevel
+  with_ema = evaluate.evaluate(tmp_path / "run", checkpoints=["latest"], splits=["test"])
+  without = evaluate.evaluate(tmp_path / "run", checkpoints=["latest"], splits=["test"], ema=False)
+  assert with_ema["ema"] and not without["ema"]
+  np.testing.assert_allclose(with_ema["test_loss"], report["test_loss"], rtol=1e-6)
+  assert abs(without["test_loss"] - report["test_loss"]) > 1e-6

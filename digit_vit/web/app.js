@@ -148,7 +148,8 @@ function readFile(file) {
 async function showModelInfo() {
   try {
     const info = await (await fetch('/api/info')).json();
-    const decoding = info.beam_size > 1 ? `beam search (beam ${info.beam_size})` : 'greedy';
+    let decoding = info.beam_size > 1 ? `beam search (beam ${info.beam_size})` : 'greedy';
+    if (info.views > 1) decoding += ` over ${info.views} shifted views`;
     $('model-info').textContent =
         `Model: checkpoint of step ${info.step}, reads 1 to ${info.max_digits} digits on a ` +
         `${info.height} × ${info.width} canvas, ${decoding} decoding.`;
