@@ -41,7 +41,9 @@ def get_config(arg=None):
   # AdamW's decoupled decay at the strength ViTs train with (the default's 1e-4 is next to none):
   # single held-out digits 98.3% against 97.9% in configs/digit_probe.py.
   config.weight_decay = 0.05
-  config.ema_decay = 0.999                # Evaluate and read with the parameters' moving average.
+  # Evaluate and read with the parameters' moving average. Measured level with the last iterate
+  # at the end of the cosine schedule (91.25% against 91.35%); kept, as the figures were made so.
+  config.ema_decay = 0.999
   config.eval_every_steps = 2_500
   config.checkpoint_every_steps = 2_500
 

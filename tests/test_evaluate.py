@@ -79,7 +79,7 @@ def test_bad_requests_name_what_to_change(tiny_workdir, kwargs, message):
 
 def test_beam_search_on_a_classifier_run_is_an_error(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps({"task": "classify"}))
-  with pytest.raises(ValueError, match="beam search only applies to readers"):
+  with pytest.raises(ValueError, match="beam search and test-time views only apply to readers"):
     evaluate.evaluate(tmp_path, beam_size=4)
 
 
