@@ -83,7 +83,7 @@ def evaluate(workdir: str | os.PathLike, *, checkpoints: Sequence[trained.Checkp
   result: dict[str, Any] = {"checkpoints": [str(c) for c in checkpoints], "steps": steps,
                             "splits": splits, "beam_size": beam_size, "alpha": alpha,
                             "views": views,
-                            "ema": ema and float(config.get("ema_decay", 0.0)) > 0}
+                            "ema": ema and train.check_ema_decay(config) > 0}
   for split in splits:
     split_metrics, _ = evaluator(params, split, num_examples)
     result.update({f"{split}_{k}": v for k, v in split_metrics.items()})

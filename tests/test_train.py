@@ -257,19 +257,23 @@ def test_classify_task_trains_through_the_same_loop(tmp_path):
   assert (tmp_path / reporting.READINGS_PLOT).exists()
 
 
-def test_jit_train_steps_make_no_implicit_host_transfers():
-  """Inside the loop only the explicit batch upload crosses to the devices: no implicit
-  host<->device copies (the state stays on device, donated from step to step)."""
-  config = config_lib.load("tiny")
+def _state_stepper_and_batch(config):
+  """A fresh train state, its Stepper and one random batch of tiny.py-shaped lines."""
   mesh = train.create_mesh()
   model = train.build_model(config)
   learning_rate_fn = train.create_learning_rate_fn(config)
   state = train.create_train_state(
       config, model, train.create_optimizer(config, learning_rate_fn), mesh)
-  stepper = train.Stepper(config, model, learning_rate_fn, mesh)
   rng = np.random.default_rng(0)
   batch = {"image": rng.random((config.batch_size, 16, 48, 1), np.float32),
            "tokens": np.tile(np.int32([10, 1, 2, 11, 12]), (config.batch_size, 1))}
+  return state, train.Stepper(config, model, learning_rate_fn, mesh), batch
+
+
+def test_jit_train_steps_make_no_implicit_host_transfers():
+  """Inside the loop only the explicit batch upload crosses to the devices: no implicit
+  host<->device copies (the state stays on device, donated from step to step)."""
+  state, stepper, batch = _state_stepper_and_batch(config_lib.load("tiny"))
   state, _ = stepper(state, batch)  # Compiles outside the guard.
   old_params = state.params
   with jax.transfer_guard("disallow"):
@@ -304,16 +308,8 @@ def test_ema_is_kept_checkpointed_and_read_with(tmp_path):
   from digit_vit import trained  # pylint: disable=import-outside-toplevel
   config = _tiny(num_train_steps=20, learning_rate=3e-3, ema_decay=0.9, eval_every_steps=10,
                  checkpoint_every_steps=10)
-  mesh = train.create_mesh()
-  model = train.build_model(config)
-  learning_rate_fn = train.create_learning_rate_fn(config)
-  state = train.create_train_state(
-      config, model, train.create_optimizer(config, learning_rate_fn), mesh)
+  state, stepper, batch = _state_stepper_and_batch(config)
   assert len(jax.tree.leaves(state.ema_params)) == len(jax.tree.leaves(state.params))
-  rng = np.random.default_rng(0)
-  batch = {"image": rng.random((config.batch_size, 16, 48, 1), np.float32),
-           "tokens": np.tile(np.int32([10, 1, 2, 11, 12]), (config.batch_size, 1))}
-  stepper = train.Stepper(config, model, learning_rate_fn, mesh)
   for step in range(3):
     before = jax.device_get(state.ema_params)
     state, _ = stepper(state, batch)
