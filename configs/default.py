@@ -85,6 +85,7 @@ def get_config(arg=None):
   config.model.stem_channels = 16        # Channels of the first conv of the 'conv' stem (doubles per conv).
   config.model.stem_depth = 0            # Residual stride-1 3x3 convs after each strided stem conv ('conv' only).
   config.model.stem_max_channels = 0     # Cap on the stem's doubling channels; 0 = none (256 at 32x8); 'conv' only.
+  config.model.stem_full_res_depth = 0   # Stride-1 3x3 convs at full resolution before the strided ones ('conv' only).
   config.model.width = 128               # d_model of encoder and decoder.
   config.model.num_heads = 4             # Attention heads; 1 is the seeds' single-head attention.
   config.model.mlp_dim = 512             # Hidden width of each block's MLP.

@@ -203,7 +203,43 @@ def test_stem_depth_adds_residual_stride_one_convs():
         jax.random.key(1), images)
 
 
-@pytest.mark.parametrize("option", [{"stem_depth": 1}, {"stem_max_channels": 64}])
+def test_stem_full_res_depth_convolves_the_image_before_striding():
+  images = jax.random.uniform(jax.random.key(0), (2, 32, 16, 1))
+  plain = patch.PatchEmbedding((8, 4), width=12, kind="conv", stem_channels=4)
+  one = patch.PatchEmbedding((8, 4), width=12, kind="conv", stem_channels=4,
+                             stem_full_res_depth=1)
+  two = patch.PatchEmbedding((8, 4), width=12, kind="conv", stem_channels=4,
+                             stem_full_res_depth=2)
+  plain_params = plain.init(jax.random.key(1), images)["params"]
+  one_params = one.init(jax.random.key(1), images)["params"]
+  two_params = two.init(jax.random.key(1), images)["params"]
+  assert set(one_params) == set(plain_params) | {"full_res0"}
+  assert set(two_params) == set(plain_params) | {"full_res0", "full_res1"}
+  # The first maps 1 channel to 4; the next keeps 4; the strided stack then starts from 4.
+  chex.assert_shape(two_params["full_res0"]["kernel"], (9 * 1, 4))
+  chex.assert_shape(two_params["full_res1"]["kernel"], (9 * 4, 4))
+  chex.assert_shape(two_params["conv0"]["kernel"], (9 * 4, 4))
+  chex.assert_shape(two.apply({"params": two_params}, images), (2, 16, 12))
+  # full_res0 is a 'SAME' 3x3 convolution of stride 1 of the image itself.
+  _, state = one.apply({"params": one_params}, images, capture_intermediates=True)
+  kernel = one_params["full_res0"]["kernel"].reshape(3, 3, 1, 4)
+  expected = jax.lax.conv_general_dilated(
+      images, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  np.testing.assert_allclose(state["intermediates"]["full_res0"]["__call__"][0],
+                             expected + one_params["full_res0"]["bias"], rtol=1e-5, atol=1e-6)
+  # The second is residual: zeroed, the two-conv stem equals the one-conv stem.
+  zeroed = dict(two_params, full_res1=jax.tree.map(jnp.zeros_like, two_params["full_res1"]))
+  for name in one_params:
+    zeroed[name] = one_params[name]
+  np.testing.assert_allclose(two.apply({"params": zeroed}, images),
+                             one.apply({"params": one_params}, images), rtol=1e-6)
+  with pytest.raises(ValueError, match="stem_full_res_depth"):
+    patch.PatchEmbedding((8, 4), width=12, kind="conv", stem_full_res_depth=-1).init(
+        jax.random.key(1), images)
+
+
+@pytest.mark.parametrize("option", [{"stem_depth": 1}, {"stem_max_channels": 64},
+                                    {"stem_full_res_depth": 1}])
 def test_stem_options_with_the_linear_embedding_are_an_error(option):
   images = jnp.zeros((1, 32, 16, 1))
   layer = patch.PatchEmbedding((8, 4), width=12, kind="linear", **option)
