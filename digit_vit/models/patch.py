@@ -8,8 +8,8 @@ convolutions of stride 1 after each of them: more of a CNN's feature extraction 
 transformer (+0.5-0.9 points of single-digit accuracy in `configs/digit_probe.py`), at 2-2.6x
 the default reader's train step on a CPU, since they run at every resolution.
 `stem_full_res_depth` puts 3x3 convolutions of stride 1 before the first strided one, at the
-image's own resolution, as a plain CNN's first layers are: the thin strokes that tell a 4 from
-a 9 are seen before any subsampling.
+image's own resolution, as a plain CNN's first layers are, so that thin strokes are seen before
+any subsampling (measured: no gain in `configs/digit_probe.py`, 97.9-98.0% against 98.3%).
 """
 
 from __future__ import annotations
