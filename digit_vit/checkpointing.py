@@ -80,9 +80,23 @@ class Checkpoints:
         shardings to restore onto (e.g. from a freshly initialised state).
     """
     step = self.latest_step() if step is None else step
-    restored = self.manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                      meta=ocp.args.JsonRestore()))
+    try:
+      restored = self.manager.restore(
+          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                        meta=ocp.args.JsonRestore()))
+    except ValueError as error:
+      if "tree structures do not match" not in str(error) or not _unused_fields(abstract_state):
+        raise
+      # Written before the state gained an optional field (`ema_params`, None when unused):
+      # restore what the checkpoint has; the fields it lacks keep their None. A checkpointer
+      # of its own, as the manager has bound the item to the standard handler.
+      state_args = ocp.args.PyTreeRestore(
+          abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state),
+          partial_restore=True)
+      state = ocp.PyTreeCheckpointer().restore(
+          os.path.join(str(self.manager.directory), str(step), "state"), args=state_args)
+      meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+      return state, meta.meta
     return restored.state, restored.meta
 
   def wait(self):
@@ -91,3 +105,8 @@ class Checkpoints:
 
   def close(self):
     self.manager.close()
+
+
+def _unused_fields(state) -> bool:
+  """Whether `state` has an optional field left at None, one that older checkpoints lack."""
+  return getattr(state, "ema_params", False) is None

@@ -20,7 +20,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from digit_vit import config_lib, reporting, train
+from digit_vit import checkpointing, config_lib, reporting, train
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "train_worker.py"
@@ -300,6 +300,34 @@ def test_update_ema_by_hand():
     config.ema_decay = bad
     with pytest.raises(ValueError, match="ema_decay"):
       train.check_config(config)
+
+
+def test_checkpoints_from_before_the_moving_average_restore(tmp_path):
+  """A checkpoint of a TrainState without `ema_params` (written before config.ema_decay
+  existed) restores into today's state with no average; asking it for one is still an error."""
+  from flax.training import train_state  # pylint: disable=import-outside-toplevel
+
+  class OldTrainState(train_state.TrainState):
+    rng: jax.Array
+
+  state, _, _ = _state_stepper_and_batch(_tiny())
+  assert state.ema_params is None
+  old = OldTrainState(step=state.step, apply_fn=state.apply_fn, params=state.params,
+                      tx=state.tx, opt_state=state.opt_state, rng=state.rng)
+  checkpoints = checkpointing.Checkpoints(str(tmp_path / "checkpoints"), keep=1)
+  try:
+    checkpoints.save(7, old, {"input_position": 7, "train_seconds": 1.5})
+    checkpoints.wait()
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    restored, meta = checkpoints.restore(abstract)
+    assert meta == {"input_position": 7, "train_seconds": 1.5}
+    assert restored.ema_params is None
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(old)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="ema_params"):
+      checkpoints.restore(abstract.replace(ema_params=abstract.params))
+  finally:
+    checkpoints.close()
 
 
 @pytest.mark.slow
