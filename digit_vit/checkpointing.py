@@ -85,7 +85,9 @@ class Checkpoints:
           step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                         meta=ocp.args.JsonRestore()))
     except ValueError as error:
-      if "tree structures do not match" not in str(error) or not _unused_fields(abstract_state):
+      # Only the optional field a state may leave at None; any other mismatch stays an error.
+      if ("tree structures do not match" not in str(error)
+          or getattr(abstract_state, "ema_params", False) is not None):
         raise
       # Written before the state gained an optional field (`ema_params`, None when unused):
       # restore what the checkpoint has; the fields it lacks keep their None. A checkpointer
@@ -105,8 +107,3 @@ class Checkpoints:
 
   def close(self):
     self.manager.close()
-
-
-def _unused_fields(state) -> bool:
-  """Whether `state` has an optional field left at None, one that older checkpoints lack."""
-  return getattr(state, "ema_params", False) is None

@@ -109,18 +109,20 @@ class PatchEmbedding(nn.Module):
       x = x.reshape(b, rows, ph, cols, pw, c).transpose(0, 1, 3, 2, 4, 5)
       x = x.reshape(b, rows * cols, ph * pw * c)
       return layers.Dense(self.width, dtype=self.dtype, name="projection")(x)
+
+    def conv(x, channels, stride, name):  # A 3x3 convolution and gelu.
+      return nn.gelu(layers.Dense(channels, dtype=self.dtype, name=name)(
+          _neighbourhoods(x, stride)))
+
     for j in range(self.stem_full_res_depth):
-      y = nn.gelu(layers.Dense(self.stem_channels, dtype=self.dtype, name=f"full_res{j}")(
-          _neighbourhoods(x, (1, 1))))
+      y = conv(x, self.stem_channels, (1, 1), f"full_res{j}")
       x = x + y if j else y  # The first maps the image's channels to stem_channels.
     for i, stride in enumerate(stem_strides((ph, pw))):
       channels = self.stem_channels * 2 ** i
       if self.stem_max_channels:
         channels = min(channels, self.stem_max_channels)
-      x = layers.Dense(channels, dtype=self.dtype, name=f"conv{i}")(_neighbourhoods(x, stride))
-      x = nn.gelu(x)
+      x = conv(x, channels, stride, f"conv{i}")
       for j in range(self.stem_depth):
-        x = x + nn.gelu(layers.Dense(channels, dtype=self.dtype, name=f"conv{i}_{j}")(
-            _neighbourhoods(x, (1, 1))))
+        x = x + conv(x, channels, (1, 1), f"conv{i}_{j}")
     x = layers.Dense(self.width, dtype=self.dtype, name="projection")(x)
     return x.reshape(b, rows * cols, self.width)
