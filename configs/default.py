@@ -108,8 +108,8 @@ def get_config(arg=None):
   config.decode = ml_collections.ConfigDict()
   config.decode.beam_size = 1            # 1 = cached greedy decoding; > 1 = beam search.
   config.decode.alpha = 0.6              # Beam length normalisation ((5 + len) / 6) ** alpha; 0 = none.
-  # Test-time augmentation: read this many copies of each image shifted by a pixel
-  # (decode.VIEW_SHIFTS, 1..9) and pick each token by their mean probability; 1 = the image alone.
+  # Test-time augmentation: read this many copies of each image shifted by one or two pixels
+  # (decode.VIEW_SHIFTS, 1..25) and pick each token by their mean probability; 1 = the image alone.
   config.decode.views = 1
 
   # ---- Training (digit_vit/train.py) ----

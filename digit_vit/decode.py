@@ -4,8 +4,8 @@ Each function is one `lax.while_loop` that is jit-compatible and stops as soon a
 sequence has emitted `<eos>`. The encoder runs once per image and the cross-attention keys and
 values are projected once into the cache, so each step costs one single-token decoder pass.
 
-With `views` > 1 (test-time augmentation) the encoder and the decoder run on one-pixel-shifted
-copies of each image side by side, and every token is chosen by the copies' mean probability.
+With `views` > 1 (test-time augmentation) the encoder and the decoder run on copies of each
+image shifted by one or two pixels side by side, and every token is chosen by the copies' mean probability.
 
 Outputs are raw token rows without `<sos>` (the contract's `[1, 0, 1, 11, 12, 12]` for "101"):
 `<pad>` after the first `<eos>`; a row with no `<eos>` ran to `max_length` without stopping.
@@ -72,10 +72,12 @@ def decode_step(model_config: ModelConfig, params, cache, token, memory):
   return next_token_log_probs(logits[:, 0]), variables["cache"]
 
 
-# Test-time views of an image: (rows, columns) pixel shifts, the unshifted image first. A
-# strided conv stem sees a one-pixel shift as a different sampling of the strokes, so the views
-# disagree where the model is unsure.
-VIEW_SHIFTS = ((0, 0), (0, -1), (0, 1), (-1, 0), (1, 0), (-1, -1), (1, 1), (-1, 1), (1, -1))
+# Test-time views of an image: (rows, columns) pixel shifts, the unshifted image first, then the
+# one-pixel ring, then the two-pixel ring. A strided conv stem sees a shift as a different
+# sampling of the strokes, so the views disagree where the model is unsure.
+VIEW_SHIFTS = ((0, 0), (0, -1), (0, 1), (-1, 0), (1, 0), (-1, -1), (1, 1), (-1, 1), (1, -1),
+               (0, -2), (0, 2), (-2, 0), (2, 0), (-1, -2), (1, 2), (-1, 2), (1, -2),
+               (-2, -1), (2, 1), (-2, 1), (2, -1), (-2, -2), (2, 2), (-2, 2), (2, -2))
 
 
 def check_views(views: int) -> int:
@@ -94,9 +96,11 @@ def shifted_views(images, views: int):
     [views * batch, H, W, C]: rows v * batch .. (v + 1) * batch - 1 hold view v.
   """
   _, h, w, _ = images.shape
-  padded = jnp.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  return jnp.concatenate([padded[:, 1 - dy:1 - dy + h, 1 - dx:1 - dx + w]
-                          for dy, dx in VIEW_SHIFTS[:check_views(views)]], axis=0)
+  shifts = VIEW_SHIFTS[:check_views(views)]
+  p = max(max(abs(dy), abs(dx)) for dy, dx in shifts)
+  padded = jnp.pad(images, ((0, 0), (p, p), (p, p), (0, 0)))
+  return jnp.concatenate([padded[:, p - dy:p - dy + h, p - dx:p - dx + w] for dy, dx in shifts],
+                         axis=0)
 
 
 def mean_over_views(log_probs, views: int):

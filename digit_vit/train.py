@@ -46,7 +46,7 @@ from flax.training import train_state
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from digit_vit import checkpointing, decode, losses, metrics, reporting, xla_options
+from digit_vit import checkpointing, decode, losses, metrics, reporting, trained, xla_options
 from digit_vit.models import build_model, tokens
 
 PARALLELISM = ("jit", "pmap")
@@ -451,12 +451,16 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     (`test_exact_match`, `test_cer`, `test_token_accuracy`, `test_no_eos`,
     `test_wrong_length`, `test_order_errors`, `test_exact_match_length_<n>`,
     `test_read_length_<n>`, `test_loss`, `test_images_per_second`, ... or `test_accuracy`),
+    read as `config.decode` says (`decode_beam_size`, `decode_alpha`, `decode_views`; the
+    evaluations during training stay greedy on one view),
     `steps`, `train_seconds` (time in training steps, compilation included, evaluation and
     checkpoint writes excluded, summed over resumed runs) and `train_images_per_second` (the
     median rate of the logged intervals of this process after its first).
   """
   workdir = os.path.abspath(workdir)
   check_config(config)
+  # How the final report reads (config.decode), checked now rather than after hours of training.
+  reading = trained.decoding(config)
   is_chief = jax.process_index() == 0
   num_steps = int(config.num_train_steps)
   if is_chief:
@@ -553,9 +557,14 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   if rates:
     # The steady training rate: the median interval, leaving out the first (it compiles).
     report["train_images_per_second"] = float(np.median(rates[1:] if len(rates) > 1 else rates))
+  report.update({f"decode_{k}": v for k, v in reading._asdict().items()})
+  read = evaluate
+  if reading.beam_size > 1 or reading.views > 1:
+    read = Evaluator(config, model, mesh, data, beam_size=reading.beam_size,
+                     alpha=reading.alpha, views=reading.views)
   sample = None
   for split in config.eval_splits:
-    split_metrics, split_sample = evaluate(state.eval_params(), split)
+    split_metrics, split_sample = read(state.eval_params(), split)
     writer.write_scalars(num_steps, {f"final_{split}_{k}": v for k, v in split_metrics.items()})
     report.update({f"{split}_{k}": v for k, v in split_metrics.items()})
     sample = split_sample if split == "test" or sample is None else sample

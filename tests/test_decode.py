@@ -108,8 +108,15 @@ def test_max_length_is_checked():
 # ---- Test-time views
 
 
-def test_shifted_views_move_the_image_by_one_pixel_with_zero_edges():
+def test_view_shifts_are_distinct_and_nearest_first():
+  rings = [max(abs(dy), abs(dx)) for dy, dx in decode.VIEW_SHIFTS]
+  assert decode.VIEW_SHIFTS[0] == (0, 0) and len(set(decode.VIEW_SHIFTS)) == 25
+  assert rings == sorted(rings) and rings.count(1) == 8 and rings.count(2) == 16
+
+
+def test_shifted_views_move_the_image_with_zero_edges():
   images = _images(2)
+  np.testing.assert_array_equal(decode.shifted_views(images, 1), images)
   views = decode.shifted_views(images, len(decode.VIEW_SHIFTS))
   chex.assert_shape(views, (2 * len(decode.VIEW_SHIFTS), 16, 48, 1))
   for v, (dy, dx) in enumerate(decode.VIEW_SHIFTS):

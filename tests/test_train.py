@@ -176,6 +176,35 @@ def test_train_and_evaluate_writes_report_and_learns(tmp_path):
 
 
 @pytest.mark.slow
+def test_the_final_report_reads_as_config_decode_says(tmp_path):
+  """Evaluations during training stay greedy on one view; the report follows config.decode."""
+  from digit_vit import evaluate  # pylint: disable=import-outside-toplevel
+  config = _tiny(eval_splits=("test",))
+  config.decode.beam_size, config.decode.views = 2, 3
+  report = train.train_and_evaluate(config, str(tmp_path))
+  assert (report["decode_beam_size"], report["decode_alpha"], report["decode_views"]) == (2, 0.6, 3)
+  # evaluate reads the saved config's decoding by default: the same readings as the report.
+  as_configured = evaluate.evaluate(tmp_path, checkpoints=["latest"], splits=["test"])
+  greedy = evaluate.evaluate(tmp_path, checkpoints=["latest"], splits=["test"], beam_size=1,
+                             views=1)
+  assert (as_configured["beam_size"], as_configured["views"]) == (2, 3)
+  for key in ("exact_match", "cer", "token_accuracy", "no_eos", "loss"):
+    np.testing.assert_allclose(report[f"test_{key}"], as_configured[f"test_{key}"], rtol=1e-6,
+                               err_msg=key)
+  # Three views and a beam of two read this 30-step model differently from greedy on one view.
+  assert report["test_cer"] != greedy["test_cer"]
+  np.testing.assert_allclose(report["test_loss"], greedy["test_loss"], rtol=1e-6)
+
+
+def test_a_bad_decode_config_fails_before_training(tmp_path):
+  config = _tiny()
+  config.decode.views = 99
+  with pytest.raises(ValueError, match=r"views must be in 1\.\.25"):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_checkpoints_clean(tmp_path):
   """Also runs the loop's pmap path (state to and from the pmap form at every flush)."""
   config = _tiny(optimizer="sgd", learning_rate=1e6, grad_clip_norm=0.0, warmup_steps=0,
