@@ -5,7 +5,8 @@ sequence has emitted `<eos>`. The encoder runs once per image and the cross-atte
 values are projected once into the cache, so each step costs one single-token decoder pass.
 
 With `views` > 1 (test-time augmentation) the encoder and the decoder run on copies of each
-image shifted by one or two pixels side by side, and every token is chosen by the copies' mean probability.
+image shifted by one or two pixels side by side, and every token is chosen by the copies' mean
+probability.
 
 Outputs are raw token rows without `<sos>` (the contract's `[1, 0, 1, 11, 12, 12]` for "101"):
 `<pad>` after the first `<eos>`; a row with no `<eos>` ran to `max_length` without stopping.
