@@ -6,7 +6,9 @@ values are projected once into the cache, so each step costs one single-token de
 
 With `views` > 1 (test-time augmentation) the encoder and the decoder run on copies of each
 image shifted by one or two pixels side by side, and every token is chosen by the copies' mean
-probability.
+probability. An ensemble (a tuple of model configs and the tuple of their params in place of
+one model) reads the same way: each model keeps its own cache, and every token is chosen by the
+mean probability over the models and the views.
 
 Outputs are raw token rows without `<sos>` (the contract's `[1, 0, 1, 11, 12, 12]` for "101"):
 `<pad>` after the first `<eos>`; a row with no `<eos>` ran to `max_length` without stopping.
@@ -15,6 +17,7 @@ Outputs are raw token rows without `<sos>` (the contract's `[1, 0, 1, 11, 12, 12
 from __future__ import annotations
 
 import functools
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +32,40 @@ def _max_length(model_config: ModelConfig, max_length: int | None) -> int:
     raise ValueError(f"max_length={length} must be in 1..{model_config.max_length} "
                      "(the decoder's positions)")
   return length
+
+
+# Fields ensemble members must share: they read the same images into the same token positions.
+_SHARED_FIELDS = ("image_height", "image_width", "image_channels", "vocab_size", "max_length")
+
+
+def check_ensemble(model_configs: Sequence[ModelConfig]) -> tuple[ModelConfig, ...]:
+  """The members' configs as a tuple, after checking they can read the same images together.
+
+  Members may differ in anything else (width, depth, patches, stem, dropout).
+  """
+  model_configs = tuple(model_configs)
+  if not model_configs:
+    raise ValueError("an ensemble needs at least one model")
+  first = model_configs[0]
+  for i, member in enumerate(model_configs[1:], start=1):
+    for field in _SHARED_FIELDS:
+      if getattr(member, field) != getattr(first, field):
+        raise ValueError(
+            f"ensemble member {i} has model.{field}={getattr(member, field)!r} but member 0 "
+            f"has {getattr(first, field)!r}: models read together must share "
+            f"{', '.join(_SHARED_FIELDS)} (train them on the same canvas and max_digits)")
+  return model_configs
+
+
+def _members(model_config, params) -> tuple[tuple[ModelConfig, ...], tuple[Any, ...]]:
+  """One model or an ensemble as (configs, params) tuples of the same length."""
+  if isinstance(model_config, ModelConfig):
+    return (model_config,), (params,)
+  model_configs = check_ensemble(model_config)
+  if not isinstance(params, (list, tuple)) or len(params) != len(model_configs):
+    raise ValueError(f"an ensemble of {len(model_configs)} model configs needs as many param "
+                     f"trees in a list or tuple, got {type(params).__name__}")
+  return model_configs, tuple(params)
 
 
 def encode_and_init_cache(model_config: ModelConfig, params, images):
@@ -106,17 +143,49 @@ def shifted_views(images, views: int):
 
 def mean_over_views(log_probs, views: int):
   """log of the mean probability over the views: [views * batch, vocab] -> [batch, vocab]."""
-  if views == 1:
-    return log_probs
-  per_view = log_probs.reshape((views, -1) + log_probs.shape[1:])
-  return jax.nn.logsumexp(per_view, axis=0) - jnp.log(float(views))
+  return mean_over_models_and_views([log_probs], views)
 
 
-def greedy_decode(model_config: ModelConfig, params, images, *, max_length: int | None = None,
-                  views: int = 1):
+def mean_over_models_and_views(log_probs: Sequence[jax.Array], views: int):
+  """log of the mean probability over the models and the views, each pair weighted alike.
+
+  Args:
+    log_probs: one float [views * batch, vocab] per model (view-major, as `shifted_views`).
+
+  Returns:
+    float [batch, vocab].
+  """
+  per_reading = jnp.concatenate(
+      [lp.reshape((views, -1) + lp.shape[1:]) for lp in log_probs], axis=0)
+  if per_reading.shape[0] == 1:
+    return per_reading[0]
+  return jax.nn.logsumexp(per_reading, axis=0) - jnp.log(float(per_reading.shape[0]))
+
+
+def _encode_all(model_configs, params, images, views: int):
+  """Every member's memory and cache over the `views` of `images` (tuples, one per member)."""
+  if check_views(views) > 1:
+    images = shifted_views(images, views)
+  started = [encode_and_init_cache(c, p, images) for c, p in zip(model_configs, params)]
+  return tuple(m for m, _ in started), tuple(c for _, c in started)
+
+
+def _step_all(model_configs, params, caches, token, memories, views: int):
+  """One cached step of every member: the log of the mean next-token probability over members
+  and views [batch, vocab], and the members' updated caches."""
+  stepped = [decode_step(c, p, cache, token, memory)
+             for c, p, cache, memory in zip(model_configs, params, caches, memories)]
+  return (mean_over_models_and_views([lp for lp, _ in stepped], views),
+          tuple(cache for _, cache in stepped))
+
+
+def greedy_decode(model_config: ModelConfig | Sequence[ModelConfig], params, images, *,
+                  max_length: int | None = None, views: int = 1):
   """Greedy reading with the cache.
 
   Args:
+    model_config, params: one model, or an ensemble: a tuple of configs (`check_ensemble`) and
+      the tuple of their params, whose mean probability picks each token.
     images: float [batch, H, W, C].
     max_length: steps at most (default: all decoder positions, max_digits + 1).
     views: test-time augmentation: read this many shifted copies of each image
@@ -125,31 +194,29 @@ def greedy_decode(model_config: ModelConfig, params, images, *, max_length: int 
   Returns:
     tokens: int32 [batch, max_length] raw outputs.
     log_prob: float32 [batch], the sum of the chosen tokens' log-probabilities (under the mean
-      over the views).
+      over the models and views).
   """
-  length = _max_length(model_config, max_length)
+  model_configs, params = _members(model_config, params)
+  length = _max_length(model_configs[0], max_length)
   batch = images.shape[0]
-  if check_views(views) > 1:
-    images = shifted_views(images, views)
-  memory, cache = encode_and_init_cache(model_config, params, images)
+  memories, caches = _encode_all(model_configs, params, images, views)
 
   def cond(state):
     step, _, _, _, _, done = state
     return (step < length) & ~jnp.all(done)
 
   def body(state):
-    step, token, cache, out, log_prob, done = state
-    step_log_probs, cache = decode_step(model_config, params, cache, token, memory)
-    step_log_probs = mean_over_views(step_log_probs, views)
+    step, token, caches, out, log_prob, done = state
+    step_log_probs, caches = _step_all(model_configs, params, caches, token, memories, views)
     best = jnp.argmax(step_log_probs, axis=-1).astype(jnp.int32)
     best = jnp.where(done, tokens.PAD, best)
     chosen = jnp.take_along_axis(step_log_probs, best[:, None], axis=-1)[:, 0]
     log_prob = log_prob + jnp.where(done, 0.0, chosen)
     out = jax.lax.dynamic_update_slice(out, best[:, None], (0, step))
     # Every view of an image is fed the token chosen for the image.
-    return step + 1, jnp.tile(best, views), cache, out, log_prob, done | (best == tokens.EOS)
+    return step + 1, jnp.tile(best, views), caches, out, log_prob, done | (best == tokens.EOS)
 
-  state = (jnp.array(0, jnp.int32), jnp.full((views * batch,), tokens.SOS, jnp.int32), cache,
+  state = (jnp.array(0, jnp.int32), jnp.full((views * batch,), tokens.SOS, jnp.int32), caches,
            jnp.full((batch, length), tokens.PAD, jnp.int32), jnp.zeros((batch,), jnp.float32),
            jnp.zeros((batch,), jnp.bool_))
   _, _, _, out, log_prob, _ = jax.lax.while_loop(cond, body, state)
@@ -195,8 +262,9 @@ def length_penalty(length, alpha: float):
   return ((5.0 + length) / 6.0) ** alpha
 
 
-def beam_search(model_config: ModelConfig, params, images, *, beam_size: int = 4,
-                alpha: float = 0.6, max_length: int | None = None, views: int = 1):
+def beam_search(model_config: ModelConfig | Sequence[ModelConfig], params, images, *,
+                beam_size: int = 4, alpha: float = 0.6, max_length: int | None = None,
+                views: int = 1):
   """Beam search with the cache.
 
   Keeps the `beam_size` most likely hypotheses by log-prob. A hypothesis that emitted
@@ -204,8 +272,9 @@ def beam_search(model_config: ModelConfig, params, images, *, beam_size: int = 4
   with the unfinished ones; the loop stops once every hypothesis of every image has finished,
   since unfinished log-probs only fall. The answer is the finished hypothesis with the best
   log-prob / length_penalty(tokens, alpha) (unfinished ones only where none finished). With
-  `beam_size=1` this is exactly greedy decoding. `views` as in `greedy_decode`: each hypothesis
-  is scored by the mean probability over the views of its image.
+  `beam_size=1` this is exactly greedy decoding. `model_config`, `params` and `views` as in
+  `greedy_decode`: each hypothesis is scored by the mean probability over the models and the
+  views of its image.
 
   Returns:
     tokens: int32 [batch, max_length] the chosen hypothesis (raw outputs, as greedy).
@@ -213,18 +282,17 @@ def beam_search(model_config: ModelConfig, params, images, *, beam_size: int = 4
   """
   if beam_size < 1:
     raise ValueError(f"beam_size must be >= 1, got {beam_size}")
-  length = _max_length(model_config, max_length)
-  batch, k, vocab = images.shape[0], beam_size, model_config.vocab_size
+  model_configs, params = _members(model_config, params)
+  length = _max_length(model_configs[0], max_length)
+  batch, k, vocab = images.shape[0], beam_size, model_configs[0].vocab_size
   if k > vocab:
     raise ValueError(f"beam_size={k} exceeds the vocabulary of {vocab} tokens")
   neg_inf = jnp.float32(-1e9)
-  if check_views(views) > 1:
-    images = shifted_views(images, views)
-  memory, cache = encode_and_init_cache(model_config, params, images)
+  memories, caches = _encode_all(model_configs, params, images, views)
   # Every beam of an image (view) shares its memory and cross-attention cache: rows
-  # (view * batch + image) * k + beam.
+  # (view * batch + image) * k + beam, in every member.
   expand = functools.partial(_expand_beams, batch=views * batch, beam_size=k)
-  memory, cache = expand(memory), jax.tree.map(expand, cache)
+  memories, caches = jax.tree.map(expand, memories), jax.tree.map(expand, caches)
   pad_only = jnp.where(jnp.arange(vocab) == tokens.PAD, 0.0, neg_inf)
 
   def cond(state):
@@ -232,11 +300,11 @@ def beam_search(model_config: ModelConfig, params, images, *, beam_size: int = 4
     return (step < length) & ~jnp.all(finished)
 
   def body(state):
-    step, seq, log_prob, finished, last, cache = state
-    step_log_probs, cache = decode_step(model_config, params, cache,
-                                        jnp.tile(last.reshape(-1), views), memory)
+    step, seq, log_prob, finished, last, caches = state
+    step_log_probs, caches = _step_all(model_configs, params, caches,
+                                       jnp.tile(last.reshape(-1), views), memories, views)
     step_log_probs = jnp.where(finished[:, :, None], pad_only,
-                               mean_over_views(step_log_probs, views).reshape(batch, k, vocab))
+                               step_log_probs.reshape(batch, k, vocab))
     candidates = (log_prob[:, :, None] + step_log_probs).reshape(batch, k * vocab)
     log_prob, top = jax.lax.top_k(candidates, k)
     source, token = top // vocab, (top % vocab).astype(jnp.int32)
@@ -244,15 +312,15 @@ def beam_search(model_config: ModelConfig, params, images, *, beam_size: int = 4
     seq = jax.lax.dynamic_update_slice(seq, token[:, :, None], (0, 0, step))
     finished = jnp.take_along_axis(finished, source, axis=1) | (token == tokens.EOS)
     flat_source = (jnp.arange(batch)[:, None] * k + source).reshape(-1)
-    # The same reordering in every view.
+    # The same reordering in every view of every member.
     flat_source = (jnp.arange(views)[:, None] * (batch * k) + flat_source).reshape(-1)
-    cache = jax.tree.map(lambda x: _gather_beams(x, flat_source, views * batch * k), cache)
-    return step + 1, seq, log_prob, finished, token, cache
+    caches = jax.tree.map(lambda x: _gather_beams(x, flat_source, views * batch * k), caches)
+    return step + 1, seq, log_prob, finished, token, caches
 
   # All beams start as copies of one <sos>; -inf on the copies keeps them from duplicating.
   state = (jnp.array(0, jnp.int32), jnp.full((batch, k, length), tokens.PAD, jnp.int32),
            jnp.full((batch, k), neg_inf).at[:, 0].set(0.0), jnp.zeros((batch, k), jnp.bool_),
-           jnp.full((batch, k), tokens.SOS, jnp.int32), cache)
+           jnp.full((batch, k), tokens.SOS, jnp.int32), caches)
   _, seq, log_prob, finished, _, _ = jax.lax.while_loop(cond, body, state)
   num_tokens = jnp.where(finished, jnp.argmax(seq == tokens.EOS, axis=-1) + 1, length)
   score = log_prob / length_penalty(num_tokens.astype(jnp.float32), alpha)
@@ -275,10 +343,11 @@ def _gather_beams(x, flat_source, rows):
   return x[flat_source]
 
 
-def decode(model_config: ModelConfig, params, images, *, beam_size: int = 1,
-           alpha: float = 0.6, max_length: int | None = None, views: int = 1):
-  """Greedy for beam_size 1, else beam search; over `views` shifted copies of each image.
-  Returns (tokens, log_prob)."""
+def decode(model_config: ModelConfig | Sequence[ModelConfig], params, images, *,
+           beam_size: int = 1, alpha: float = 0.6, max_length: int | None = None,
+           views: int = 1):
+  """Greedy for beam_size 1, else beam search; over `views` shifted copies of each image and,
+  for an ensemble (tuples of configs and params), over its models. Returns (tokens, log_prob)."""
   if beam_size == 1:
     return greedy_decode(model_config, params, images, max_length=max_length, views=views)
   return beam_search(model_config, params, images, beam_size=beam_size, alpha=alpha,

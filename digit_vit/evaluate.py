@@ -2,15 +2,17 @@ r"""Evaluates checkpoints of a training run on its splits, decoding greedily or 
 
   python -m digit_vit.evaluate --workdir=runs/long [--checkpoint=best] [--splits=test] \
       [--beam_size=4] [--alpha=0.6] [--views=5] [--num_examples=-1] [--noema] \
-      [--output=FILE.json]
+      [--ensemble=RUN[@CHECKPOINT],...] [--output=FILE.json]
   python -m digit_vit.evaluate --workdir=runs/long --checkpoint=10000,12000  # mean of the two
+  python -m digit_vit.evaluate --workdir=runs/long --ensemble=runs/long3,runs/long4@latest
 
 Training evaluates its last parameters greedily; this measures any kept checkpoint, the mean of
-several (`--checkpoint` with commas), beam search, test-time views (`--views`), and the raw
-parameters of a run that kept a moving average (`--noema`), with the same metrics as
-`report.json`
-(keys prefixed by the split: `test_exact_match`, `test_cer`, ...). The metrics are printed and
-written as JSON, by default to `workdir/evaluation_<checkpoints>_beam<k>.json`.
+several (`--checkpoint` with commas), beam search, test-time views (`--views`), the raw
+parameters of a run that kept a moving average (`--noema`), and an ensemble of runs
+(`--ensemble`: every token picked by the mean probability over the models, and the views),
+with the same metrics as `report.json` (keys prefixed by the split: `test_exact_match`,
+`test_cer`, ...). The metrics are printed and written as JSON, by default to
+`workdir/evaluation_<checkpoints>_beam<k>.json`.
 """
 
 from __future__ import annotations
@@ -23,9 +25,9 @@ from typing import Any, Sequence
 import tensorflow as tf
 from absl import app, flags
 
-from digit_vit import logs, trained
+from digit_vit import decode, logs, trained
 from digit_vit.data import input_pipeline
-from digit_vit.models import build_model
+from digit_vit.models import ModelConfig, build_model
 
 # Printed first, in this order; every metric goes to the JSON file.
 SUMMARY_KEYS = ("exact_match", "cer", "token_accuracy", "accuracy", "no_eos", "wrong_length",
@@ -33,12 +35,14 @@ SUMMARY_KEYS = ("exact_match", "cer", "token_accuracy", "accuracy", "no_eos", "w
 
 
 def output_path(workdir: str | os.PathLike, checkpoints: Sequence[trained.Checkpoint],
-                beam_size: int, ema: bool = True, views: int = 1) -> pathlib.Path:
+                beam_size: int, ema: bool = True, views: int = 1,
+                num_models: int = 1) -> pathlib.Path:
   """`workdir/evaluation_best_beam4.json`, `..._10000+12000_beam1.json`,
   `..._latest_beam1_views5.json`, `..._latest_beam1_noema.json` (the raw parameters of a run
-  that kept a moving average)."""
+  that kept a moving average), `..._best_beam1_ensemble3.json` (with 2 more runs)."""
   name = "+".join(str(c) for c in checkpoints)
-  suffix = (f"_views{views}" if views > 1 else "") + ("" if ema else "_noema")
+  suffix = ((f"_views{views}" if views > 1 else "") + ("" if ema else "_noema")
+            + (f"_ensemble{num_models}" if num_models > 1 else ""))
   return pathlib.Path(workdir) / f"evaluation_{name}_beam{beam_size}{suffix}.json"
 
 
@@ -46,7 +50,8 @@ def evaluate(workdir: str | os.PathLike, *, checkpoints: Sequence[trained.Checkp
              splits: Sequence[str] | None = None, beam_size: int | None = None,
              alpha: float | None = None, num_examples: int = -1,
              data_dir: str | None = None, ema: bool = True,
-             views: int | None = None) -> dict[str, Any]:
+             views: int | None = None,
+             ensemble: Sequence[str | os.PathLike] = ()) -> dict[str, Any]:
   """Metrics of the (mean) parameters of `checkpoints` of `workdir` on each of `splits`.
 
   Args:
@@ -58,12 +63,17 @@ def evaluate(workdir: str | os.PathLike, *, checkpoints: Sequence[trained.Checkp
     num_examples: the first this many examples of each split; -1 = all.
     data_dir: where the built dataset is (default: the run's `config.data.data_dir`).
     ema: read with the moving average of the parameters where the run kept one
-      (`config.ema_decay` > 0); False: the raw parameters.
+      (`config.ema_decay` > 0); False: the raw parameters. The same for ensemble members.
+    ensemble: further readers, 'WORKDIR' (its best checkpoint) or 'WORKDIR@CHECKPOINT', read
+      together with `workdir`'s model on `workdir`'s data: each token is picked by the mean
+      probability over the models (and views). They may differ in anything but the canvas and
+      max_digits. The teacher-forced `loss` stays that of `workdir`'s model alone.
 
   Returns:
-    {'checkpoints', 'steps', 'splits', 'beam_size', 'alpha', 'views', 'ema',
+    {'checkpoints', 'steps', 'splits', 'beam_size', 'alpha', 'views', 'ema', 'ensemble',
     '<split>_<metric>', ...};
-    `ema` says whether a moving average was read.
+    `ema` says whether a moving average was read; `ensemble` lists the further members as
+    {'workdir', 'checkpoint', 'step'}.
   """
   # Imported here: the training module brings the input pipeline and TensorFlow.
   from digit_vit import train  # pylint: disable=import-outside-toplevel
@@ -76,14 +86,28 @@ def evaluate(workdir: str | os.PathLike, *, checkpoints: Sequence[trained.Checkp
                      f"{', '.join(input_pipeline.SPLITS)}")
   if data_dir is not None:
     config.data.data_dir = data_dir
+  # Every member is checked before any checkpoint is restored.
+  members = [trained.parse_member(spec) for spec in ensemble]
+  member_configs = [trained.load_config(member_dir, task="read") for member_dir, _ in members]
+  if members:
+    if config.task != "read":
+      raise ValueError(f"--ensemble reads sequences; {workdir} is a config.task={config.task!r} "
+                       "run")
+    decode.check_ensemble([ModelConfig.from_config(c.model) for c in [config, *member_configs]])
   params, steps = trained.restore_average(workdir, config, checkpoints, ema=ema)
+  readers, described = [], []
+  for (member_dir, checkpoint), member_config in zip(members, member_configs):
+    member_params, step = trained.restore_params(member_dir, member_config, checkpoint, ema=ema)
+    readers.append((ModelConfig.from_config(member_config.model), member_params))
+    described.append({"workdir": str(member_dir), "checkpoint": str(checkpoint), "step": step})
   evaluator = train.Evaluator(config, build_model(config), train.create_mesh(),
                               train.input_module(config), beam_size=beam_size, alpha=alpha,
-                              views=views)
+                              views=views, ensemble=readers)
   result: dict[str, Any] = {"checkpoints": [str(c) for c in checkpoints], "steps": steps,
                             "splits": splits, "beam_size": beam_size, "alpha": alpha,
                             "views": views,
-                            "ema": ema and train.check_ema_decay(config) > 0}
+                            "ema": ema and train.check_ema_decay(config) > 0,
+                            "ensemble": described}
   for split in splits:
     split_metrics, _ = evaluator(params, split, num_examples)
     result.update({f"{split}_{k}": v for k, v in split_metrics.items()})
@@ -95,6 +119,9 @@ def format_result(result: dict[str, Any]) -> str:
   params = "moving average" if result.get("ema") else "parameters"
   lines = [f"{params} of steps {result['steps']}, beam {result['beam_size']} "
            f"(alpha {result['alpha']}), {result.get('views', 1)} view(s)"]
+  if result.get("ensemble"):
+    lines[0] += ", with " + ", ".join(f"{m['workdir']} (step {m['step']})"
+                                      for m in result["ensemble"])
   for split in result["splits"]:
     parts = [f"{k}={result[f'{split}_{k}']:.4g}" for k in SUMMARY_KEYS
              if f"{split}_{k}" in result]
@@ -123,6 +150,9 @@ def define_flags():
                        "config.decode; 1 = the image alone).")
   flags.DEFINE_bool("ema", True, "Read with the moving average of the parameters where the run "
                     "kept one (config.ema_decay > 0); --noema reads the raw parameters.")
+  flags.DEFINE_list("ensemble", [], "Further runs read together with --workdir's model, "
+                    "WORKDIR or WORKDIR@CHECKPOINT (default: its best): each token is picked by "
+                    "the mean probability over the models (and views).")
   flags.DEFINE_string("output", None, "JSON file for the metrics (default: "
                       "workdir/evaluation_<checkpoints>_beam<k>.json).")
 
@@ -142,12 +172,12 @@ def main(argv):
     result = evaluate(FLAGS.workdir, checkpoints=checkpoints, splits=FLAGS.splits,
                       beam_size=FLAGS.beam_size, alpha=FLAGS.alpha,
                       num_examples=FLAGS.num_examples, data_dir=FLAGS.data_dir, ema=FLAGS.ema,
-                      views=FLAGS.views)
+                      views=FLAGS.views, ensemble=FLAGS.ensemble)
   except (ValueError, FileNotFoundError) as e:
     raise app.UsageError(str(e)) from None
   path = pathlib.Path(FLAGS.output or output_path(FLAGS.workdir, checkpoints,
                                                   result["beam_size"], FLAGS.ema,
-                                                  result["views"]))
+                                                  result["views"], 1 + len(FLAGS.ensemble)))
   path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
   print(format_result(result))
   print(f"wrote {path}")

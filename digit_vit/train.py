@@ -251,13 +251,16 @@ def train_step(state: TrainState, batch, *, config, model, learning_rate_fn,
   return new_state, step_metrics
 
 
-def eval_step(params, batch, *, config, model, beam_size: int = 1, alpha: float = 0.6,
-              views: int = 1):
+def eval_step(params, batch, ensemble_params=(), *, config, model, beam_size: int = 1,
+              alpha: float = 0.6, views: int = 1, ensemble_configs=()):
   """Metric sums of one evaluation batch (padding rows, mask False, count for nothing).
 
   Args:
     beam_size, alpha, views: how a reader decodes (`decode.decode`); training evaluates
       greedily on the images alone.
+    ensemble_params, ensemble_configs: further readers (their params and `ModelConfig`s) that
+      read together with `params`, each token picked by the mean probability over all of them
+      (`decode.greedy_decode`); the teacher-forced loss stays that of `params` alone.
 
   Returns:
     (sums, predictions): sums as in `metrics` plus the teacher-forced `loss` and `weight`;
@@ -267,7 +270,11 @@ def eval_step(params, batch, *, config, model, beam_size: int = 1, alpha: float 
   _, sums = loss_fn(params, batch, config=config, model=model, train=False)
   loss_sums = {"loss": sums["loss"], "weight": sums["weight"]}
   if config.task == "read":
-    outputs, _ = decode.decode(model.config, params, batch["image"], beam_size=beam_size,
+    readers, reader_params = model.config, params
+    if ensemble_configs:
+      readers = (model.config,) + tuple(ensemble_configs)
+      reader_params = (params,) + tuple(ensemble_params)
+    outputs, _ = decode.decode(readers, reader_params, batch["image"], beam_size=beam_size,
                                alpha=alpha, views=views)
     _, targets = tokens.split_decoder_io(batch["tokens"])
     return {**metrics.reading_sums(outputs, targets, batch["mask"],
@@ -358,15 +365,24 @@ class Evaluator:
   """Evaluates parameters on a split with a compiled `eval_step` decoding as asked."""
 
   def __init__(self, config, model, mesh, input_module, *, beam_size: int = 1,
-               alpha: float = 0.6, views: int = 1):
+               alpha: float = 0.6, views: int = 1, ensemble=()):
+    """
+    Args:
+      ensemble: further readers [(ModelConfig, params)] that read together with the params
+        evaluated (`eval_step`); 'read' only.
+    """
+    if ensemble and config.task != "read":
+      raise ValueError(f"an ensemble reads sequences; this is a config.task={config.task!r} run")
     self.config = config
     self.input_module = input_module
     self.data_sharding = NamedSharding(mesh, P("data"))
     replicated = NamedSharding(mesh, P())
+    self._ensemble_params = tuple(params for _, params in ensemble)
     step = functools.partial(eval_step, config=config, model=model, beam_size=beam_size,
-                             alpha=alpha, views=views)
+                             alpha=alpha, views=views,
+                             ensemble_configs=tuple(c for c, _ in ensemble))
     self._step = xla_options.jit(step,
-                                 in_shardings=(replicated, self.data_sharding),
+                                 in_shardings=(replicated, self.data_sharding, replicated),
                                  out_shardings=(replicated, self.data_sharding))
 
   def __call__(self, params, split: str, num_examples: int = -1):
@@ -386,7 +402,7 @@ class Evaluator:
     for batch in batches:
       global_batch = jax.tree.map(
           lambda x: jax.make_array_from_process_local_data(self.data_sharding, x), batch)
-      sums, predictions = self._step(params, global_batch)
+      sums, predictions = self._step(params, global_batch, self._ensemble_params)
       total = metrics.add_sums(total, jax.device_get(sums))  # Waits for the batch.
       if sample is None:
         sample = {**batch, "prediction": local_rows(predictions)}

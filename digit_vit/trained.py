@@ -47,6 +47,21 @@ def parse_checkpoint(value: str) -> Checkpoint:
     raise ValueError(f"{value!r}: use 'best', 'latest' or a step number") from None
 
 
+def parse_member(spec: str | os.PathLike) -> tuple[str, Checkpoint]:
+  """An ensemble member from the command line: 'WORKDIR' (its best checkpoint) or
+  'WORKDIR@CHECKPOINT' ('best', 'latest' or a step). Returns (workdir, checkpoint)."""
+  spec = str(spec)
+  workdir, at, checkpoint = spec.rpartition("@")
+  if not at:
+    return spec, "best"
+  if not workdir:
+    raise ValueError(f"{spec!r}: an ensemble member is WORKDIR or WORKDIR@CHECKPOINT")
+  try:
+    return workdir, parse_checkpoint(checkpoint)
+  except ValueError as e:
+    raise ValueError(f"ensemble member {spec!r}: {e}") from None
+
+
 class Decoding(NamedTuple):
   """How a trained reader reads: `decode.decode`'s beam_size, alpha and views."""
   beam_size: int

@@ -16,12 +16,17 @@ CFG = ModelConfig(width=32, num_heads=2, mlp_dim=64, encoder_layers=1, decoder_l
                   image_height=16, image_width=48, patch_size=(4, 4), max_length=6)
 
 
+# A different model reading the same images into the same tokens: an ensemble member.
+OTHER_CFG = ModelConfig(width=48, num_heads=4, mlp_dim=96, encoder_layers=2, decoder_layers=1,
+                        image_height=16, image_width=48, patch_size=(8, 4), max_length=6)
+
+
 @functools.lru_cache(maxsize=None)
-def _params(seed):
+def _params(seed, cfg=CFG):
   """Random parameters, scaled so outputs are decisive and <eos> shows up early for some rows."""
   images = jnp.zeros((1, 16, 48, 1))
-  params = DigitReader(CFG).init(jax.random.key(seed), images,
-                                 jnp.zeros((1, CFG.max_length), jnp.int32))["params"]
+  params = DigitReader(cfg).init(jax.random.key(seed), images,
+                                 jnp.zeros((1, cfg.max_length), jnp.int32))["params"]
   bias = params["decoder"]["logits"]["bias"]
   params["decoder"]["logits"]["bias"] = bias.at[tokens.EOS].set(1.5)
   return jax.tree.map(lambda x: x * 2.0, params)
@@ -131,25 +136,34 @@ def test_shifted_views_move_the_image_with_zero_edges():
       decode.shifted_views(images, bad)
 
 
-@pytest.mark.parametrize("views", [3, 5])
-def test_greedy_over_views_picks_the_token_of_the_mean_probability(views):
-  """A python loop: every view is run teacher-forced on the chosen prefix, and each token is
-  the argmax of the views' mean probability."""
-  params = _params(1)
-  images = _images(4)
-  shifted = decode.shifted_views(images, views).reshape((views, 4) + images.shape[1:])
-  model = DigitReader(CFG)
-  prefix = np.full((4, 1), tokens.SOS, np.int32)
+def _read_by_mean_probability(members, images, views):
+  """Greedy reading by a python loop: every (model, view) is run teacher-forced on the chosen
+  prefix, and each token is the argmax of their mean probability.
+
+  Args:
+    members: [(ModelConfig, params)].
+  """
+  batch = images.shape[0]
+  shifted = decode.shifted_views(images, views).reshape((views, batch) + images.shape[1:])
+  prefix = np.full((batch, 1), tokens.SOS, np.int32)
   for _ in range(CFG.max_length):
     probs = np.mean([np.exp(decode.next_token_log_probs(
-        model.apply({"params": params}, shifted[v], jnp.asarray(prefix))[:, -1]))
-                     for v in range(views)], axis=0)
+        DigitReader(cfg).apply({"params": params}, shifted[v], jnp.asarray(prefix))[:, -1]))
+                     for cfg, params in members for v in range(views)], axis=0)
     prefix = np.concatenate([prefix, probs.argmax(-1)[:, None]], axis=1)
   expected = prefix[:, 1:]
   for row in expected:
     eos = np.flatnonzero(row == tokens.EOS)
     if eos.size:
       row[eos[0] + 1:] = tokens.PAD
+  return expected
+
+
+@pytest.mark.parametrize("views", [3, 5])
+def test_greedy_over_views_picks_the_token_of_the_mean_probability(views):
+  params = _params(1)
+  images = _images(4)
+  expected = _read_by_mean_probability([(CFG, params)], images, views)
   out, _ = jax.jit(functools.partial(decode.greedy_decode, CFG, views=views))(params, images)
   np.testing.assert_array_equal(out, expected)
   _assert_contract(out)
@@ -170,3 +184,70 @@ def test_beam_search_over_views_returns_its_log_prob_under_the_mean():
   token_lp = jnp.take_along_axis(mean_lp, beam[..., None], -1)[..., 0]
   valid = np.cumsum(np.asarray(beam) == tokens.EOS, axis=1) - (np.asarray(beam) == tokens.EOS)
   np.testing.assert_allclose((token_lp * (valid == 0)).sum(-1), lp_beam, rtol=1e-4, atol=1e-4)
+
+
+# ---- Ensembles
+
+
+def test_an_ensemble_of_a_model_with_itself_reads_as_the_model_alone():
+  params, images = _params(0), _images()
+  alone, lp_alone = decode.greedy_decode(CFG, params, images, views=3)
+  twice, lp_twice = decode.greedy_decode((CFG, CFG), (params, params), images, views=3)
+  np.testing.assert_array_equal(twice, alone)
+  np.testing.assert_allclose(lp_twice, lp_alone, rtol=1e-5, atol=1e-5)
+  beam_alone, _ = decode.beam_search(CFG, params, images, beam_size=3, alpha=0.0)
+  beam_twice, _ = decode.beam_search([CFG, CFG], [params, params], images, beam_size=3,
+                                     alpha=0.0)
+  np.testing.assert_array_equal(beam_twice, beam_alone)
+
+
+@pytest.mark.parametrize("views", [1, 2])
+def test_ensemble_greedy_picks_the_token_of_the_mean_over_models_and_views(views):
+  members = [(CFG, _params(1)), (OTHER_CFG, _params(2, OTHER_CFG))]
+  images = _images(6)
+  configs, params = tuple(c for c, _ in members), tuple(p for _, p in members)
+  out, _ = jax.jit(functools.partial(decode.greedy_decode, configs, views=views))(params, images)
+  chex.assert_shape(out, (6, CFG.max_length))
+  np.testing.assert_array_equal(out, _read_by_mean_probability(members, images, views))
+  _assert_contract(out)
+  # The members disagree somewhere: the test could tell an ensemble from either model alone.
+  first, _ = decode.greedy_decode(CFG, params[0], images, views=views)
+  second, _ = decode.greedy_decode(OTHER_CFG, params[1], images, views=views)
+  assert not np.array_equal(first, second)
+  beam, _ = decode.decode(configs, params, images, beam_size=1, views=views)
+  np.testing.assert_array_equal(beam, out)
+
+
+def test_ensemble_beam_search_returns_its_log_prob_under_the_mean():
+  configs, images = (CFG, OTHER_CFG), _images()
+  params = (_params(1), _params(2, OTHER_CFG))
+  beam, lp_beam = decode.beam_search(configs, params, images, beam_size=3, alpha=0.0, views=2)
+  _assert_contract(beam)
+  decoder_inputs = jnp.concatenate([jnp.full((6, 1), tokens.SOS), beam[:, :-1]], axis=1)
+  shifted = decode.shifted_views(images, 2)
+  per_model = [decode.next_token_log_probs(DigitReader(c).apply(
+      {"params": p}, shifted, jnp.tile(decoder_inputs, (2, 1)))).reshape(12, -1)
+               for c, p in zip(configs, params)]
+  mean_lp = decode.mean_over_models_and_views(per_model, 2).reshape(6, CFG.max_length, -1)
+  # Each of the 2 models x 2 views weighs a quarter.
+  np.testing.assert_allclose(
+      np.exp(mean_lp), np.mean([np.exp(lp).reshape(2, 6, CFG.max_length, -1)
+                                for lp in per_model], axis=(0, 1)), rtol=1e-4, atol=1e-6)
+  token_lp = jnp.take_along_axis(mean_lp, beam[..., None], -1)[..., 0]
+  valid = np.cumsum(np.asarray(beam) == tokens.EOS, axis=1) - (np.asarray(beam) == tokens.EOS)
+  np.testing.assert_allclose((token_lp * (valid == 0)).sum(-1), lp_beam, rtol=1e-4, atol=1e-4)
+
+
+def test_an_ensemble_must_read_the_same_images_into_the_same_tokens():
+  taller = ModelConfig(width=32, num_heads=2, mlp_dim=64, encoder_layers=1, decoder_layers=1,
+                       image_height=32, image_width=48, patch_size=(4, 4), max_length=6)
+  with pytest.raises(ValueError, match="member 1 has model.image_height=32 but member 0 has 16"):
+    decode.check_ensemble([CFG, taller])
+  longer = ModelConfig(width=32, num_heads=2, mlp_dim=64, encoder_layers=1, decoder_layers=1,
+                       image_height=16, image_width=48, patch_size=(4, 4), max_length=9)
+  with pytest.raises(ValueError, match="model.max_length=9"):
+    decode.greedy_decode((CFG, longer), (_params(0), _params(0)), _images())
+  with pytest.raises(ValueError, match="at least one model"):
+    decode.check_ensemble([])
+  with pytest.raises(ValueError, match="2 model configs needs as many param trees"):
+    decode.greedy_decode((CFG, CFG), _params(0), _images())

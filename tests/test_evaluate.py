@@ -13,7 +13,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from digit_vit import evaluate, trained
+from digit_vit import decode, evaluate, metrics, trained
+from digit_vit.data import input_pipeline
+from digit_vit.models import ModelConfig, tokens
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # tiny.py checkpoints every 10 of its 30 steps and keeps the last two.
@@ -131,6 +133,8 @@ def test_output_names_say_which_checkpoints_and_beam():
       "evaluation_latest_beam1_noema.json")
   assert evaluate.output_path("runs/x", ["best"], 4, views=5).name == (
       "evaluation_best_beam4_views5.json")
+  assert evaluate.output_path("runs/x", ["best"], 1, num_models=3).name == (
+      "evaluation_best_beam1_ensemble3.json")
 
 
 @pytest.mark.slow
@@ -149,6 +153,87 @@ def test_command_line_prints_and_writes_the_metrics(tiny_workdir):
       [sys.executable, "-m", "digit_vit.evaluate", f"--workdir={tiny_workdir}",
        "--checkpoint=first"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
   assert bad.returncode != 0 and "use 'best', 'latest' or a step number" in bad.stderr
+  together = subprocess.run(
+      [sys.executable, "-m", "digit_vit.evaluate", f"--workdir={tiny_workdir}",
+       "--checkpoint=latest", "--splits=test", f"--ensemble={tiny_workdir}@20"],
+      capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+  assert together.returncode == 0, together.stderr[-2000:]
+  written = json.loads((pathlib.Path(tiny_workdir)
+                        / "evaluation_latest_beam1_ensemble2.json").read_text())
+  assert written["ensemble"] == [{"workdir": str(tiny_workdir), "checkpoint": "20", "step": 20}]
+  assert f"with {tiny_workdir} (step 20)" in together.stdout
+
+
+# ---- Ensembles of runs
+
+
+@pytest.mark.slow
+def test_an_ensemble_of_a_run_with_itself_reads_as_the_run_alone(tiny_workdir):
+  alone = evaluate.evaluate(tiny_workdir, checkpoints=["latest"], splits=["test"])
+  twice = evaluate.evaluate(tiny_workdir, checkpoints=["latest"], splits=["test"],
+                            ensemble=[f"{tiny_workdir}@latest"])
+  assert twice["ensemble"] == [{"workdir": str(tiny_workdir), "checkpoint": "latest",
+                                "step": 30}]
+  assert alone["ensemble"] == []
+  for key in ("exact_match", "cer", "token_accuracy", "loss", "no_eos", "num_examples"):
+    np.testing.assert_allclose(twice[f"test_{key}"], alone[f"test_{key}"], rtol=1e-6,
+                               err_msg=key)
+
+
+@pytest.mark.slow
+def test_an_ensemble_of_two_checkpoints_scores_their_joint_reading(tiny_workdir):
+  """The evaluation's metrics are those of decoding the test lines with both parameter sets
+  directly, and its loss is the first model's alone."""
+  config = trained.load_config(tiny_workdir)
+  latest, _ = trained.restore_params(tiny_workdir, config, "latest")
+  earlier, _ = trained.restore_params(tiny_workdir, config, KEPT_STEPS[0])
+  result = evaluate.evaluate(tiny_workdir, checkpoints=["latest"], splits=["test"],
+                             ensemble=[f"{tiny_workdir}@{KEPT_STEPS[0]}"])
+  alone = evaluate.evaluate(tiny_workdir, checkpoints=["latest"], splits=["test"])
+  model_config = ModelConfig.from_config(config.model)
+  total = None
+  for batch in input_pipeline.eval_iterator(config, "test", process_index=0, process_count=1):
+    outputs, _ = decode.greedy_decode((model_config, model_config), (latest, earlier),
+                                      batch["image"])
+    _, targets = tokens.split_decoder_io(batch["tokens"])
+    total = metrics.add_sums(total, jax.device_get(metrics.reading_sums(
+        outputs, targets, batch["mask"], max_digits=config.max_digits)))
+  expected = metrics.summarize(total)
+  assert result["test_num_examples"] == expected["num_examples"] == 100
+  for key in ("exact_match", "cer", "token_accuracy", "no_eos", "wrong_length"):
+    np.testing.assert_allclose(result[f"test_{key}"], expected[key], rtol=1e-6, err_msg=key)
+  np.testing.assert_allclose(result["test_loss"], alone["test_loss"], rtol=1e-6)
+  assert result["ensemble"][0]["step"] == KEPT_STEPS[0]
+  # The two checkpoints read these lines differently together than the latest alone (so an
+  # ensemble that was dropped would fail above).
+  assert result["test_token_accuracy"] != alone["test_token_accuracy"]
+
+
+@pytest.mark.slow
+def test_an_ensemble_member_that_cannot_read_along_is_an_error(tiny_workdir, tmp_path):
+  saved = json.loads((pathlib.Path(tiny_workdir) / "config.json").read_text())
+  saved["model"]["image_height"] = saved["model"]["image_height"] * 2
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  with pytest.raises(ValueError, match="member 1 has model.image_height"):
+    evaluate.evaluate(tiny_workdir, ensemble=[tmp_path])
+  with pytest.raises(FileNotFoundError, match="must be a training run's directory"):
+    evaluate.evaluate(tiny_workdir, ensemble=[tmp_path / "missing"])
+  with pytest.raises(ValueError, match="use 'best', 'latest' or a step number"):
+    evaluate.evaluate(tiny_workdir, ensemble=[f"{tiny_workdir}@first"])
+  with pytest.raises(ValueError, match="no checkpoint of step 7"):
+    evaluate.evaluate(tiny_workdir, ensemble=[f"{tiny_workdir}@7"])
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("runs/a", ("runs/a", "best")),
+    ("runs/a@latest", ("runs/a", "latest")),
+    ("runs/a@1200", ("runs/a", 1200)),
+    ("/tmp/x@y/run@best", ("/tmp/x@y/run", "best")),
+])
+def test_ensemble_members_name_a_run_and_optionally_its_checkpoint(spec, expected):
+  assert trained.parse_member(spec) == expected
+  with pytest.raises(ValueError, match="WORKDIR or WORKDIR@CHECKPOINT"):
+    trained.parse_member("@best")
 
 
 def test_the_commands_import_into_one_process():
