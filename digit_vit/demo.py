@@ -2,7 +2,7 @@ r"""Draw-and-read web demo: draw a line of digits with the mouse, a pen or a fin
 Classify, and see what the model reads.
 
   python -m digit_vit.demo --workdir=runs/default [--host=127.0.0.1] [--port=8000] \
-      [--beam_size=4] [--views=5] [--checkpoint=best]
+      [--beam_size=4] [--views=5] [--checkpoint=best] [--ensemble=RUN[@CHECKPOINT],...]
 
 then open the printed address in a browser. The page (digit_vit/web/) is served from this
 process with no asset from the internet, so the demo runs offline. It shows the raw tokens
@@ -13,7 +13,8 @@ HTTP interface (all JSON except the page itself):
 
   GET  /               the page; GET /static/NAME: its script and style
   GET  /api/info       {"height", "width", "max_digits", "beam_size", "views", "step",
-                        "max_request_bytes", "max_pixels"}
+                        "ensemble" (how many more models read along), "max_request_bytes",
+                        "max_pixels"}
   POST /api/read       body {"image": "data:image/png;base64,..."} (or the raw image bytes)
     200  {"digits": "101", "tokens": [1, 0, 1, 11, 12, ...], "token_names": ["1", ...],
           "confidence": 0.93, "log_prob": -0.07, "no_ink": false, "seconds": 0.04,
@@ -149,6 +150,7 @@ class DemoServer(ThreadingHTTPServer):
     r = self.reader
     return {"height": r.height, "width": r.width, "max_digits": int(r.config.max_digits),
             "beam_size": r.beam_size, "views": r.views, "step": int(r.step),
+            "ensemble": len(r.ensemble),
             "max_request_bytes": self.max_request_bytes, "max_pixels": self.max_pixels}
 
   def read(self, body: bytes, content_type: str) -> dict[str, Any]:
@@ -278,11 +280,12 @@ def make_server(reader: predict.Reader, host: str = "127.0.0.1", port: int = 800
 
 def serve(workdir: str, host: str = "127.0.0.1", port: int = 8000, *,
           beam_size: int | None = None, views: int | None = None,
-          checkpoint: str | int = "best") -> None:
-  """Loads the run in `workdir`, compiles the decoder once, and serves until Ctrl-C."""
+          checkpoint: str | int = "best", ensemble: Sequence[str] = ()) -> None:
+  """Loads the run in `workdir` (and the `ensemble` runs that read with it, see
+  `predict.Reader`), compiles the decoder once, and serves until Ctrl-C."""
   # One image per request: batch 1 is the cheapest fixed shape for the compiled decoder.
   reader = predict.Reader(workdir, checkpoint=checkpoint, beam_size=beam_size, views=views,
-                          batch_size=1)
+                          batch_size=1, ensemble=ensemble)
   try:
     server = make_server(reader, host, port)
   except OSError as e:
@@ -292,8 +295,9 @@ def serve(workdir: str, host: str = "127.0.0.1", port: int = 8000, *,
   stroke = np.zeros((28, 28), np.float32)
   stroke[4:24, 12:16] = 1.0  # Any image with ink compiles the decoder before the first visitor.
   reader.read([stroke], attention=True)
-  log.info("Loaded %s (step %d, beam %d, %d view(s)); compiled in %.1f s.", workdir,
-           reader.step, reader.beam_size, reader.views, time.perf_counter() - start)
+  log.info("Loaded %s (step %d, beam %d, %d view(s), %d more model(s)); compiled in %.1f s.",
+           workdir, reader.step, reader.beam_size, reader.views, len(reader.ensemble),
+           time.perf_counter() - start)
   log.info("Serving the demo at %s (Ctrl-C stops).", server.url)
   try:
     server.serve_forever()
@@ -328,7 +332,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                            "config.decode; 1 = the image alone)")
   parser.add_argument("--checkpoint", type=_checkpoint, default="best",
                       help="'best' (by validation, the default), 'latest' or a step")
+  parser.add_argument("--ensemble", type=_run_list, default=[],
+                      help="further runs that read with --workdir's model, comma-separated "
+                           "WORKDIR or WORKDIR@CHECKPOINT: each token by the models' mean "
+                           "probability")
   return parser.parse_args(argv)
+
+
+def _run_list(value: str) -> list[str]:
+  return [run for run in value.split(",") if run]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -343,7 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   logs.quiet_libraries()
   try:
     serve(args.workdir, args.host, args.port, beam_size=args.beam_size, views=args.views,
-          checkpoint=args.checkpoint)
+          checkpoint=args.checkpoint, ensemble=args.ensemble)
   except (FileNotFoundError, ValueError) as e:  # A wrong --workdir, --checkpoint or --port.
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -25,9 +25,9 @@ from typing import Any, Sequence
 import tensorflow as tf
 from absl import app, flags
 
-from digit_vit import decode, logs, trained
+from digit_vit import logs, trained
 from digit_vit.data import input_pipeline
-from digit_vit.models import ModelConfig, build_model
+from digit_vit.models import build_model
 
 # Printed first, in this order; every metric goes to the JSON file.
 SUMMARY_KEYS = ("exact_match", "cer", "token_accuracy", "accuracy", "no_eos", "wrong_length",
@@ -86,20 +86,8 @@ def evaluate(workdir: str | os.PathLike, *, checkpoints: Sequence[trained.Checkp
                      f"{', '.join(input_pipeline.SPLITS)}")
   if data_dir is not None:
     config.data.data_dir = data_dir
-  # Every member is checked before any checkpoint is restored.
-  members = [trained.parse_member(spec) for spec in ensemble]
-  member_configs = [trained.load_config(member_dir, task="read") for member_dir, _ in members]
-  if members:
-    if config.task != "read":
-      raise ValueError(f"--ensemble reads sequences; {workdir} is a config.task={config.task!r} "
-                       "run")
-    decode.check_ensemble([ModelConfig.from_config(c.model) for c in [config, *member_configs]])
+  readers, described = trained.restore_ensemble(config, ensemble, ema=ema)
   params, steps = trained.restore_average(workdir, config, checkpoints, ema=ema)
-  readers, described = [], []
-  for (member_dir, checkpoint), member_config in zip(members, member_configs):
-    member_params, step = trained.restore_params(member_dir, member_config, checkpoint, ema=ema)
-    readers.append((ModelConfig.from_config(member_config.model), member_params))
-    described.append({"workdir": str(member_dir), "checkpoint": str(checkpoint), "step": step})
   evaluator = train.Evaluator(config, build_model(config), train.create_mesh(),
                               train.input_module(config), beam_size=beam_size, alpha=alpha,
                               views=views, ensemble=readers)

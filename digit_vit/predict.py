@@ -1,7 +1,8 @@
 r"""Reads digits from image files with a trained model.
 
   python -m digit_vit.predict --workdir=runs/default IMAGE_OR_DIR... \
-      [--output=readings.csv] [--attention=maps/] [--beam_size=4] [--views=5]
+      [--output=readings.csv] [--attention=maps/] [--beam_size=4] [--views=5] \
+      [--ensemble=RUN[@CHECKPOINT],...]
 
 Any image Pillow opens (PNG, JPEG, BMP, ...) of any size, grey or colour, light ink on a dark
 background or dark ink on light paper: `to_canvas` detects the polarity, crops to the ink and
@@ -238,13 +239,21 @@ class Reader:
     beam_size, alpha, views: decoding (default: the run's config.decode; 1 = greedy on the
       image alone).
     batch_size: images per call of the compiled decoder; every call has this shape.
+    ensemble: further runs that read together with this one, 'WORKDIR' or
+      'WORKDIR@CHECKPOINT' (`trained.restore_ensemble`): each token is picked by the mean
+      probability over the models (and views), and the confidence is under that mean. The
+      attention maps stay those of `workdir`'s model.
   """
 
   def __init__(self, workdir: str | os.PathLike, *, checkpoint: str | int = "best",
                beam_size: int | None = None, alpha: float | None = None,
-               views: int | None = None, batch_size: int = 16):
+               views: int | None = None, batch_size: int = 16,
+               ensemble: Sequence[str | os.PathLike] = ()):
     self.config = load_config(workdir)
     self.model_config = ModelConfig.from_config(self.config.model)
+    readers, self.ensemble = trained.restore_ensemble(self.config, ensemble)
+    self._ensemble_configs = tuple(c for c, _ in readers)
+    self._ensemble_params = tuple(p for _, p in readers)
     self.params, self.step = trained.restore_params(workdir, self.config, checkpoint)
     self.beam_size, self.alpha, self.views = trained.decoding(self.config, beam_size, alpha,
                                                               views)
@@ -255,11 +264,14 @@ class Reader:
     self.traces = 0  # Compilations of the reading function (tests check there is one).
     self._read_batch = xla_options.jit(self._read_fn)
 
-  def _read_fn(self, params, images):
+  def _read_fn(self, params, ensemble_params, images):
     self.traces += 1
-    outputs, log_prob = decode.decode(self.model_config, params, images,
-                                      beam_size=self.beam_size, alpha=self.alpha,
-                                      views=self.views)
+    readers, reader_params = self.model_config, params
+    if self._ensemble_configs:
+      readers = (self.model_config,) + self._ensemble_configs
+      reader_params = (params,) + tuple(ensemble_params)
+    outputs, log_prob = decode.decode(readers, reader_params, images, beam_size=self.beam_size,
+                                      alpha=self.alpha, views=self.views)
     return outputs, log_prob, cross_attention(self.model_config, params, images, outputs)
 
   def read(self, images: Sequence[np.ndarray | Image.Image], *, attention: bool = False,
@@ -280,7 +292,8 @@ class Reader:
       rows = inked[start:start + self.batch_size]
       batch = np.zeros((self.batch_size, self.height, self.width, 1), np.float32)
       batch[:len(rows), ..., 0] = [canvases[i] for i in rows]
-      outputs, log_prob, weights = jax.device_get(self._read_batch(self.params, batch))
+      outputs, log_prob, weights = jax.device_get(
+          self._read_batch(self.params, self._ensemble_params, batch))
       for j, i in enumerate(rows):
         predictions[i] = _prediction(filenames[i], outputs[j], float(log_prob[j]), canvases[i],
                                      weights[j] if attention else None, self.model_config)
@@ -430,6 +443,9 @@ def define_flags():
                        "probabilities are averaged (default: the run's config.decode; 1 = the "
                        "image alone).")
   flags.DEFINE_integer("batch_size", 16, "Images per call of the compiled decoder.")
+  flags.DEFINE_list("ensemble", [], "Further runs read together with --workdir's model, "
+                    "WORKDIR or WORKDIR@CHECKPOINT (default: its best): each token is picked by "
+                    "the mean probability over the models (and views).")
 
 
 def format_prediction(p: Prediction) -> str:
@@ -439,10 +455,9 @@ def format_prediction(p: Prediction) -> str:
           f"tokens={p.tokens}{note}")
 
 
-def run(workdir: str, arguments: Sequence[str], *, output: str | None = None,
-        attention_dir: str | None = None, **reader_kwargs: Any) -> list[Prediction]:
+def run(reader: Reader, arguments: Sequence[str], *, output: str | None = None,
+        attention_dir: str | None = None) -> list[Prediction]:
   """The command: reads, prints, writes the CSV and the maps; returns the predictions."""
-  reader = Reader(workdir, **reader_kwargs)
   predictions = read_files(reader, arguments, attention=attention_dir is not None)
   for p in predictions:
     if p.error is not None:
@@ -468,10 +483,13 @@ def main(argv):
     checkpoint = trained.parse_checkpoint(FLAGS.checkpoint)
   except ValueError as e:
     raise app.UsageError(f"--checkpoint={e}") from None
-  predictions = run(FLAGS.workdir, argv[1:], output=FLAGS.output,
-                    attention_dir=FLAGS.attention, checkpoint=checkpoint,
-                    beam_size=FLAGS.beam_size, alpha=FLAGS.alpha, views=FLAGS.views,
-                    batch_size=FLAGS.batch_size)
+  try:
+    reader = Reader(FLAGS.workdir, checkpoint=checkpoint, beam_size=FLAGS.beam_size,
+                    alpha=FLAGS.alpha, views=FLAGS.views, batch_size=FLAGS.batch_size,
+                    ensemble=FLAGS.ensemble)
+  except (ValueError, FileNotFoundError) as e:  # A wrong run, checkpoint or decoding setting.
+    raise app.UsageError(str(e)) from None
+  predictions = run(reader, argv[1:], output=FLAGS.output, attention_dir=FLAGS.attention)
   failures = sum(p.error is not None for p in predictions)
   if failures:
     print(f"{failures} of {len(predictions)} file(s) could not be read", file=sys.stderr)

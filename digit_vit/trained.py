@@ -15,7 +15,7 @@ import jax
 import ml_collections
 
 from digit_vit import checkpointing, decode
-from digit_vit.models import build_model
+from digit_vit.models import ModelConfig, build_model
 
 Checkpoint = str | int  # 'best', 'latest' or a step number.
 
@@ -160,3 +160,32 @@ def restore_average(workdir: str | os.PathLike, config, checkpoints: Sequence[Ch
     manager.close()
   params = jax.tree.map(lambda p: p / len(steps), total) if len(steps) > 1 else total
   return params, steps
+
+
+def restore_ensemble(config, members: Sequence[str | os.PathLike], *, ema: bool = True):
+  """Further readers that read together with a run whose config is `config`.
+
+  Every member is checked (a reader run whose model reads the same images into the same tokens
+  as `config`'s, `decode.check_ensemble`) before any checkpoint is restored.
+
+  Args:
+    members: 'WORKDIR' (its best checkpoint) or 'WORKDIR@CHECKPOINT' each (`parse_member`).
+    ema: as in `restore_params`.
+
+  Returns:
+    (readers, described): [(ModelConfig, params)] for `decode`, and
+    [{'workdir', 'checkpoint', 'step'}] to report what was read.
+  """
+  specs = [parse_member(member) for member in members]
+  member_configs = [load_config(workdir, task="read") for workdir, _ in specs]
+  if specs:
+    if config.get("task", "read") != "read":
+      raise ValueError(f"an ensemble reads sequences; this is a config.task={config.task!r} run")
+    decode.check_ensemble([ModelConfig.from_config(c.model)
+                           for c in [config, *member_configs]])
+  readers, described = [], []
+  for (workdir, checkpoint), member_config in zip(specs, member_configs):
+    params, step = restore_params(workdir, member_config, checkpoint, ema=ema)
+    readers.append((ModelConfig.from_config(member_config.model), params))
+    described.append({"workdir": workdir, "checkpoint": str(checkpoint), "step": step})
+  return readers, described

@@ -151,8 +151,8 @@ def test_info(server, reader):
   assert status == 200
   assert json.loads(body) == {
       "height": 16, "width": 48, "max_digits": 3, "beam_size": reader.beam_size,
-      "views": reader.views, "step": reader.step, "max_request_bytes": demo.MAX_REQUEST_BYTES,
-      "max_pixels": predict.MAX_PIXELS}
+      "views": reader.views, "step": reader.step, "ensemble": 0,
+      "max_request_bytes": demo.MAX_REQUEST_BYTES, "max_pixels": predict.MAX_PIXELS}
 
 
 def test_read_returns_what_predict_reads(server, reader, test_image):
@@ -266,8 +266,10 @@ def test_command_line(tmp_path, capsys):
     demo.main(["--help"])
   assert exit_info.value.code == 0
   usage = capsys.readouterr().out
-  for flag in ("--workdir", "--host", "--port", "--beam_size", "--views", "--checkpoint"):
+  for flag in ("--workdir", "--host", "--port", "--beam_size", "--views", "--checkpoint",
+               "--ensemble"):
     assert flag in usage
+  assert demo.parse_args(["--workdir=a", "--ensemble=b,c@latest"]).ensemble == ["b", "c@latest"]
   assert demo.main([f"--workdir={tmp_path / 'missing'}"]) == 2
   assert "config.json not found" in capsys.readouterr().err
   with pytest.raises(SystemExit):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from digit_vit import decode, predict
+from digit_vit import decode, predict, trained
 from digit_vit.models import tokens
 
 H, W = 32, 192
@@ -216,6 +216,13 @@ def test_command_line_prints_writes_csv_and_maps_and_fails_on_bad_files(tiny_wor
   assert (maps / "one.png.attention.png").is_file()
   assert (maps / "sub" / "two.bmp.attention.png").is_file()
   assert not (maps / "blank.png.attention.png").exists()
+  # A run that cannot be loaded is a usage error naming it, not a traceback.
+  bad = subprocess.run(
+      [sys.executable, "-m", "digit_vit.predict", f"--workdir={tiny_workdir}",
+       f"--ensemble={tmp_path / 'no_run'}", str(folder)],
+      capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+  assert bad.returncode != 0 and "Traceback" not in bad.stderr
+  assert f"{tmp_path / 'no_run' / 'config.json'} not found" in bad.stderr
 
 
 def test_reader_with_test_time_views_reads_as_the_decoder_does(tiny_workdir):
@@ -228,3 +235,26 @@ def test_reader_with_test_time_views_reads_as_the_decoder_does(tiny_workdir):
                                  views=3)
   assert [p.tokens for p in predictions] == np.asarray(want).tolist()
   np.testing.assert_allclose([p.log_prob for p in predictions], log_prob, rtol=1e-4, atol=1e-5)
+
+
+def test_reader_with_an_ensemble_reads_as_the_decoder_does(tiny_workdir):
+  reader = predict.Reader(tiny_workdir, checkpoint="latest", batch_size=8,
+                          ensemble=[f"{tiny_workdir}@20"])
+  assert reader.ensemble == [{"workdir": str(tiny_workdir), "checkpoint": "20", "step": 20}]
+  earlier, _ = trained.restore_params(tiny_workdir, reader.config, 20)
+  images, _ = _test_lines(tiny_workdir, 8)
+  predictions = reader.read(list(images), attention=True)
+  canvases = np.stack([predict.to_canvas(i, reader.height, reader.width) for i in images])
+  want, log_prob = decode.decode((reader.model_config, reader.model_config),
+                                 (reader.params, earlier), canvases[..., None])
+  assert [p.tokens for p in predictions] == np.asarray(want).tolist()
+  np.testing.assert_allclose([p.log_prob for p in predictions], log_prob, rtol=1e-4, atol=1e-5)
+  # The attention maps are the first model's, on the ensemble's reading.
+  attention = np.asarray(predict.cross_attention(reader.model_config, reader.params,
+                                                 canvases[..., None], want))
+  for p, maps in zip(predictions, attention):
+    np.testing.assert_allclose(p.attention, maps[:len(p.attention)], rtol=1e-4, atol=1e-6)
+  alone, _ = decode.decode(reader.model_config, reader.params, canvases[..., None])
+  assert not np.array_equal(alone, want)  # The second model changed some readings.
+  with pytest.raises(ValueError, match="use 'best', 'latest' or a step number"):
+    predict.Reader(tiny_workdir, ensemble=[f"{tiny_workdir}@newest"])

@@ -150,6 +150,7 @@ async function showModelInfo() {
     const info = await (await fetch('/api/info')).json();
     let decoding = info.beam_size > 1 ? `beam search (beam ${info.beam_size})` : 'greedy';
     if (info.views > 1) decoding += ` over ${info.views} shifted views`;
+    if (info.ensemble > 0) decoding += ` with ${info.ensemble} more model(s) reading along`;
     $('model-info').textContent =
         `Model: checkpoint of step ${info.step}, reads 1 to ${info.max_digits} digits on a ` +
         `${info.height} × ${info.width} canvas, ${decoding} decoding.`;
