@@ -27,7 +27,7 @@ import io
 import os
 import pathlib
 import sys
-from typing import Any, BinaryIO, Iterable, Sequence
+from typing import BinaryIO, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
