@@ -266,12 +266,11 @@ class Reader:
 
   def _read_fn(self, params, ensemble_params, images):
     self.traces += 1
-    readers, reader_params = self.model_config, params
-    if self._ensemble_configs:
-      readers = (self.model_config,) + self._ensemble_configs
-      reader_params = (params,) + tuple(ensemble_params)
-    outputs, log_prob = decode.decode(readers, reader_params, images, beam_size=self.beam_size,
-                                      alpha=self.alpha, views=self.views)
+    # A lone model is an ensemble of one to `decode`.
+    outputs, log_prob = decode.decode((self.model_config, *self._ensemble_configs),
+                                      (params, *ensemble_params), images,
+                                      beam_size=self.beam_size, alpha=self.alpha,
+                                      views=self.views)
     return outputs, log_prob, cross_attention(self.model_config, params, images, outputs)
 
   def read(self, images: Sequence[np.ndarray | Image.Image], *, attention: bool = False,

@@ -270,12 +270,9 @@ def eval_step(params, batch, ensemble_params=(), *, config, model, beam_size: in
   _, sums = loss_fn(params, batch, config=config, model=model, train=False)
   loss_sums = {"loss": sums["loss"], "weight": sums["weight"]}
   if config.task == "read":
-    readers, reader_params = model.config, params
-    if ensemble_configs:
-      readers = (model.config,) + tuple(ensemble_configs)
-      reader_params = (params,) + tuple(ensemble_params)
-    outputs, _ = decode.decode(readers, reader_params, batch["image"], beam_size=beam_size,
-                               alpha=alpha, views=views)
+    # A lone model is an ensemble of one to `decode`.
+    outputs, _ = decode.decode((model.config, *ensemble_configs), (params, *ensemble_params),
+                               batch["image"], beam_size=beam_size, alpha=alpha, views=views)
     _, targets = tokens.split_decoder_io(batch["tokens"])
     return {**metrics.reading_sums(outputs, targets, batch["mask"],
                                    max_digits=config.max_digits), **loss_sums}, outputs
