@@ -36,14 +36,15 @@ SUMMARY_KEYS = ("exact_match", "cer", "token_accuracy", "accuracy", "no_eos", "w
 
 def output_path(workdir: str | os.PathLike, checkpoints: Sequence[trained.Checkpoint],
                 beam_size: int, ema: bool = True, views: int = 1,
-                num_models: int = 1) -> pathlib.Path:
+                num_models: int = 1, prefix: str = "evaluation") -> pathlib.Path:
   """`workdir/evaluation_best_beam4.json`, `..._10000+12000_beam1.json`,
   `..._latest_beam1_views5.json`, `..._latest_beam1_noema.json` (the raw parameters of a run
-  that kept a moving average), `..._best_beam1_ensemble3.json` (with 2 more runs)."""
+  that kept a moving average), `..._best_beam1_ensemble3.json` (with 2 more runs); `prefix`
+  replaces `evaluation`."""
   name = "+".join(str(c) for c in checkpoints)
   suffix = ((f"_views{views}" if views > 1 else "") + ("" if ema else "_noema")
             + (f"_ensemble{num_models}" if num_models > 1 else ""))
-  return pathlib.Path(workdir) / f"evaluation_{name}_beam{beam_size}{suffix}.json"
+  return pathlib.Path(workdir) / f"{prefix}_{name}_beam{beam_size}{suffix}.json"
 
 
 def evaluate(workdir: str | os.PathLike, *, checkpoints: Sequence[trained.Checkpoint] = ("best",),
@@ -120,19 +121,15 @@ def format_result(result: dict[str, Any]) -> str:
 FLAGS = flags.FLAGS
 
 
-def define_flags():
-  """Defines the command's flags when it runs, not on import: absl flags are global and
-  `main` and `predict` define --workdir too."""
+def define_reading_flags():
+  """--workdir, --checkpoint and how to read (--beam_size, --alpha, --views, --ema,
+  --ensemble): the flags `evaluate` shares with `error_analysis`."""
   flags.DEFINE_string("workdir", None, "A training run's directory (config.json, checkpoints/).")
   flags.DEFINE_list("checkpoint", ["best"], "'best', 'latest' or a step; several (commas) are "
                     "averaged parameter by parameter.")
-  flags.DEFINE_list("splits", None, "Splits to evaluate (default: the run's config.eval_splits).")
   flags.DEFINE_integer("beam_size", None, "Beam size (default: the run's config.decode; 1 = "
                        "greedy).")
   flags.DEFINE_float("alpha", None, "Beam length normalisation (default: the run's config).")
-  flags.DEFINE_integer("num_examples", -1, "Examples of each split to evaluate; -1 = all.")
-  flags.DEFINE_string("data_dir", None, "The built dataset's directory (default: the run's "
-                      "config.data.data_dir).")
   flags.DEFINE_integer("views", None, "Test-time views: read this many shifted copies of each "
                        "image and average their probabilities (default: the run's "
                        "config.decode; 1 = the image alone).")
@@ -141,11 +138,23 @@ def define_flags():
   flags.DEFINE_list("ensemble", [], "Further runs read together with --workdir's model, "
                     "WORKDIR or WORKDIR@CHECKPOINT (default: its best): each token is picked by "
                     "the mean probability over the models (and views).")
+
+
+def define_flags():
+  """Defines the command's flags when it runs, not on import: absl flags are global and
+  `main` and `predict` define --workdir too."""
+  define_reading_flags()
+  flags.DEFINE_list("splits", None, "Splits to evaluate (default: the run's config.eval_splits).")
+  flags.DEFINE_integer("num_examples", -1, "Examples of each split to evaluate; -1 = all.")
+  flags.DEFINE_string("data_dir", None, "The built dataset's directory (default: the run's "
+                      "config.data.data_dir).")
   flags.DEFINE_string("output", None, "JSON file for the metrics (default: "
                       "workdir/evaluation_<checkpoints>_beam<k>.json).")
 
 
-def main(argv):
+def start_reading_command(argv) -> list[trained.Checkpoint]:
+  """The start of a command with `define_reading_flags`: checks the command line, quiets the
+  libraries and keeps TensorFlow off accelerators. Returns the parsed --checkpoint."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   if not FLAGS.workdir:
@@ -153,9 +162,13 @@ def main(argv):
   logs.quiet_libraries()
   tf.config.set_visible_devices([], "GPU")
   try:
-    checkpoints = [trained.parse_checkpoint(c) for c in FLAGS.checkpoint]
+    return [trained.parse_checkpoint(c) for c in FLAGS.checkpoint]
   except ValueError as e:
     raise app.UsageError(f"--checkpoint: {e}") from None
+
+
+def main(argv):
+  checkpoints = start_reading_command(argv)
   try:
     result = evaluate(FLAGS.workdir, checkpoints=checkpoints, splits=FLAGS.splits,
                       beam_size=FLAGS.beam_size, alpha=FLAGS.alpha,

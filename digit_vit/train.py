@@ -382,6 +382,19 @@ class Evaluator:
                                  in_shardings=(replicated, self.data_sharding, replicated),
                                  out_shardings=(replicated, self.data_sharding))
 
+  def _run(self, params, split: str, num_examples: int):
+    """Yields (host-local batch, metric sums, host-local predictions) batch by batch."""
+    batches = self.input_module.eval_iterator(self.config, split,
+                                              process_index=jax.process_index(),
+                                              process_count=jax.process_count())
+    if num_examples > 0:
+      batches = _take(batches, math.ceil(num_examples / self.config.eval_batch_size))
+    for batch in batches:
+      global_batch = jax.tree.map(
+          lambda x: jax.make_array_from_process_local_data(self.data_sharding, x), batch)
+      sums, predictions = self._step(params, global_batch, self._ensemble_params)
+      yield batch, sums, local_rows(predictions)
+
   def __call__(self, params, split: str, num_examples: int = -1):
     """Metrics of `params` on the first `num_examples` of `split` (-1: all of it).
 
@@ -389,20 +402,12 @@ class Evaluator:
       (metrics dict as `metrics.summarize`, sample): sample holds this process's first batch:
       `image`, `tokens`/`label`, `mask` and `prediction` (numpy), for pictures.
     """
-    batches = self.input_module.eval_iterator(self.config, split,
-                                              process_index=jax.process_index(),
-                                              process_count=jax.process_count())
-    if num_examples > 0:
-      batches = _take(batches, math.ceil(num_examples / self.config.eval_batch_size))
     total, sample = None, None
     timed_images, timed_start = 0, None
-    for batch in batches:
-      global_batch = jax.tree.map(
-          lambda x: jax.make_array_from_process_local_data(self.data_sharding, x), batch)
-      sums, predictions = self._step(params, global_batch, self._ensemble_params)
+    for batch, sums, predictions in self._run(params, split, num_examples):
       total = metrics.add_sums(total, jax.device_get(sums))  # Waits for the batch.
       if sample is None:
-        sample = {**batch, "prediction": local_rows(predictions)}
+        sample = {**batch, "prediction": predictions}
         timed_start = time.perf_counter()  # The first batch may compile: time the others.
       else:
         timed_images += self.config.eval_batch_size
@@ -413,6 +418,16 @@ class Evaluator:
       # Evaluation throughput (greedy decoding for 'read'), padding rows included.
       summary["images_per_second"] = timed_images / (time.perf_counter() - timed_start)
     return summary, sample
+
+  def predictions(self, params, split: str, num_examples: int = -1) -> np.ndarray:
+    """This process's predictions of `split` in the split's order, padding rows dropped: the
+    raw outputs int32 [n, max_digits + 1] (read) or labels int32 [n] (classify)."""
+    rows = [predictions[batch["mask"]]
+            for batch, _, predictions in self._run(params, split, num_examples)]
+    if not rows:
+      raise ValueError(f"split {split!r} has no examples")
+    out = np.concatenate(rows)
+    return out[:num_examples] if num_examples > 0 else out
 
 
 def _take(iterator, n):

@@ -11,6 +11,7 @@ import tensorflow_datasets as tfds
 
 from digit_vit import config_lib
 from digit_vit.data import benchmark, classification, input_pipeline as ip, sources
+from digit_vit.models import tokens as tokens_lib
 
 
 def _hash_rows(images):
@@ -157,6 +158,22 @@ def test_eval_covers_every_example_once_with_masks(config):
   tokens = np.concatenate([b["tokens"][b["mask"]] for b in batches])
   np.testing.assert_allclose(images, np.stack([r[0] for r in rows]), atol=1e-6)
   np.testing.assert_array_equal(tokens, np.stack([r[1] for r in rows]))
+
+
+def test_line_sources_follow_the_eval_order(config):
+  lines = ip.line_sources(config, "test")
+  assert lines["source_ids"].shape == (100, 3) and lines["source_ids"].dtype == np.int64
+  batches = list(ip.eval_iterator(config, "test", process_index=0, process_count=1))
+  tokens = np.concatenate([b["tokens"][b["mask"]] for b in batches])
+  assert list(lines["digits"]) == [tokens_lib.decode_sequence(t) for t in tokens]
+  np.testing.assert_array_equal(lines["length"], [len(d) for d in lines["digits"]])
+  on_line = np.arange(3)[None, :] < lines["length"][:, None]
+  assert (lines["source_ids"][~on_line] == -1).all()
+  # Each id is a test digit of the embedded source whose label is the digit it stands for.
+  digits = sources.load_digits("embedded", "test", validation_per_class=40)
+  label = dict(zip(digits.ids.tolist(), digits.labels.tolist()))
+  for line, ids, n in zip(lines["digits"], lines["source_ids"], lines["length"]):
+    assert [label[i] for i in ids[:n].tolist()] == [int(c) for c in line]
 
 
 def test_eval_shards_per_process_cover_once(config):

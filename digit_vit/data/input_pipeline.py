@@ -180,25 +180,43 @@ _CACHE: dict = {}
 _CACHE_LOCK = threading.Lock()
 
 
-def _read_shard(builder, split: str, start: int, end: int, *, decode: bool) -> dict[str, np.ndarray]:
+_SHARD_FIELDS = ("image", "tokens", "length")
+
+
+def _read_shard(builder, split: str, start: int, end: int, *, decode: bool,
+                fields: tuple[str, ...] = _SHARD_FIELDS) -> dict[str, np.ndarray]:
   key = (builder.data_path.as_posix() if hasattr(builder.data_path, "as_posix")
-         else str(builder.data_path), split, start, end, decode)
+         else str(builder.data_path), split, start, end, decode, fields)
   with _CACHE_LOCK:
     if key in _CACHE:
       return _CACHE[key]
-  decoders = None if decode else {"image": tfds.decode.SkipDecoding()}
+  decoders = None if decode or "image" not in fields else {"image": tfds.decode.SkipDecoding()}
   ds = builder.as_dataset(split=f"{split}[{start}:{end}]", shuffle_files=False,
                           decoders=decoders,
                           read_config=tfds.ReadConfig(interleave_cycle_length=1))
-  ds = ds.map(lambda ex: {k: ex[k] for k in ("image", "tokens", "length")}).batch(4096)
+  ds = ds.map(lambda ex: {k: ex[k] for k in fields}).batch(4096)
   parts = list(tfds.as_numpy(ds))
-  out = {k: np.concatenate([p[k] for p in parts]) for k in ("image", "tokens", "length")}
+  out = {k: np.concatenate([p[k] for p in parts]) for k in fields}
   if out["length"].shape[0] != end - start:
     raise RuntimeError(f"read {out['length'].shape[0]} examples of {split}[{start}:{end}]")
-  out["tokens"] = out["tokens"].astype(np.int32)
-  out["length"] = out["length"].astype(np.int32)
+  for k in ("tokens", "length"):
+    if k in out:
+      out[k] = out[k].astype(np.int32)
   with _CACHE_LOCK:
     _CACHE[key] = out
+  return out
+
+
+def line_sources(config, split: str) -> dict[str, np.ndarray]:
+  """Where each line of `split` came from, all hosts' lines in the order `eval_iterator` reads
+  them: `digits` (str [n], the true reading), `length` int32 [n] and `source_ids` int64
+  [n, max_digits] (each digit's source id, `sources.py`; -1 past the line's end)."""
+  _check_split(split)
+  builder = get_dataset_builder(config)
+  n = builder.info.splits[split].num_examples
+  out = dict(_read_shard(builder, split, 0, n, decode=False,
+                         fields=("digits", "length", "source_ids")))
+  out["digits"] = np.array([d.decode() for d in out["digits"]])
   return out
 
 

@@ -1,0 +1,374 @@
+r"""Which source digits a model misreads: errors traced back to the handwritten digits they came
+from, and the exact match the lines would reach without them.
+
+Every line of the built dataset records the source id of each of its digits (`sources.py`), and
+each test digit appears on about 18 of the 4,000 test lines. So a reader's errors can be
+charged to digits: a digit is misread on a line when the reading, aligned to the truth by a
+minimum edit-distance alignment, puts another digit in its place or drops it.
+
+  python -m digit_vit.error_analysis --workdir=runs/long --checkpoint=latest [--views=25] \
+      [--split=test] [--ensemble=RUN[@CHECKPOINT],...] [--top=30]
+
+prints how concentrated the errors are (the exact match if the most misread digits were read
+right) and writes `errors_<split>_<checkpoints>_beam<k>...json` (every misread digit and what it
+was read as) and a `.png` grid of the most misread digits into the workdir.
+
+A single-digit classifier run (`config.task='classify'` on `mnist_digits`, e.g.
+`configs/digit_probe.py`) reads each source digit once; with `--lines=READER_RUN` its misread
+digits are looked up on that run's lines:
+
+  python -m digit_vit.error_analysis --workdir=runs/probe --lines=runs/long
+
+gives the fraction of the lines that hold none of them: the exact match of a reader that read
+every digit of a line exactly as the classifier reads it alone.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+import pathlib
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from absl import app, flags
+
+from digit_vit import evaluate as evaluate_lib
+from digit_vit import trained
+from digit_vit.models import build_model
+from digit_vit.models import tokens as tokens_lib
+
+DROPPED = "-"  # What a digit the reading left out was read as.
+FIXED_COUNTS = (1, 5, 10, 20, 50)  # Exact match if the k most misread digits were read right.
+
+
+def align(truth: str, reading: str) -> tuple[list[str], int]:
+  """What a reading put in the place of each true digit, by a minimum edit-distance alignment.
+
+  Ties prefer a substitution, then a deletion: '123' read as '13' drops the 2, not the 3.
+
+  Returns:
+    (read_as, insertions): read_as[i] is the digit aligned to truth[i] (== truth[i] when read
+    right) or DROPPED; insertions counts digits read that stand for no true digit.
+  """
+  m, n = len(truth), len(reading)
+  cost = np.zeros((m + 1, n + 1), np.int32)
+  cost[:, 0] = np.arange(m + 1)
+  cost[0, :] = np.arange(n + 1)
+  for i in range(1, m + 1):
+    for j in range(1, n + 1):
+      cost[i, j] = min(cost[i - 1, j - 1] + (truth[i - 1] != reading[j - 1]),
+                       cost[i - 1, j] + 1, cost[i, j - 1] + 1)
+  read_as, insertions = [DROPPED] * m, 0
+  i, j = m, n
+  while i > 0 or j > 0:
+    if i > 0 and j > 0 and cost[i, j] == cost[i - 1, j - 1] + (truth[i - 1] != reading[j - 1]):
+      read_as[i - 1] = reading[j - 1]
+      i, j = i - 1, j - 1
+    elif i > 0 and cost[i, j] == cost[i - 1, j] + 1:
+      i -= 1
+    else:
+      insertions += 1
+      j -= 1
+  return read_as, insertions
+
+
+@dataclasses.dataclass
+class LineErrors:
+  """A split's readings charged to the source digits of its lines.
+
+  Attributes:
+    right: bool [n], the line was read exactly (its digits, then `<eos>`; as `metrics`).
+    blamed: per line, the source ids of its digits that were misread (substituted or dropped).
+    unexplained: bool [n], a wrong line that misreading its digits does not explain alone:
+      a digit added, or no `<eos>` (or another token before it).
+    insertions: int [n], digits read that stand for no true digit.
+    occurrences: source id -> the number of lines it is on.
+    misread: source id -> what it was read as on the lines it was misread on (DROPPED: left out).
+    labels: source id -> its digit.
+  """
+  right: np.ndarray
+  blamed: list[frozenset[int]]
+  unexplained: np.ndarray
+  insertions: np.ndarray
+  occurrences: collections.Counter
+  misread: dict[int, collections.Counter]
+  labels: dict[int, int]
+
+  def ranked(self) -> list[int]:
+    """The source ids misread at least once, most misread first (ties: more often misread
+    relative to lines, then the lower id)."""
+    return sorted(self.misread, key=lambda i: (-sum(self.misread[i].values()),
+                                               -sum(self.misread[i].values())
+                                               / self.occurrences[i], i))
+
+  def exact_match_if_read_right(self, ids) -> float:
+    """Exact match if the digits `ids` were read right wherever they appear (nothing else
+    changing): the right lines, and the wrong ones whose only errors are those digits."""
+    ids = frozenset(ids)
+    fixed = [not u and b <= ids for b, u in zip(self.blamed, self.unexplained)]
+    return float(np.mean(self.right | np.array(fixed, bool)))
+
+
+def charge_lines(truths: Sequence[str], outputs: np.ndarray,
+                 source_ids: np.ndarray) -> LineErrors:
+  """Charges each wrong reading to the source digits it misread.
+
+  Args:
+    truths: the true digits of each line, [n].
+    outputs: the model's raw outputs int [n, max_digits + 1] (`tokens.read_output`).
+    source_ids: int [n, max_digits], each digit's source id (-1 past the line's end).
+  """
+  if len(truths) != len(outputs) or len(truths) != len(source_ids):
+    raise ValueError(f"{len(truths)} truths, {len(outputs)} outputs and {len(source_ids)} "
+                     "source-id rows: one each per line")
+  right, blamed, unexplained, added = [], [], [], []
+  occurrences, misread, labels = collections.Counter(), {}, {}
+  for truth, output, ids in zip(truths, outputs, np.asarray(source_ids)):
+    reading = tokens_lib.read_output(output)
+    ids = [int(i) for i in ids[:len(truth)]]
+    if min(ids, default=0) < 0:
+      raise ValueError(f"line {truth!r} has source ids {ids}: fewer than its digits")
+    occurrences.update(ids)
+    labels.update({i: int(d) for i, d in zip(ids, truth)})
+    read_as, insertions = align(truth, reading.digits)
+    wrong = frozenset(i for i, d, r in zip(ids, truth, read_as) if r != d)
+    for i, d, r in zip(ids, truth, read_as):
+      if r != d:
+        misread.setdefault(i, collections.Counter())[r] += 1
+    right.append(reading.well_formed and not wrong and not insertions)
+    blamed.append(wrong)
+    unexplained.append(bool(insertions) or not reading.well_formed)
+    added.append(insertions)
+  return LineErrors(np.array(right, bool), blamed, np.array(unexplained, bool),
+                    np.array(added, np.int64), occurrences, misread, labels)
+
+
+def lines_without(source_ids: np.ndarray, lengths: np.ndarray, ids) -> np.ndarray:
+  """bool [n]: which lines hold none of the source digits `ids`.
+
+  Args:
+    source_ids: int [n, max_digits] (-1 past each line's end); lengths: int [n].
+  """
+  source_ids, lengths = np.asarray(source_ids), np.asarray(lengths)
+  on_line = np.arange(source_ids.shape[1])[None, :] < lengths[:, None]
+  hit = np.isin(source_ids, np.asarray(sorted(ids), np.int64)) & on_line
+  return ~hit.any(axis=1)
+
+
+def summarize_lines(errors: LineErrors, *, top: int) -> dict[str, Any]:
+  """The JSON-ready analysis of a reader's lines."""
+  ranked = errors.ranked()
+  n = len(errors.right)
+  return {
+      "lines": n,
+      "exact_match": float(np.mean(errors.right)),
+      "wrong_lines": int(n - errors.right.sum()),
+      "unexplained_lines": int(errors.unexplained.sum()),
+      "digits": len(errors.occurrences),
+      "misread_digits": len(ranked),
+      "misreadings": int(sum(sum(c.values()) for c in errors.misread.values())),
+      "insertions": int(errors.insertions.sum()),
+      "exact_match_if_read_right": {
+          str(k): errors.exact_match_if_read_right(ranked[:k]) for k in FIXED_COUNTS
+          if k <= len(ranked)},
+      "exact_match_if_all_read_right": errors.exact_match_if_read_right(ranked),
+      "most_misread": [_digit_record(errors, i) for i in ranked[:top]],
+      "every_misread": {str(i): dict(errors.misread[i]) for i in ranked},
+  }
+
+
+def _digit_record(errors: LineErrors, i: int) -> dict[str, Any]:
+  return {"id": i, "label": errors.labels[i], "lines": errors.occurrences[i],
+          "misread": sum(errors.misread[i].values()), "read_as": dict(errors.misread[i])}
+
+
+def format_lines(summary: dict[str, Any], *, top: int) -> str:
+  s = summary
+  out = [f"{s['lines']} lines, exact match {s['exact_match']:.2%}: {s['wrong_lines']} wrong, "
+         f"{s['unexplained_lines']} of them with a digit added or no <eos>",
+         f"{s['misread_digits']} of the {s['digits']} source digits misread at least once, "
+         f"{s['misreadings']} misreadings in all, and {s['insertions']} digits added",
+         "exact match if the k most misread digits were read right: " + ", ".join(
+             f"k={k}: {v:.2%}" for k, v in s["exact_match_if_read_right"].items())
+         + f", all: {s['exact_match_if_all_read_right']:.2%}",
+         "most misread: id  label  misread/lines  read as"]
+  for d in s["most_misread"][:top]:
+    read_as = " ".join(f"{k}x{v}" for k, v in sorted(d["read_as"].items(), key=lambda kv: -kv[1]))
+    out.append(f"  {d['id']:>6}  {d['label']}  {d['misread']:>3}/{d['lines']:<3}  {read_as}")
+  return "\n".join(out)
+
+
+def plot_digits(images: dict[int, np.ndarray], titles: dict[int, str], path, *,
+                columns: int = 10):
+  """A grid of source digits (ink dark on white), each under its title."""
+  from digit_vit import reporting  # pylint: disable=import-outside-toplevel  (matplotlib)
+  plt = reporting.plt
+  rows = max(1, -(-len(titles) // columns))
+  fig, axes = plt.subplots(rows, columns, figsize=(1.3 * columns, 1.5 * rows), squeeze=False)
+  for ax in axes.ravel():
+    ax.axis("off")
+  for ax, (i, title) in zip(axes.ravel(), titles.items()):
+    ax.imshow(images[i], cmap="gray_r", vmin=0, vmax=255)
+    ax.set_title(title, fontsize=7, color="red")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def digit_titles(result: dict[str, Any], top: int) -> dict[int, str]:
+  """Source id -> 'id: label->most common misreading' and how often, for the digits drawn."""
+  if result["task"] == "read":
+    return {d["id"]: f"{d['id']}: {d['label']}->{max(d['read_as'], key=d['read_as'].get)}\n"
+                     f"{d['misread']}/{d['lines']} lines" for d in result["most_misread"][:top]}
+  return {d["id"]: f"{d['id']}: {d['label']}->{d['read_as']}\non {d['lines']} lines"
+          for d in result["misread"][:top]}
+
+
+def source_digits(config, split: str):
+  """The `sources.DigitSet` of `split` of the run's digit source."""
+  from digit_vit.data import sources  # pylint: disable=import-outside-toplevel
+  d = config.data
+  return sources.load_digits(d.get("source", "embedded"), split,
+                             validation_per_class=int(d.get("validation_per_class", 40)),
+                             source_dir=d.get("source_dir", ""))
+
+
+def analyze(workdir: str | os.PathLike, *, checkpoints: Sequence[trained.Checkpoint] = ("best",),
+            split: str = "test", beam_size: int | None = None, alpha: float | None = None,
+            views: int | None = None, ema: bool = True,
+            ensemble: Sequence[str | os.PathLike] = (), lines: str | os.PathLike | None = None,
+            top: int = 30) -> tuple[dict[str, Any], dict[int, np.ndarray]]:
+  """The error analysis of a run's checkpoint(s) on `split`.
+
+  Args:
+    workdir: a reader run, or a single-digit classifier run with `lines`.
+    checkpoints, beam_size, alpha, views, ema, ensemble: as in `evaluate.evaluate`.
+    lines: for a classifier run: the reader run whose lines of `split` its misread digits are
+      looked up on. Must be None for a reader run.
+    top: how many of the most misread digits to list.
+
+  Returns:
+    (result, images): the JSON-ready result, and the source images of its digits by id.
+  """
+  # Imported here: the training module brings the input pipeline and TensorFlow.
+  from digit_vit import train  # pylint: disable=import-outside-toplevel
+  from digit_vit.data import input_pipeline  # pylint: disable=import-outside-toplevel
+  config = trained.load_config(workdir)
+  task = config.get("task", "read")
+  if task == "read" and lines is not None:
+    raise ValueError(f"{workdir} is a reader run: it reads its own lines; --lines is for a "
+                     "single-digit classifier run")
+  if task == "classify" and (lines is None or config.data.get("name") != "mnist_digits"):
+    raise ValueError(f"{workdir} is a classifier run: give --lines=READER_RUN, whose lines its "
+                     "misread digits are looked up on (and it must classify MNIST digits, "
+                     f"config.data.name='mnist_digits', not {config.data.get('name')!r})")
+  if split not in input_pipeline.SPLITS:
+    raise ValueError(f"--split={split}: choose among {', '.join(input_pipeline.SPLITS)}")
+  if jax.process_count() > 1:
+    raise ValueError("error_analysis reads a whole split in one process; run it on one host")
+  beam_size, alpha, views = trained.decoding(config, beam_size, alpha, views)
+  readers, described = trained.restore_ensemble(config, ensemble, ema=ema)
+  line_config = config if lines is None else trained.load_config(lines, task="read")
+  if line_config.data.get("source", "embedded") != config.data.get("source", "embedded"):
+    raise ValueError(f"{workdir} classifies digits of the {config.data.source!r} source but "
+                     f"the lines of {lines} are made of {line_config.data.source!r} digits")
+  params, steps = trained.restore_average(workdir, config, checkpoints, ema=ema)
+  evaluator = train.Evaluator(config, build_model(config), train.create_mesh(),
+                              train.input_module(config), beam_size=beam_size, alpha=alpha,
+                              views=views, ensemble=readers)
+  predictions = evaluator.predictions(params, split)
+  line_info = input_pipeline.line_sources(line_config, split)
+  digits = source_digits(config, split)
+  images = {int(i): image for i, image in zip(digits.ids, digits.images)}
+  result: dict[str, Any] = {"workdir": str(workdir), "checkpoints": [str(c) for c in checkpoints],
+                            "steps": steps, "split": split, "task": task,
+                            "beam_size": beam_size, "alpha": alpha, "views": views,
+                            "ema": ema and train.check_ema_decay(config) > 0,
+                            "ensemble": described}
+  if task == "read":
+    errors = charge_lines(line_info["digits"], predictions, line_info["source_ids"])
+    result.update(summarize_lines(errors, top=top))
+    return result, images
+
+  ids, labels = digits.ids, digits.labels  # The classifier reads its split in this order.
+  if len(predictions) != len(ids):
+    raise ValueError(f"{workdir} read {len(predictions)} digits of {split}; the source has "
+                     f"{len(ids)}")
+  wrong = ids[predictions != labels]
+  on_lines = np.unique(line_info["source_ids"][line_info["source_ids"] >= 0])
+  if not np.isin(on_lines, ids).all():
+    raise ValueError(f"the {split} lines of {lines} hold digits that {workdir} did not read "
+                     "(a different config.data.validation_per_class or source_dir?)")
+  kept = lines_without(line_info["source_ids"], line_info["length"], wrong)
+  result.update({
+      "lines_workdir": str(lines), "digits": len(ids),
+      "accuracy": float(np.mean(predictions == labels)),
+      "misread_ids": [int(i) for i in wrong],
+      "misread": [{"id": int(i), "label": int(labels[k]), "read_as": int(predictions[k]),
+                   "lines": int((line_info["source_ids"] == i).sum())}
+                  for k, i in enumerate(ids) if predictions[k] != labels[k]],
+      "lines": int(len(kept)),
+      "lines_without_misread": float(np.mean(kept)),
+  })
+  return result, images
+
+
+def format_result(result: dict[str, Any], *, top: int) -> str:
+  head = f"{result['workdir']} {result['split']}, steps {result['steps']}"
+  if result["task"] == "read":
+    head += (f", beam {result['beam_size']}, {result['views']} view(s)"
+             + "".join(f", with {m['workdir']}" for m in result["ensemble"]))
+    return head + "\n" + format_lines(result, top=top)
+  return "\n".join([
+      head,
+      f"{result['digits']} digits, accuracy {result['accuracy']:.2%}; misread: "
+      + ", ".join(f"{d['id']} ({d['label']}->{d['read_as']}, on {d['lines']} lines)"
+                  for d in result["misread"]),
+      f"lines of {result['lines_workdir']}'s {result['split']} split that hold none of them: "
+      f"{result['lines_without_misread']:.2%} of {result['lines']} (the exact match of a "
+      "reader that read every digit as this classifier does)"])
+
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  evaluate_lib.define_reading_flags()
+  flags.DEFINE_string("split", "test", "The split to analyse.")
+  flags.DEFINE_string("lines", None, "For a classifier run: the reader run whose lines its "
+                      "misread digits are looked up on.")
+  flags.DEFINE_integer("top", 30, "How many of the most misread digits to list and draw.")
+  flags.DEFINE_string("output", None, "JSON file (default: workdir/errors_<split>_<checkpoints>"
+                      "_beam<k>....json; the grid of digits goes beside it as .png).")
+
+
+def main(argv):
+  checkpoints = evaluate_lib.start_reading_command(argv)
+  if FLAGS.top < 0:
+    raise app.UsageError(f"--top must be >= 0, got {FLAGS.top}")
+  try:
+    result, images = analyze(FLAGS.workdir, checkpoints=checkpoints, split=FLAGS.split,
+                             beam_size=FLAGS.beam_size, alpha=FLAGS.alpha, views=FLAGS.views,
+                             ema=FLAGS.ema, ensemble=FLAGS.ensemble, lines=FLAGS.lines,
+                             top=FLAGS.top)
+  except (ValueError, FileNotFoundError) as e:
+    raise app.UsageError(str(e)) from None
+  path = pathlib.Path(FLAGS.output or evaluate_lib.output_path(
+      FLAGS.workdir, checkpoints, result["beam_size"], FLAGS.ema, result["views"],
+      1 + len(FLAGS.ensemble), prefix=f"errors_{FLAGS.split}"))
+  path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+  titles = digit_titles(result, FLAGS.top)
+  if titles:
+    plot_digits(images, titles, path.with_suffix(".png"))
+  print(format_result(result, top=FLAGS.top))
+  print(f"wrote {path}" + (f" and {path.with_suffix('.png')}" if titles else ""))
+  return 0
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
