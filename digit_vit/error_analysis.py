@@ -38,7 +38,6 @@ from absl import app, flags
 
 from digit_vit import evaluate as evaluate_lib
 from digit_vit import trained
-from digit_vit.models import build_model
 from digit_vit.models import tokens as tokens_lib
 
 DROPPED = "-"  # What a digit the reading left out was read as.
@@ -254,8 +253,7 @@ def analyze(workdir: str | os.PathLike, *, checkpoints: Sequence[trained.Checkpo
   Returns:
     (result, images): the JSON-ready result, and the source images of its digits by id.
   """
-  # Imported here: the training module brings the input pipeline and TensorFlow.
-  from digit_vit import train  # pylint: disable=import-outside-toplevel
+  # Imported here: the input pipeline brings TensorFlow.
   from digit_vit.data import input_pipeline  # pylint: disable=import-outside-toplevel
   config = trained.load_config(workdir)
   task = config.get("task", "read")
@@ -271,24 +269,18 @@ def analyze(workdir: str | os.PathLike, *, checkpoints: Sequence[trained.Checkpo
   if jax.process_count() > 1:
     raise ValueError("error_analysis reads a whole split in one process; run it on one host")
   beam_size, alpha, views = trained.decoding(config, beam_size, alpha, views)
-  readers, described = trained.restore_ensemble(config, ensemble, ema=ema)
   line_config = config if lines is None else trained.load_config(lines, task="read")
   if line_config.data.get("source", "embedded") != config.data.get("source", "embedded"):
     raise ValueError(f"{workdir} classifies digits of the {config.data.source!r} source but "
                      f"the lines of {lines} are made of {line_config.data.source!r} digits")
-  params, steps = trained.restore_average(workdir, config, checkpoints, ema=ema)
-  evaluator = train.Evaluator(config, build_model(config), train.create_mesh(),
-                              train.input_module(config), beam_size=beam_size, alpha=alpha,
-                              views=views, ensemble=readers)
+  evaluator, params, reading = evaluate_lib.reading_evaluator(
+      workdir, config, checkpoints=checkpoints, beam_size=beam_size, alpha=alpha, views=views,
+      ema=ema, ensemble=ensemble)
   predictions = evaluator.predictions(params, split)
   line_info = input_pipeline.line_sources(line_config, split)
   digits = source_digits(config, split)
   images = {int(i): image for i, image in zip(digits.ids, digits.images)}
-  result: dict[str, Any] = {"workdir": str(workdir), "checkpoints": [str(c) for c in checkpoints],
-                            "steps": steps, "split": split, "task": task,
-                            "beam_size": beam_size, "alpha": alpha, "views": views,
-                            "ema": ema and train.check_ema_decay(config) > 0,
-                            "ensemble": described}
+  result: dict[str, Any] = {"workdir": str(workdir), "split": split, "task": task, **reading}
   if task == "read":
     errors = charge_lines(line_info["digits"], predictions, line_info["source_ids"])
     result.update(summarize_lines(errors, top=top))

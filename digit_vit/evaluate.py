@@ -47,6 +47,30 @@ def output_path(workdir: str | os.PathLike, checkpoints: Sequence[trained.Checkp
   return pathlib.Path(workdir) / f"{prefix}_{name}_beam{beam_size}{suffix}.json"
 
 
+def reading_evaluator(workdir: str | os.PathLike, config, *,
+                      checkpoints: Sequence[trained.Checkpoint], beam_size: int, alpha: float,
+                      views: int, ema: bool, ensemble: Sequence[str | os.PathLike]):
+  """Restores the (mean) parameters of `checkpoints` of `workdir` and the `ensemble`, and
+  builds an evaluator that reads as asked (arguments as in `evaluate`, the decoding already
+  resolved by `trained.decoding`; `config` is the run's).
+
+  Returns:
+    (evaluator, params, reading): `train.Evaluator`, the parameters, and how they read:
+    {'checkpoints', 'steps', 'beam_size', 'alpha', 'views', 'ema', 'ensemble'}.
+  """
+  # Imported here: the training module brings the input pipeline and TensorFlow.
+  from digit_vit import train  # pylint: disable=import-outside-toplevel
+  readers, described = trained.restore_ensemble(config, ensemble, ema=ema)
+  params, steps = trained.restore_average(workdir, config, checkpoints, ema=ema)
+  evaluator = train.Evaluator(config, build_model(config), train.create_mesh(),
+                              train.input_module(config), beam_size=beam_size, alpha=alpha,
+                              views=views, ensemble=readers)
+  reading = {"checkpoints": [str(c) for c in checkpoints], "steps": steps,
+             "beam_size": beam_size, "alpha": alpha, "views": views,
+             "ema": ema and train.check_ema_decay(config) > 0, "ensemble": described}
+  return evaluator, params, reading
+
+
 def evaluate(workdir: str | os.PathLike, *, checkpoints: Sequence[trained.Checkpoint] = ("best",),
              splits: Sequence[str] | None = None, beam_size: int | None = None,
              alpha: float | None = None, num_examples: int = -1,
@@ -76,8 +100,6 @@ def evaluate(workdir: str | os.PathLike, *, checkpoints: Sequence[trained.Checkp
     `ema` says whether a moving average was read; `ensemble` lists the further members as
     {'workdir', 'checkpoint', 'step'}.
   """
-  # Imported here: the training module brings the input pipeline and TensorFlow.
-  from digit_vit import train  # pylint: disable=import-outside-toplevel
   config = trained.load_config(workdir)
   beam_size, alpha, views = trained.decoding(config, beam_size, alpha, views)
   splits = list(config.eval_splits if splits is None else splits)
@@ -87,16 +109,10 @@ def evaluate(workdir: str | os.PathLike, *, checkpoints: Sequence[trained.Checkp
                      f"{', '.join(input_pipeline.SPLITS)}")
   if data_dir is not None:
     config.data.data_dir = data_dir
-  readers, described = trained.restore_ensemble(config, ensemble, ema=ema)
-  params, steps = trained.restore_average(workdir, config, checkpoints, ema=ema)
-  evaluator = train.Evaluator(config, build_model(config), train.create_mesh(),
-                              train.input_module(config), beam_size=beam_size, alpha=alpha,
-                              views=views, ensemble=readers)
-  result: dict[str, Any] = {"checkpoints": [str(c) for c in checkpoints], "steps": steps,
-                            "splits": splits, "beam_size": beam_size, "alpha": alpha,
-                            "views": views,
-                            "ema": ema and train.check_ema_decay(config) > 0,
-                            "ensemble": described}
+  evaluator, params, reading = reading_evaluator(
+      workdir, config, checkpoints=checkpoints, beam_size=beam_size, alpha=alpha, views=views,
+      ema=ema, ensemble=ensemble)
+  result: dict[str, Any] = {**reading, "splits": splits}
   for split in splits:
     split_metrics, _ = evaluator(params, split, num_examples)
     result.update({f"{split}_{k}": v for k, v in split_metrics.items()})
