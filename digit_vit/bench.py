@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
-from digit_vit import profiling, xla_options
+from digit_vit import environment, profiling, xla_options
 from digit_vit.models import tokens
 
 FLAGS = flags.FLAGS
@@ -312,11 +312,15 @@ def main(argv):
   print(f"devices: {jax.devices()}  batch: {config.batch_size}  "
         f"attention: {config.model.attention_impl}  "
         f"compiler options: {xla_options.compiler_options() or 'XLA defaults'}")
+  ran_on = environment.describe()
+  print(f"cpu: {ran_on['cpu']} ({ran_on['cpu_count']} cores, "
+        f"{ran_on['cpu_vector_extensions'] or 'no x86 vector extension'})  "
+        f"jax {ran_on['packages']['jax']}")
   results = run(config, parts, FLAGS.repeats, FLAGS.profile, FLAGS.profile_top)
   print(format_results(results))
   if FLAGS.json:
     with open(FLAGS.json, "w") as f:
-      json.dump(results, f, indent=2)
+      json.dump({**results, "environment": ran_on}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,8 @@ from flax.training import train_state
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from digit_vit import checkpointing, decode, losses, metrics, reporting, trained, xla_options
+from digit_vit import (checkpointing, decode, environment, losses, metrics, reporting, trained,
+                       xla_options)
 from digit_vit.models import build_model, tokens
 
 PARALLELISM = ("jit", "pmap")
@@ -483,12 +484,16 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     evaluations during training stay greedy on one view),
     `steps`, `train_seconds` (time in training steps, compilation included, evaluation and
     checkpoint writes excluded, summed over resumed runs) and `train_images_per_second` (the
-    median rate of the logged intervals of this process after its first).
+    median rate of the logged intervals of this process after its first), and `environment`
+    (`environment.describe()` at the start of this process: commit, packages, CPU).
   """
   workdir = os.path.abspath(workdir)
   check_config(config)
   # How the final report reads (config.decode), checked now rather than after hours of training.
   reading = trained.decoding(config)
+  # Taken at the start: the code may be edited while the run trains.
+  ran_on = environment.describe()
+  logging.info("Environment: %s", json.dumps(ran_on, sort_keys=True))
   is_chief = jax.process_index() == 0
   num_steps = int(config.num_train_steps)
   if is_chief:
@@ -586,6 +591,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     # The steady training rate: the median interval, leaving out the first (it compiles).
     report["train_images_per_second"] = float(np.median(rates[1:] if len(rates) > 1 else rates))
   report.update({f"decode_{k}": v for k, v in reading._asdict().items()})
+  report["environment"] = ran_on
   read = evaluate
   if reading.beam_size > 1 or reading.views > 1:
     read = Evaluator(config, model, mesh, data, beam_size=reading.beam_size,

@@ -1,12 +1,19 @@
 """The benchmark command's figures exist and are consistent (speed targets live in the
 command itself, not in tests)."""
 
+import json
+import pathlib
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import pytest
 
-from digit_vit import bench, config_lib, decode
+from digit_vit import bench, config_lib, decode, environment
 from digit_vit.models import ModelConfig, build_model, tokens
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -73,3 +80,16 @@ def test_unpinned_numpy_peak_is_measured_only_where_openblas_is_pinned(monkeypat
 def test_format_lists_every_key(figures):
   text = bench.format_results(figures)
   assert all(key in text for key in figures)
+
+
+def test_the_command_writes_its_figures_and_environment(tmp_path):
+  out = tmp_path / "bench.json"
+  result = subprocess.run(
+      [sys.executable, "-m", "digit_vit.bench", f"--config={ROOT / 'configs' / 'tiny.py'}",
+       "--only=train", "--repeats=1", f"--json={out}"],
+      cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  written = json.loads(out.read_text())
+  assert written["train_images_per_s"] > 0 and written["parameters"] > 0
+  assert written["environment"]["cpu"] == environment.cpu_model()
+  assert f"cpu: {environment.cpu_model()}" in result.stdout

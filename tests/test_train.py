@@ -20,7 +20,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from digit_vit import checkpointing, config_lib, reporting, train
+from digit_vit import checkpointing, config_lib, environment, reporting, train
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "train_worker.py"
@@ -161,6 +161,8 @@ def test_train_and_evaluate_writes_report_and_learns(tmp_path):
   assert report["test_cer"] < 1.0
   on_disk = json.loads((tmp_path / reporting.REPORT_FILE).read_text())
   assert on_disk["test_exact_match"] == report["test_exact_match"]
+  assert on_disk["environment"]["packages"]["jax"] == jax.__version__
+  assert on_disk["environment"]["cpu"] == environment.cpu_model()
   for name in (reporting.LOSS_PLOT, reporting.ACCURACY_PLOT, reporting.READINGS_PLOT,
                "config.json"):
     assert (tmp_path / name).stat().st_size > 1000, name

@@ -164,7 +164,7 @@ def train_iterator(config, *, seed: int, start_step: int = 0, process_index=None
     return {"image": image, "label": tf.gather(labels_t, idx)}
 
   ds = ip.index_stream(hi - lo, seed, start_step * b, process_index)
-  ds = ds.map(load, num_parallel_calls=ip.parallel_calls(config))
+  ds = ds.map(ip.graph_fn(load), num_parallel_calls=ip.parallel_calls(config))
   ds = ds.batch(b, drop_remainder=True).prefetch(int(config.data.get("prefetch", 2)))
   return iter(tfds.as_numpy(ds.with_options(ip.data_options(config))))
 

@@ -194,7 +194,7 @@ def _read_shard(builder, split: str, start: int, end: int, *, decode: bool,
   ds = builder.as_dataset(split=f"{split}[{start}:{end}]", shuffle_files=False,
                           decoders=decoders,
                           read_config=tfds.ReadConfig(interleave_cycle_length=1))
-  ds = ds.map(lambda ex: {k: ex[k] for k in fields}).batch(4096)
+  ds = ds.map(graph_fn(lambda ex: {k: ex[k] for k in fields})).batch(4096)
   parts = list(tfds.as_numpy(ds))
   out = {k: np.concatenate([p[k] for p in parts]) for k in fields}
   if out["length"].shape[0] != end - start:
@@ -224,6 +224,20 @@ def line_sources(config, split: str) -> dict[str, np.ndarray]:
 # Shared tf.data machinery (also used by classification.py)
 
 
+def graph_fn(fn):
+  """`fn`, for tf.data to trace as it is written, without autograph.
+
+  tf.data runs autograph on a mapped function when it first traces it, and autograph reads the
+  function's source back from the file on disk: if the file was edited after the process started
+  (a researcher changing code while a run trains), it converts whatever now sits at the old line
+  numbers, and the run dies at its first evaluation with errors such as `tf__load() missing 1
+  required positional argument`. Every function this package hands to tf.data is written in
+  graph style (tf.cond and tf.where on tensors, Python `if` only on Python values), so none needs
+  converting.
+  """
+  return tf.autograph.experimental.do_not_convert(fn)
+
+
 def seed_pair(*values: int) -> np.ndarray:
   """A stateless-RNG seed [2] int64 mixing any number of ints (stable across machines)."""
   ss = np.random.SeedSequence([int(v) & 0xFFFFFFFF for v in values])
@@ -241,7 +255,7 @@ def index_stream(n: int, seed: int, start: int, process_index: int) -> tf.data.D
     keys = tf.random.stateless_uniform([n], seed=s, dtype=tf.float32)
     return tf.data.Dataset.from_tensor_slices(tf.argsort(keys, stable=True))
 
-  ds = tf.data.Dataset.range(start_epoch, 2**62).flat_map(epoch).skip(offset)
+  ds = tf.data.Dataset.range(start_epoch, 2**62).flat_map(graph_fn(epoch)).skip(offset)
   return tf.data.Dataset.zip(tf.data.Dataset.range(start, 2**62), ds)
 
 
@@ -424,8 +438,8 @@ def train_dataset(config, *, seed: int, start_step: int = 0, process_index=None,
     return {"image": image, "tokens": batch["tokens"], "length": batch["length"]}
 
   ds = _train_positions(config, shard["length"], seed, start_step * b, process_index)
-  ds = ds.map(load, num_parallel_calls=parallel_calls(config))
-  ds = ds.batch(b, drop_remainder=True).map(finish)
+  ds = ds.map(graph_fn(load), num_parallel_calls=parallel_calls(config))
+  ds = ds.batch(b, drop_remainder=True).map(graph_fn(finish))
   ds = ds.prefetch(int(config.data.get("prefetch", 2)))
   return ds.with_options(data_options(config))
 
@@ -438,7 +452,7 @@ def _train_positions(config, lengths, seed, start, process_index) -> tf.data.Dat
   regular = index_stream(len(lengths), seed, max(start - total, 0), process_index)
   if not total:
     return regular
-  regular = regular.map(lambda pos, idx: (pos + total, idx))
+  regular = regular.map(graph_fn(lambda pos, idx: (pos + total, idx)))
   if start >= total:
     return regular
   indices = curriculum_indices(
