@@ -20,7 +20,8 @@ digits are looked up on that run's lines:
   python -m digit_vit.error_analysis --workdir=runs/probe --lines=runs/long
 
 gives the fraction of the lines that hold none of them: the exact match of a reader that read
-every digit of a line exactly as the classifier reads it alone.
+every digit of a line exactly as the classifier reads it alone. With `--ensemble=RUN,...` (further
+classifier runs) the misread digits are those of the classifiers' mean probabilities.
 """
 
 from __future__ import annotations
@@ -311,18 +312,19 @@ def analyze(workdir: str | os.PathLike, *, checkpoints: Sequence[trained.Checkpo
 
 def format_result(result: dict[str, Any], *, top: int) -> str:
   head = f"{result['workdir']} {result['split']}, steps {result['steps']}"
+  with_members = "".join(f", with {m['workdir']}@{m['checkpoint']}" for m in result["ensemble"])
   if result["task"] == "read":
-    head += (f", beam {result['beam_size']}, {result['views']} view(s)"
-             + "".join(f", with {m['workdir']}" for m in result["ensemble"]))
+    head += f", beam {result['beam_size']}, {result['views']} view(s)" + with_members
     return head + "\n" + format_lines(result, top=top)
+  reader = "these classifiers do together" if result["ensemble"] else "this classifier does"
   return "\n".join([
-      head,
+      head + with_members,
       f"{result['digits']} digits, accuracy {result['accuracy']:.2%}; misread: "
       + ", ".join(f"{d['id']} ({d['label']}->{d['read_as']}, on {d['lines']} lines)"
                   for d in result["misread"]),
       f"lines of {result['lines_workdir']}'s {result['split']} split that hold none of them: "
       f"{result['lines_without_misread']:.2%} of {result['lines']} (the exact match of a "
-      "reader that read every digit as this classifier does)"])
+      f"reader that read every digit as {reader})"])
 
 
 FLAGS = flags.FLAGS

@@ -9,7 +9,8 @@ r"""Evaluates checkpoints of a training run on its splits, decoding greedily or 
 Training evaluates its last parameters greedily; this measures any kept checkpoint, the mean of
 several (`--checkpoint` with commas), beam search, test-time views (`--views`), the raw
 parameters of a run that kept a moving average (`--noema`), and an ensemble of runs
-(`--ensemble`: every token picked by the mean probability over the models, and the views),
+(`--ensemble`: every token, or a classifier's label, picked by the mean probability over the
+models, and the views),
 with the same metrics as `report.json` (keys prefixed by the split: `test_exact_match`,
 `test_cer`, ...). The metrics are printed and written as JSON, by default to
 `workdir/evaluation_<checkpoints>_beam<k>.json`.
@@ -89,10 +90,12 @@ def evaluate(workdir: str | os.PathLike, *, checkpoints: Sequence[trained.Checkp
     data_dir: where the built dataset is (default: the run's `config.data.data_dir`).
     ema: read with the moving average of the parameters where the run kept one
       (`config.ema_decay` > 0); False: the raw parameters. The same for ensemble members.
-    ensemble: further readers, 'WORKDIR' (its best checkpoint) or 'WORKDIR@CHECKPOINT', read
-      together with `workdir`'s model on `workdir`'s data: each token is picked by the mean
-      probability over the models (and views). They may differ in anything but the canvas and
-      max_digits. The teacher-forced `loss` stays that of `workdir`'s model alone.
+    ensemble: further runs of the same task, 'WORKDIR' (its best checkpoint) or
+      'WORKDIR@CHECKPOINT', read together with `workdir`'s model on `workdir`'s data: each
+      token (a classifier's label) is picked by the mean probability over the models (and
+      views). Readers may differ in anything but the canvas and max_digits, classifiers in
+      anything but their images and classes (`trained.check_classifier_ensemble`). The
+      (teacher-forced) `loss` stays that of `workdir`'s model alone.
 
   Returns:
     {'checkpoints', 'steps', 'splits', 'beam_size', 'alpha', 'views', 'ema', 'ensemble',
@@ -151,9 +154,10 @@ def define_reading_flags():
                        "config.decode; 1 = the image alone).")
   flags.DEFINE_bool("ema", True, "Read with the moving average of the parameters where the run "
                     "kept one (config.ema_decay > 0); --noema reads the raw parameters.")
-  flags.DEFINE_list("ensemble", [], "Further runs read together with --workdir's model, "
-                    "WORKDIR or WORKDIR@CHECKPOINT (default: its best): each token is picked by "
-                    "the mean probability over the models (and views).")
+  flags.DEFINE_list("ensemble", [], "Further runs of the same task read together with "
+                    "--workdir's model, WORKDIR or WORKDIR@CHECKPOINT (default: its best): each "
+                    "token (or a classifier's label) is picked by the mean probability over the "
+                    "models (and views).")
 
 
 def define_flags():

@@ -48,7 +48,7 @@ from jax.sharding import PartitionSpec as P
 
 from digit_vit import (checkpointing, decode, environment, losses, metrics, reporting, trained,
                        xla_options)
-from digit_vit.models import build_model, tokens
+from digit_vit.models import ViTClassifier, build_model, tokens
 
 PARALLELISM = ("jit", "pmap")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -259,9 +259,9 @@ def eval_step(params, batch, ensemble_params=(), *, config, model, beam_size: in
   Args:
     beam_size, alpha, views: how a reader decodes (`decode.decode`); training evaluates
       greedily on the images alone.
-    ensemble_params, ensemble_configs: further readers (their params and `ModelConfig`s) that
-      read together with `params`, each token picked by the mean probability over all of them
-      (`decode.greedy_decode`); the teacher-forced loss stays that of `params` alone.
+    ensemble_params, ensemble_configs: further models (their params and `ModelConfig`s) that
+      read together with `params`: each token (`decode.greedy_decode`) or label picked by the
+      mean probability over all of them; the (teacher-forced) loss stays that of `params` alone.
 
   Returns:
     (sums, predictions): sums as in `metrics` plus the teacher-forced `loss` and `weight`;
@@ -278,6 +278,14 @@ def eval_step(params, batch, ensemble_params=(), *, config, model, beam_size: in
     return {**metrics.reading_sums(outputs, targets, batch["mask"],
                                    max_digits=config.max_digits), **loss_sums}, outputs
   logits, _ = _logits_and_targets(config, model, params, batch, train=False)
+  if ensemble_configs:
+    probabilities = jax.nn.softmax(logits.astype(jnp.float32))
+    for member_config, member_params in zip(ensemble_configs, ensemble_params):
+      member_logits = ViTClassifier(member_config).apply({"params": member_params},
+                                                         batch["image"], train=False)
+      probabilities += jax.nn.softmax(member_logits.astype(jnp.float32))
+    # The log of the mean: its argmax is the ensemble's label.
+    logits = jnp.log(probabilities / (1 + len(ensemble_configs)))
   predictions = jnp.argmax(logits, axis=-1).astype(jnp.int32)
   return {**metrics.classification_sums(logits, batch["label"], batch["mask"]),
           **loss_sums}, predictions
@@ -366,11 +374,9 @@ class Evaluator:
                alpha: float = 0.6, views: int = 1, ensemble=()):
     """
     Args:
-      ensemble: further readers [(ModelConfig, params)] that read together with the params
-        evaluated (`eval_step`); 'read' only.
+      ensemble: further models [(ModelConfig, params)] of the same task that read together
+        with the params evaluated (`eval_step`).
     """
-    if ensemble and config.task != "read":
-      raise ValueError(f"an ensemble reads sequences; this is a config.task={config.task!r} run")
     self.config = config
     self.input_module = input_module
     self.data_sharding = NamedSharding(mesh, P("data"))

@@ -162,30 +162,57 @@ def restore_average(workdir: str | os.PathLike, config, checkpoints: Sequence[Ch
   return params, steps
 
 
-def restore_ensemble(config, members: Sequence[str | os.PathLike], *, ema: bool = True):
-  """Further readers that read together with a run whose config is `config`.
+# What members of a classifier ensemble must share: the same images (canvas and normalisation)
+# into the same classes. Readers share decode.check_ensemble's fields.
+_CLASSIFIER_SHARED_MODEL_FIELDS = ("image_height", "image_width", "image_channels", "num_classes")
+_CLASSIFIER_SHARED_DATA_FIELDS = ("name", "source", "mean", "std")
 
-  Every member is checked (a reader run whose model reads the same images into the same tokens
-  as `config`'s, `decode.check_ensemble`) before any checkpoint is restored.
+
+def check_classifier_ensemble(configs: Sequence[ml_collections.ConfigDict]):
+  """Raises unless classifier runs with these configs can classify the same images together.
+
+  Members may differ in anything else (width, depth, patches, stem, training).
+  """
+  first = configs[0]
+  for i, member in enumerate(configs[1:], start=1):
+    for section, fields in (("model", _CLASSIFIER_SHARED_MODEL_FIELDS),
+                            ("data", _CLASSIFIER_SHARED_DATA_FIELDS)):
+      for field in fields:
+        theirs, ours = member[section].get(field), first[section].get(field)
+        if theirs != ours:
+          raise ValueError(
+              f"ensemble member {i} has {section}.{field}={theirs!r} but member 0 has {ours!r}: "
+              "classifiers read together must see the same images (data.name, source, mean, "
+              "std; model.image_height, image_width, image_channels) and classes "
+              "(model.num_classes)")
+
+
+def restore_ensemble(config, members: Sequence[str | os.PathLike], *, ema: bool = True):
+  """Further models that read together with a run whose config is `config`.
+
+  Every member is checked before any checkpoint is restored: a run of the same `config.task`,
+  whose model reads the same images into the same tokens (readers, `decode.check_ensemble`) or
+  the same classes (classifiers, `check_classifier_ensemble`).
 
   Args:
     members: 'WORKDIR' (its best checkpoint) or 'WORKDIR@CHECKPOINT' each (`parse_member`).
     ema: as in `restore_params`.
 
   Returns:
-    (readers, described): [(ModelConfig, params)] for `decode`, and
+    (models, described): [(ModelConfig, params)] for `decode` or `train.eval_step`, and
     [{'workdir', 'checkpoint', 'step'}] to report what was read.
   """
   specs = [parse_member(member) for member in members]
-  member_configs = [load_config(workdir, task="read") for workdir, _ in specs]
-  if specs:
-    if config.get("task", "read") != "read":
-      raise ValueError(f"an ensemble reads sequences; this is a config.task={config.task!r} run")
+  task = config.get("task", "read")
+  member_configs = [load_config(workdir, task=task) for workdir, _ in specs]
+  if specs and task == "read":
     decode.check_ensemble([ModelConfig.from_config(c.model)
                            for c in [config, *member_configs]])
-  readers, described = [], []
+  elif specs:
+    check_classifier_ensemble([config, *member_configs])
+  models, described = [], []
   for (workdir, checkpoint), member_config in zip(specs, member_configs):
     params, step = restore_params(workdir, member_config, checkpoint, ema=ema)
-    readers.append((ModelConfig.from_config(member_config.model), params))
+    models.append((ModelConfig.from_config(member_config.model), params))
     described.append({"workdir": workdir, "checkpoint": str(checkpoint), "step": step})
-  return readers, described
+  return models, described

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from digit_vit import config_lib, error_analysis, evaluate, metrics, train, trained
+from digit_vit import error_analysis, evaluate, metrics, trained
 from digit_vit.data import input_pipeline
 from digit_vit.models import tokens
 
@@ -143,20 +143,6 @@ def test_a_readers_analysis_agrees_with_its_evaluation(tiny_workdir):
   assert all(images[i].shape == (28, 28) for i in images)
 
 
-@pytest.fixture(scope="module")
-def classifier_workdir(tmp_path_factory):
-  """A single-digit classifier run on the embedded digits (60 steps)."""
-  config = config_lib.load("tiny")
-  config.task, config.image_height, config.image_width = "classify", 28, 28
-  config.num_train_steps, config.learning_rate = 60, 3e-3
-  config.eval_splits = ("test",)
-  config.data.name = "mnist_digits"
-  config.model.patch_size = (7, 7)
-  workdir = tmp_path_factory.mktemp("classifier")
-  train.train_and_evaluate(config, str(workdir))
-  return workdir
-
-
 @pytest.mark.slow
 def test_a_classifiers_misread_digits_are_looked_up_on_a_readers_lines(classifier_workdir,
                                                                       tiny_workdir):
@@ -175,6 +161,21 @@ def test_a_classifiers_misread_digits_are_looked_up_on_a_readers_lines(classifie
   for d in result["misread"]:
     assert d["label"] != d["read_as"] and d["id"] in misread
     assert d["lines"] == int((lines["source_ids"] == d["id"]).sum())
+
+
+@pytest.mark.slow
+def test_a_classifier_ensembles_misread_digits_are_its_mean_probabilities(classifier_workdir,
+                                                                         tiny_workdir):
+  together, _ = error_analysis.analyze(classifier_workdir, checkpoints=["latest"],
+                                       lines=tiny_workdir, ensemble=[f"{classifier_workdir}@50"])
+  evaluation = evaluate.evaluate(classifier_workdir, checkpoints=["latest"], splits=["test"],
+                                 ensemble=[f"{classifier_workdir}@50"])
+  assert together["ensemble"] == evaluation["ensemble"] == [
+      {"workdir": str(classifier_workdir), "checkpoint": "50", "step": 50}]
+  assert together["accuracy"] == pytest.approx(evaluation["test_accuracy"])
+  assert len(together["misread_ids"]) == round(1000 * (1 - evaluation["test_accuracy"]))
+  printed = error_analysis.format_result(together, top=3)
+  assert f"with {classifier_workdir}@50\n" in printed and "these classifiers do together" in printed
 
 
 @pytest.mark.slow

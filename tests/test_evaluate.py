@@ -8,14 +8,15 @@ import pathlib
 import subprocess
 import sys
 
+import chex
 import jax
 import ml_collections
 import numpy as np
 import pytest
 
 from digit_vit import decode, evaluate, metrics, trained
-from digit_vit.data import input_pipeline
-from digit_vit.models import ModelConfig, tokens
+from digit_vit.data import classification, input_pipeline
+from digit_vit.models import ModelConfig, ViTClassifier, tokens
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # tiny.py checkpoints every 10 of its 30 steps and keeps the last two.
@@ -222,6 +223,52 @@ def test_an_ensemble_member_that_cannot_read_along_is_an_error(tiny_workdir, tmp
     evaluate.evaluate(tiny_workdir, ensemble=[f"{tiny_workdir}@first"])
   with pytest.raises(ValueError, match="no checkpoint of step 7"):
     evaluate.evaluate(tiny_workdir, ensemble=[f"{tiny_workdir}@7"])
+
+
+@pytest.mark.slow
+def test_a_classifier_ensemble_labels_by_the_mean_probability(classifier_workdir):
+  """Its accuracy is that of the mean of both parameter sets' softmax, computed directly; its
+  loss is the first model's alone."""
+  config = trained.load_config(classifier_workdir)
+  latest, _ = trained.restore_params(classifier_workdir, config, "latest")
+  earlier, _ = trained.restore_params(classifier_workdir, config, 50)
+  result = evaluate.evaluate(classifier_workdir, checkpoints=["latest"], splits=["test"],
+                             ensemble=[f"{classifier_workdir}@50"])
+  alone = evaluate.evaluate(classifier_workdir, checkpoints=["latest"], splits=["test"])
+  model = ViTClassifier(ModelConfig.from_config(config.model))
+  correct = count = changed = 0
+  for batch in classification.eval_iterator(config, "test", process_index=0, process_count=1):
+    probabilities = [jax.nn.softmax(model.apply({"params": p}, batch["image"]))
+                     for p in (latest, earlier)]
+    chex.assert_shape(probabilities, (config.eval_batch_size, 10))
+    labels = np.argmax((probabilities[0] + probabilities[1]) / 2, axis=-1)[batch["mask"]]
+    correct += int((labels == batch["label"][batch["mask"]]).sum())
+    count += int(batch["mask"].sum())
+    changed += int((labels != np.argmax(probabilities[0], axis=-1)[batch["mask"]]).sum())
+  assert result["test_num_examples"] == count == 1000
+  assert result["test_accuracy"] == pytest.approx(correct / count)
+  np.testing.assert_allclose(result["test_loss"], alone["test_loss"], rtol=1e-6)
+  assert changed > 0  # The two together label some digits otherwise than the latest alone.
+
+
+@pytest.mark.slow
+def test_a_classifier_ensemble_member_must_see_the_same_images_and_classes(classifier_workdir,
+                                                                           tiny_workdir,
+                                                                           tmp_path):
+  saved = json.loads((pathlib.Path(classifier_workdir) / "config.json").read_text())
+  for section, field, value in (("model", "num_classes", 100), ("data", "std", [0.3]),
+                                ("model", "image_width", 32)):
+    changed = json.loads(json.dumps(saved))
+    changed[section][field] = value
+    (tmp_path / "config.json").write_text(json.dumps(changed))
+    with pytest.raises(ValueError, match=f"member 1 has {section}.{field}="):
+      evaluate.evaluate(classifier_workdir, ensemble=[tmp_path])
+  with pytest.raises(ValueError, match="trained a config.task='read' model; this needs a "
+                                       "'classify' model"):
+    evaluate.evaluate(classifier_workdir, ensemble=[tiny_workdir])
+  with pytest.raises(ValueError, match="trained a config.task='classify' model; this needs a "
+                                       "'read' model"):
+    evaluate.evaluate(tiny_workdir, ensemble=[classifier_workdir])
 
 
 @pytest.mark.parametrize("spec, expected", [
