@@ -21,6 +21,7 @@ import jax
 # The distributions whose versions decide a run's numbers (requirements.lock pins them).
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "tensorflow-cpu",
             "tensorflow-datasets")
+CPUINFO = "/proc/cpuinfo"
 
 
 def package_versions() -> dict[str, str]:
@@ -34,28 +35,38 @@ def package_versions() -> dict[str, str]:
   return out
 
 
-@functools.cache
-def cpu_model() -> str:
-  """The CPU's model name ('/proc/cpuinfo' on Linux), else what `platform` knows."""
+def _cpuinfo() -> dict[str, str]:
+  """The first processor's fields in /proc/cpuinfo ({} where there is none)."""
+  fields = {}
   try:
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
+    with open(CPUINFO, encoding="utf-8") as f:
       for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
+        if not line.strip():
+          break
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
   except OSError:
     pass
-  return platform.processor() or platform.machine() or "unknown"
+  return fields
+
+
+@functools.cache
+def cpu_model() -> str:
+  """The CPU's model name with its family and model numbers (Linux), else what `platform`
+  knows. Virtual machines often show only a generic name ('AMD EPYC'); the numbers still tell
+  processor generations apart."""
+  info = _cpuinfo()
+  name = info.get("model name") or platform.processor() or platform.machine() or "unknown"
+  if "cpu family" in info and "model" in info:
+    name += f" (family {info['cpu family']}, model {info['model']})"
+  return name
 
 
 @functools.cache
 def cpu_vector_extensions() -> str:
-  """The widest x86 vector extension the CPU reports ('avx512f', 'avx2', ...), or ''; XLA
-  vectorises float32 code to it, which is what changes its rounding between machines."""
-  try:
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-      flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-  except OSError:
-    return ""
+  """The widest x86 vector extension the CPU reports ('avx512f', 'avx2', ...), or ''. XLA
+  compiles for the extensions it finds: one reason two machines need not round alike."""
+  flags = _cpuinfo().get("flags", "").split()
   return next((ext for ext in ("avx512f", "avx2", "avx", "sse4_2") if ext in flags), "")
 
 

@@ -36,3 +36,29 @@ def test_git_commit_and_whether_tracked_files_changed(tmp_path):
   assert environment.git_commit(tmp_path) == {"commit": head, "dirty": False}
   (tmp_path / "a.py").write_text("x = 2\n")
   assert environment.git_commit(tmp_path) == {"commit": head, "dirty": True}
+
+
+def test_the_cpu_is_named_with_its_family_and_model(tmp_path, monkeypatch):
+  cpuinfo = tmp_path / "cpuinfo"
+  cpuinfo.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\n"
+                     "model\t\t: 85\nmodel name\t: Intel(R) Xeon(R) Gold 6148\n"
+                     "flags\t\t: fpu sse4_2 avx avx2 fma\n\n"
+                     "processor\t: 1\nmodel name\t: a second processor, not read\n")
+  cached = (environment.cpu_model, environment.cpu_vector_extensions)
+
+  def read_again(path):
+    monkeypatch.setattr(environment, "CPUINFO", str(path))
+    for function in cached:
+      function.cache_clear()
+
+  try:
+    read_again(cpuinfo)
+    assert environment.cpu_model() == "Intel(R) Xeon(R) Gold 6148 (family 6, model 85)"
+    assert environment.cpu_vector_extensions() == "avx2"
+    read_again(tmp_path / "none")  # Off Linux: what `platform` knows, and no extension.
+    assert environment.cpu_model() and "family" not in environment.cpu_model()
+    assert environment.cpu_vector_extensions() == ""
+  finally:
+    monkeypatch.undo()
+    for function in cached:
+      function.cache_clear()
