@@ -21,7 +21,8 @@ digits are looked up on that run's lines:
 
 gives the fraction of the lines that hold none of them: the exact match of a reader that read
 every digit of a line exactly as the classifier reads it alone. With `--ensemble=RUN,...` (further
-classifier runs) the misread digits are those of the classifiers' mean probabilities.
+classifier runs) and `--views=N` (shifted copies of each digit) the misread digits are those of
+the mean probability over the classifiers and the views.
 """
 
 from __future__ import annotations
@@ -317,8 +318,9 @@ def format_result(result: dict[str, Any], *, top: int) -> str:
     head += f", beam {result['beam_size']}, {result['views']} view(s)" + with_members
     return head + "\n" + format_lines(result, top=top)
   reader = "these classifiers do together" if result["ensemble"] else "this classifier does"
+  views = f", {result['views']} views" if result["views"] > 1 else ""
   return "\n".join([
-      head + with_members,
+      head + views + with_members,
       f"{result['digits']} digits, accuracy {result['accuracy']:.2%}; misread: "
       + ", ".join(f"{d['id']} ({d['label']}->{d['read_as']}, on {d['lines']} lines)"
                   for d in result["misread"]),

@@ -257,8 +257,8 @@ def eval_step(params, batch, ensemble_params=(), *, config, model, beam_size: in
   """Metric sums of one evaluation batch (padding rows, mask False, count for nothing).
 
   Args:
-    beam_size, alpha, views: how a reader decodes (`decode.decode`); training evaluates
-      greedily on the images alone.
+    beam_size, alpha, views: how a reader decodes (`decode.decode`; a classifier takes views
+      only); training evaluates greedily on the images alone.
     ensemble_params, ensemble_configs: further models (their params and `ModelConfig`s) that
       read together with `params`: each token (`decode.greedy_decode`) or label picked by the
       mean probability over all of them; the (teacher-forced) loss stays that of `params` alone.
@@ -278,14 +278,14 @@ def eval_step(params, batch, ensemble_params=(), *, config, model, beam_size: in
     return {**metrics.reading_sums(outputs, targets, batch["mask"],
                                    max_digits=config.max_digits), **loss_sums}, outputs
   logits, _ = _logits_and_targets(config, model, params, batch, train=False)
-  if ensemble_configs:
-    probabilities = jax.nn.softmax(logits.astype(jnp.float32))
-    for member_config, member_params in zip(ensemble_configs, ensemble_params):
-      member_logits = ViTClassifier(member_config).apply({"params": member_params},
-                                                         batch["image"], train=False)
-      probabilities += jax.nn.softmax(member_logits.astype(jnp.float32))
-    # The log of the mean: its argmax is the ensemble's label.
-    logits = jnp.log(probabilities / (1 + len(ensemble_configs)))
+  if ensemble_configs or views > 1:
+    # Labels as a reader picks tokens: by the mean probability over the models and the views
+    # (shifted copies, edges filled with 0: the background of digits read unnormalised).
+    images = decode.shifted_views(batch["image"], views)
+    log_probs = [jax.nn.log_softmax(ViTClassifier(c).apply({"params": p}, images).astype(
+        jnp.float32)) for c, p in ((model.config, params), *zip(ensemble_configs,
+                                                                  ensemble_params))]
+    logits = decode.mean_over_models_and_views(log_probs, views)
   predictions = jnp.argmax(logits, axis=-1).astype(jnp.int32)
   return {**metrics.classification_sums(logits, batch["label"], batch["mask"]),
           **loss_sums}, predictions

@@ -63,7 +63,7 @@ def parse_member(spec: str | os.PathLike) -> tuple[str, Checkpoint]:
 
 
 class Decoding(NamedTuple):
-  """How a trained reader reads: `decode.decode`'s beam_size, alpha and views."""
+  """How a trained model reads: `decode.decode`'s beam_size, alpha and views."""
   beam_size: int
   alpha: float
   views: int
@@ -74,9 +74,12 @@ def decoding(config, beam_size: int | None = None, alpha: float | None = None,
   """How to read with a run's model: the given values, else the run's `config.decode` (runs
   saved before a field existed read greedily, alpha 0.6, one view).
 
-  Raises ValueError for a beam size below 1 (1 = greedy), for beam search (> 1) or several
-  views with a classifier run, which has no sequence to decode, and for a number of views
-  outside 1..len(decode.VIEW_SHIFTS).
+  A classifier run reads each image once (beam_size 1) and may take several views too: its
+  label is then the one of the mean probability over the views.
+
+  Raises ValueError for a beam size below 1 (1 = greedy), for beam search (> 1) with a
+  classifier run, which has no sequence to decode, and for a number of views outside
+  1..len(decode.VIEW_SHIFTS).
   """
   decode_config = config.get("decode", {})
   beam_size = int(decode_config.get("beam_size", 1) if beam_size is None else beam_size)
@@ -85,9 +88,9 @@ def decoding(config, beam_size: int | None = None, alpha: float | None = None,
   if beam_size < 1:
     raise ValueError(f"beam_size must be >= 1 (1 = greedy decoding), got {beam_size}")
   decode.check_views(views)
-  if (beam_size > 1 or views > 1) and config.get("task", "read") != "read":
-    raise ValueError(f"beam search and test-time views only apply to readers; this is a "
-                     f"config.task={config.task!r} run: leave beam_size and views at 1")
+  if beam_size > 1 and config.get("task", "read") != "read":
+    raise ValueError(f"beam search only applies to readers; this is a "
+                     f"config.task={config.task!r} run: leave beam_size at 1")
   return Decoding(beam_size, alpha, views)
 
 

@@ -164,18 +164,20 @@ def test_a_classifiers_misread_digits_are_looked_up_on_a_readers_lines(classifie
 
 
 @pytest.mark.slow
-def test_a_classifier_ensembles_misread_digits_are_its_mean_probabilities(classifier_workdir,
-                                                                         tiny_workdir):
+def test_a_classifier_ensembles_misread_digits_are_those_of_its_mean_probability(
+    classifier_workdir, tiny_workdir):
   together, _ = error_analysis.analyze(classifier_workdir, checkpoints=["latest"],
-                                       lines=tiny_workdir, ensemble=[f"{classifier_workdir}@50"])
+                                       lines=tiny_workdir, ensemble=[f"{classifier_workdir}@50"],
+                                       views=3)
   evaluation = evaluate.evaluate(classifier_workdir, checkpoints=["latest"], splits=["test"],
-                                 ensemble=[f"{classifier_workdir}@50"])
+                                 ensemble=[f"{classifier_workdir}@50"], views=3)
   assert together["ensemble"] == evaluation["ensemble"] == [
       {"workdir": str(classifier_workdir), "checkpoint": "50", "step": 50}]
   assert together["accuracy"] == pytest.approx(evaluation["test_accuracy"])
   assert len(together["misread_ids"]) == round(1000 * (1 - evaluation["test_accuracy"]))
   printed = error_analysis.format_result(together, top=3)
-  assert f"with {classifier_workdir}@50\n" in printed and "these classifiers do together" in printed
+  assert f", 3 views, with {classifier_workdir}@50\n" in printed
+  assert "these classifiers do together" in printed
 
 
 @pytest.mark.slow

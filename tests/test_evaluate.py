@@ -82,7 +82,7 @@ def test_bad_requests_name_what_to_change(tiny_workdir, kwargs, message):
 
 def test_beam_search_on_a_classifier_run_is_an_error(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps({"task": "classify"}))
-  with pytest.raises(ValueError, match="beam search and test-time views only apply to readers"):
+  with pytest.raises(ValueError, match="beam search only applies to readers"):
     evaluate.evaluate(tmp_path, beam_size=4)
 
 
@@ -106,8 +106,10 @@ def test_a_beam_of_zero_is_an_error_not_the_configs_default():
   for views in (0, 26):
     with pytest.raises(ValueError, match=r"views must be in 1\.\.25"):
       trained.decoding(config, views=views)
-  with pytest.raises(ValueError, match="leave beam_size and views at 1"):
-    trained.decoding(ml_collections.ConfigDict({"task": "classify"}), views=3)
+  classifier = ml_collections.ConfigDict({"task": "classify"})
+  with pytest.raises(ValueError, match="leave beam_size at 1"):
+    trained.decoding(classifier, beam_size=2)
+  assert trained.decoding(classifier, views=3) == (1, 0.6, 3)  # Labels over 3 views.
 
 
 @pytest.mark.slow
@@ -225,30 +227,45 @@ def test_an_ensemble_member_that_cannot_read_along_is_an_error(tiny_workdir, tmp
     evaluate.evaluate(tiny_workdir, ensemble=[f"{tiny_workdir}@7"])
 
 
+def _shifted(images, dy, dx):
+  """images [b, H, W, C] moved dy rows down and dx columns right, the edges filled with 0."""
+  out = np.zeros_like(images)
+  h, w = images.shape[1:3]
+  out[:, max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = (
+      images[:, max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)])
+  return out
+
+
 @pytest.mark.slow
-def test_a_classifier_ensemble_labels_by_the_mean_probability(classifier_workdir):
-  """Its accuracy is that of the mean of both parameter sets' softmax, computed directly; its
-  loss is the first model's alone."""
+@pytest.mark.parametrize("members, views", [(1, 1), (2, 1), (1, 5), (2, 3)])
+def test_a_classifier_labels_by_the_mean_probability_of_its_models_and_views(
+    classifier_workdir, members, views):
+  """Its accuracy is that of the mean softmax over the parameter sets and the shifted images,
+  computed directly; its loss is the first model's on the image alone."""
   config = trained.load_config(classifier_workdir)
-  latest, _ = trained.restore_params(classifier_workdir, config, "latest")
-  earlier, _ = trained.restore_params(classifier_workdir, config, 50)
+  param_sets = [trained.restore_params(classifier_workdir, config, step)[0]
+                for step in ("latest", 50)[:members]]
   result = evaluate.evaluate(classifier_workdir, checkpoints=["latest"], splits=["test"],
-                             ensemble=[f"{classifier_workdir}@50"])
+                             ensemble=[f"{classifier_workdir}@50"] * (members - 1), views=views)
   alone = evaluate.evaluate(classifier_workdir, checkpoints=["latest"], splits=["test"])
+  assert result["views"] == views and len(result["ensemble"]) == members - 1
   model = ViTClassifier(ModelConfig.from_config(config.model))
   correct = count = changed = 0
   for batch in classification.eval_iterator(config, "test", process_index=0, process_count=1):
-    probabilities = [jax.nn.softmax(model.apply({"params": p}, batch["image"]))
-                     for p in (latest, earlier)]
+    probabilities = np.mean([
+        jax.nn.softmax(model.apply({"params": p}, _shifted(batch["image"], dy, dx)))
+        for p in param_sets for dy, dx in decode.VIEW_SHIFTS[:views]], axis=0)
     chex.assert_shape(probabilities, (config.eval_batch_size, 10))
-    labels = np.argmax((probabilities[0] + probabilities[1]) / 2, axis=-1)[batch["mask"]]
+    first = jax.nn.softmax(model.apply({"params": param_sets[0]}, batch["image"]))
+    labels = np.argmax(probabilities, axis=-1)[batch["mask"]]
     correct += int((labels == batch["label"][batch["mask"]]).sum())
     count += int(batch["mask"].sum())
-    changed += int((labels != np.argmax(probabilities[0], axis=-1)[batch["mask"]]).sum())
+    changed += int((labels != np.argmax(first, axis=-1)[batch["mask"]]).sum())
   assert result["test_num_examples"] == count == 1000
   assert result["test_accuracy"] == pytest.approx(correct / count)
   np.testing.assert_allclose(result["test_loss"], alone["test_loss"], rtol=1e-6)
-  assert changed > 0  # The two together label some digits otherwise than the latest alone.
+  # Further models or views label some digits otherwise than the latest alone.
+  assert (changed > 0) == (members > 1 or views > 1)
 
 
 @pytest.mark.slow
