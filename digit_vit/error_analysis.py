@@ -10,8 +10,10 @@ minimum edit-distance alignment, puts another digit in its place or drops it.
       [--split=test] [--ensemble=RUN[@CHECKPOINT],...] [--top=30]
 
 prints how concentrated the errors are (the exact match if the most misread digits were read
-right) and writes `errors_<split>_<checkpoints>_beam<k>...json` (every misread digit and what it
-was read as) and a `.png` grid of the most misread digits into the workdir.
+right) and where on the canvas the misread digits were drawn (the share misread by height and
+by overlap with a neighbour, from the lines' boxes), and writes
+`errors_<split>_<checkpoints>_beam<k>...json` (every misread digit and what it was read as) and
+a `.png` grid of the most misread digits into the workdir.
 
 A single-digit classifier run (`config.task='classify'` on `mnist_digits`, e.g.
 `configs/digit_probe.py`) reads each source digit once; with `--lines=READER_RUN` its misread
@@ -90,6 +92,7 @@ class LineErrors:
     occurrences: source id -> the number of lines it is on.
     misread: source id -> what it was read as on the lines it was misread on (DROPPED: left out).
     labels: source id -> its digit.
+    misread_at: bool [n, max_digits], the line's k-th digit was misread (False past its end).
   """
   right: np.ndarray
   blamed: list[frozenset[int]]
@@ -98,6 +101,7 @@ class LineErrors:
   occurrences: collections.Counter
   misread: dict[int, collections.Counter]
   labels: dict[int, int]
+  misread_at: np.ndarray
 
   def ranked(self) -> list[int]:
     """The source ids misread at least once, most misread first (ties: more often misread
@@ -128,7 +132,8 @@ def charge_lines(truths: Sequence[str], outputs: np.ndarray,
                      "source-id rows: one each per line")
   right, blamed, unexplained, added = [], [], [], []
   occurrences, misread, labels = collections.Counter(), {}, {}
-  for truth, output, ids in zip(truths, outputs, np.asarray(source_ids)):
+  misread_at = np.zeros(np.shape(source_ids), bool)
+  for line, (truth, output, ids) in enumerate(zip(truths, outputs, np.asarray(source_ids))):
     reading = tokens_lib.read_output(output)
     ids = [int(i) for i in ids[:len(truth)]]
     if min(ids, default=0) < 0:
@@ -137,15 +142,60 @@ def charge_lines(truths: Sequence[str], outputs: np.ndarray,
     labels.update({i: int(d) for i, d in zip(ids, truth)})
     read_as, insertions = align(truth, reading.digits)
     wrong = frozenset(i for i, d, r in zip(ids, truth, read_as) if r != d)
-    for i, d, r in zip(ids, truth, read_as):
+    for k, (i, d, r) in enumerate(zip(ids, truth, read_as)):
       if r != d:
         misread.setdefault(i, collections.Counter())[r] += 1
+        misread_at[line, k] = True
     right.append(reading.well_formed and not wrong and not insertions)
     blamed.append(wrong)
     unexplained.append(bool(insertions) or not reading.well_formed)
     added.append(insertions)
   return LineErrors(np.array(right, bool), blamed, np.array(unexplained, bool),
-                    np.array(added, np.int64), occurrences, misread, labels)
+                    np.array(added, np.int64), occurrences, misread, labels, misread_at)
+
+
+# Bins of the digits' geometry on the canvas: height as a share of the canvas height, and the
+# overlap in pixels with the nearer neighbour (boxes apart: negative).
+HEIGHT_BINS = (0.0, 0.6, 0.7, 0.8, 0.9, np.inf)
+OVERLAP_BINS = (-np.inf, -4.0, -2.0, 0.0, 2.0, 4.0, np.inf)
+
+
+def digit_geometry(bboxes: np.ndarray, lengths: np.ndarray, *,
+                   width: int) -> tuple[np.ndarray, np.ndarray]:
+  """Each digit's height (share of the canvas) and overlap with its neighbours (pixels).
+
+  Args:
+    bboxes: float [n, max_digits, 4], (ymin, xmin, ymax, xmax) normalised to [0, 1].
+    lengths: int [n]; width: the canvas width in pixels.
+
+  Returns:
+    (height, overlap): float [n, max_digits] each; overlap is how far the digit's box runs into
+    its left or right neighbour's, the larger of the two (negative: the gap to the nearer one;
+    -inf for a digit alone on its line). Both NaN past each line's end.
+  """
+  bboxes, lengths = np.asarray(bboxes, np.float64), np.asarray(lengths)
+  n, max_digits = bboxes.shape[:2]
+  on_line = np.arange(max_digits)[None, :] < lengths[:, None]
+  height = np.where(on_line, bboxes[..., 2] - bboxes[..., 0], np.nan)
+  xmin, xmax = bboxes[..., 1] * width, bboxes[..., 3] * width
+  into_next = np.full((n, max_digits), -np.inf)
+  into_next[:, :-1] = np.where(on_line[:, 1:], xmax[:, :-1] - xmin[:, 1:], -np.inf)
+  into_previous = np.full((n, max_digits), -np.inf)
+  into_previous[:, 1:] = np.where(on_line[:, 1:], xmax[:, :-1] - xmin[:, 1:], -np.inf)
+  overlap = np.where(on_line, np.maximum(into_next, into_previous), np.nan)
+  return height, overlap
+
+
+def misread_by(values: np.ndarray, misread_at: np.ndarray, edges: Sequence[float]) -> list[dict]:
+  """The digits and the share misread in each bin [edges[i], edges[i + 1]) of `values`
+  (float [n, max_digits], NaN past each line's end); empty bins are left out."""
+  rows = []
+  for lo, hi in zip(edges[:-1], edges[1:]):
+    in_bin = (values >= lo) & (values < hi)
+    if in_bin.any():
+      rows.append({"from": float(lo), "to": float(hi), "digits": int(in_bin.sum()),
+                   "misread": float(misread_at[in_bin].mean())})
+  return rows
 
 
 def lines_without(source_ids: np.ndarray, lengths: np.ndarray, ids) -> np.ndarray:
@@ -160,11 +210,18 @@ def lines_without(source_ids: np.ndarray, lengths: np.ndarray, ids) -> np.ndarra
   return ~hit.any(axis=1)
 
 
-def summarize_lines(errors: LineErrors, *, top: int) -> dict[str, Any]:
-  """The JSON-ready analysis of a reader's lines."""
+def summarize_lines(errors: LineErrors, *, top: int, bboxes: np.ndarray | None = None,
+                    lengths: np.ndarray | None = None, width: int = 0) -> dict[str, Any]:
+  """The JSON-ready analysis of a reader's lines; given the lines' `bboxes` and `lengths` (and
+  the canvas `width`), also the share of digits misread by height and by overlap."""
   ranked = errors.ranked()
   n = len(errors.right)
-  return {
+  geometry = {}
+  if bboxes is not None:
+    height, overlap = digit_geometry(bboxes, lengths, width=width)
+    geometry = {"misread_by_height": misread_by(height, errors.misread_at, HEIGHT_BINS),
+                "misread_by_overlap": misread_by(overlap, errors.misread_at, OVERLAP_BINS)}
+  return {**geometry,
       "lines": n,
       "exact_match": float(np.mean(errors.right)),
       "wrong_lines": int(n - errors.right.sum()),
@@ -197,10 +254,26 @@ def format_lines(summary: dict[str, Any], *, top: int) -> str:
              f"k={k}: {v:.2%}" for k, v in s["exact_match_if_read_right"].items())
          + f", all: {s['exact_match_if_all_read_right']:.2%}",
          "most misread: id  label  misread/lines  read as"]
+  geometry = []
+  for key, what, unit in (("misread_by_height", "height (share of the canvas)", ""),
+                          ("misread_by_overlap", "overlap with a neighbour", " px")):
+    if key in s:
+      geometry.append(f"digits misread by {what}: " + ", ".join(
+          f"{_bin(r['from'], r['to'], unit)} {r['misread']:.2%} of {r['digits']}"
+          for r in s[key]))
+  out[-1:-1] = geometry
   for d in s["most_misread"][:top]:
     read_as = " ".join(f"{k}x{v}" for k, v in sorted(d["read_as"].items(), key=lambda kv: -kv[1]))
     out.append(f"  {d['id']:>6}  {d['label']}  {d['misread']:>3}/{d['lines']:<3}  {read_as}")
   return "\n".join(out)
+
+
+def _bin(lo: float, hi: float, unit: str) -> str:
+  if np.isinf(lo):
+    return f"<{hi:g}{unit}"
+  if np.isinf(hi):
+    return f">={lo:g}{unit}"
+  return f"[{lo:g}, {hi:g}){unit}"
 
 
 def plot_digits(images: dict[int, np.ndarray], titles: dict[int, str], path, *,
@@ -285,7 +358,8 @@ def analyze(workdir: str | os.PathLike, *, checkpoints: Sequence[trained.Checkpo
   result: dict[str, Any] = {"workdir": str(workdir), "split": split, "task": task, **reading}
   if task == "read":
     errors = charge_lines(line_info["digits"], predictions, line_info["source_ids"])
-    result.update(summarize_lines(errors, top=top))
+    result.update(summarize_lines(errors, top=top, bboxes=line_info["bboxes"],
+                                  lengths=line_info["length"], width=int(config.image_width)))
     return result, images
 
   ids, labels = digits.ids, digits.labels  # The classifier reads its split in this order.

@@ -78,6 +78,10 @@ def test_charge_lines_blames_the_source_digits_misread():
   assert errors.misread == {13: {"9": 1, "7": 1}, 14: {"-": 1}}
   assert errors.labels == {10: 1, 11: 2, 12: 3, 13: 4, 14: 5, 15: 2, 16: 1}
   assert errors.ranked() == [13, 14]
+  # '34' read '39' misreads its second digit, '15' read '1' drops its second, '4' read '7'.
+  expected_at = np.zeros((7, 4), bool)
+  expected_at[1, 1] = expected_at[2, 1] = expected_at[5, 0] = True
+  np.testing.assert_array_equal(errors.misread_at, expected_at)
   assert errors.exact_match_if_read_right([]) == pytest.approx(2 / 7)
   assert errors.exact_match_if_read_right([13]) == pytest.approx(4 / 7)
   assert errors.exact_match_if_read_right([13, 14]) == pytest.approx(5 / 7)
@@ -97,6 +101,27 @@ def test_summary_of_charged_lines():
   text = error_analysis.format_lines(summary, top=1)
   assert "7 lines, exact match 28.57%: 5 wrong, 2 of them with a digit added or no <eos>" in text
   assert "k=1: 57.14%, all: 71.43%" in text and "    13  4    2/2    9x1 7x1" in text
+
+
+def test_digit_geometry_measures_heights_and_overlaps_on_the_canvas():
+  # A canvas 100 px wide. Line 0: three digits, the first two overlapping by 5 px, the third
+  # 10 px after the second. Line 1: one digit alone, then padding.
+  bboxes = np.zeros((2, 3, 4))
+  bboxes[0] = [[0.1, 0.00, 0.9, 0.30], [0.2, 0.25, 0.8, 0.50], [0.0, 0.60, 0.5, 0.80]]
+  bboxes[1, 0] = [0.05, 0.4, 0.7, 0.6]
+  height, overlap = error_analysis.digit_geometry(bboxes, np.array([3, 1]), width=100)
+  np.testing.assert_allclose(height[0], [0.8, 0.6, 0.5])
+  np.testing.assert_allclose(overlap[0], [5.0, 5.0, -10.0])  # The nearer neighbour counts.
+  assert height[1, 0] == pytest.approx(0.65) and overlap[1, 0] == -np.inf
+  assert np.isnan(height[1, 1:]).all() and np.isnan(overlap[1, 1:]).all()
+  misread_at = np.array([[True, False, False], [True, False, False]])
+  assert error_analysis.misread_by(height, misread_at, (0.0, 0.55, 0.7, 1.0)) == [
+      {"from": 0.0, "to": 0.55, "digits": 1, "misread": 0.0},
+      {"from": 0.55, "to": 0.7, "digits": 2, "misread": 0.5},
+      {"from": 0.7, "to": 1.0, "digits": 1, "misread": 1.0}]
+  by_overlap = error_analysis.misread_by(overlap, misread_at, error_analysis.OVERLAP_BINS)
+  assert [(r["from"], r["digits"], r["misread"]) for r in by_overlap] == [
+      (-np.inf, 2, 0.5), (4.0, 2, 0.5)]  # The lone digit and the 10 px gap; the overlapping two.
 
 
 def test_charge_lines_checks_its_inputs():
@@ -141,6 +166,10 @@ def test_a_readers_analysis_agrees_with_its_evaluation(tiny_workdir):
       result["exact_match_if_all_read_right"])
   assert set(images) >= {d["id"] for d in result["most_misread"]}
   assert all(images[i].shape == (28, 28) for i in images)
+  # Every digit of every line is in one bin of each breakdown, and the misread ones add up.
+  for key in ("misread_by_height", "misread_by_overlap"):
+    assert sum(r["digits"] for r in result[key]) == digits, key
+    assert round(sum(r["digits"] * r["misread"] for r in result[key])) == result["misreadings"]
 
 
 @pytest.mark.slow

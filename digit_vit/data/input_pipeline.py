@@ -209,13 +209,14 @@ def _read_shard(builder, split: str, start: int, end: int, *, decode: bool,
 
 def line_sources(config, split: str) -> dict[str, np.ndarray]:
   """Where each line of `split` came from, all hosts' lines in the order `eval_iterator` reads
-  them: `digits` (str [n], the true reading), `length` int32 [n] and `source_ids` int64
-  [n, max_digits] (each digit's source id, `sources.py`; -1 past the line's end)."""
+  them: `digits` (str [n], the true reading), `length` int32 [n], `source_ids` int64
+  [n, max_digits] (each digit's source id, `sources.py`; -1 past the line's end) and `bboxes`
+  float32 [n, max_digits, 4] (where each digit was drawn, `multi_digit_mnist`)."""
   _check_split(split)
   builder = get_dataset_builder(config)
   n = builder.info.splits[split].num_examples
   out = dict(_read_shard(builder, split, 0, n, decode=False,
-                         fields=("digits", "length", "source_ids")))
+                         fields=("digits", "length", "source_ids", "bboxes")))
   out["digits"] = np.array([d.decode() for d in out["digits"]])
   return out
 
