@@ -178,23 +178,25 @@ def digit_geometry(bboxes: np.ndarray, lengths: np.ndarray, *,
   on_line = np.arange(max_digits)[None, :] < lengths[:, None]
   height = np.where(on_line, bboxes[..., 2] - bboxes[..., 0], np.nan)
   xmin, xmax = bboxes[..., 1] * width, bboxes[..., 3] * width
-  into_next = np.full((n, max_digits), -np.inf)
-  into_next[:, :-1] = np.where(on_line[:, 1:], xmax[:, :-1] - xmin[:, 1:], -np.inf)
-  into_previous = np.full((n, max_digits), -np.inf)
-  into_previous[:, 1:] = np.where(on_line[:, 1:], xmax[:, :-1] - xmin[:, 1:], -np.inf)
-  overlap = np.where(on_line, np.maximum(into_next, into_previous), np.nan)
+  # How far each digit's box runs into the next one's: the overlap of that pair.
+  pairs = np.where(on_line[:, 1:], xmax[:, :-1] - xmin[:, 1:], -np.inf)
+  with_next, with_previous = np.full((2, n, max_digits), -np.inf)
+  with_next[:, :-1], with_previous[:, 1:] = pairs, pairs
+  overlap = np.where(on_line, np.maximum(with_next, with_previous), np.nan)
   return height, overlap
 
 
 def misread_by(values: np.ndarray, misread_at: np.ndarray, edges: Sequence[float]) -> list[dict]:
   """The digits and the share misread in each bin [edges[i], edges[i + 1]) of `values`
-  (float [n, max_digits], NaN past each line's end); empty bins are left out."""
+  (float [n, max_digits], NaN past each line's end); empty bins are left out. An infinite edge
+  is written None (JSON has no infinity)."""
   rows = []
   for lo, hi in zip(edges[:-1], edges[1:]):
     in_bin = (values >= lo) & (values < hi)
     if in_bin.any():
-      rows.append({"from": float(lo), "to": float(hi), "digits": int(in_bin.sum()),
-                   "misread": float(misread_at[in_bin].mean())})
+      rows.append({"from": None if np.isinf(lo) else float(lo),
+                   "to": None if np.isinf(hi) else float(hi),
+                   "digits": int(in_bin.sum()), "misread": float(misread_at[in_bin].mean())})
   return rows
 
 
@@ -268,10 +270,10 @@ def format_lines(summary: dict[str, Any], *, top: int) -> str:
   return "\n".join(out)
 
 
-def _bin(lo: float, hi: float, unit: str) -> str:
-  if np.isinf(lo):
+def _bin(lo: float | None, hi: float | None, unit: str) -> str:
+  if lo is None:
     return f"<{hi:g}{unit}"
-  if np.isinf(hi):
+  if hi is None:
     return f">={lo:g}{unit}"
   return f"[{lo:g}, {hi:g}){unit}"
 

@@ -115,13 +115,22 @@ def test_digit_geometry_measures_heights_and_overlaps_on_the_canvas():
   assert height[1, 0] == pytest.approx(0.65) and overlap[1, 0] == -np.inf
   assert np.isnan(height[1, 1:]).all() and np.isnan(overlap[1, 1:]).all()
   misread_at = np.array([[True, False, False], [True, False, False]])
-  assert error_analysis.misread_by(height, misread_at, (0.0, 0.55, 0.7, 1.0)) == [
+  assert error_analysis.misread_by(height, misread_at, (0.0, 0.55, 0.7, np.inf)) == [
       {"from": 0.0, "to": 0.55, "digits": 1, "misread": 0.0},
       {"from": 0.55, "to": 0.7, "digits": 2, "misread": 0.5},
-      {"from": 0.7, "to": 1.0, "digits": 1, "misread": 1.0}]
+      {"from": 0.7, "to": None, "digits": 1, "misread": 1.0}]
   by_overlap = error_analysis.misread_by(overlap, misread_at, error_analysis.OVERLAP_BINS)
-  assert [(r["from"], r["digits"], r["misread"]) for r in by_overlap] == [
-      (-np.inf, 2, 0.5), (4.0, 2, 0.5)]  # The lone digit and the 10 px gap; the overlapping two.
+  # The lone digit and the one 10 px from its neighbour; the two overlapping by 5 px.
+  assert [(r["from"], r["to"], r["digits"], r["misread"]) for r in by_overlap] == [
+      (None, -4.0, 2, 0.5), (4.0, None, 2, 0.5)]
+  summary = error_analysis.summarize_lines(
+      error_analysis.charge_lines(["123", "4"], _outputs("723", "9"), np.array([[1, 2, 3],
+                                                                                [4, -1, -1]])),
+      top=1, bboxes=bboxes, lengths=np.array([3, 1]), width=100)
+  assert summary["misread_by_overlap"] == by_overlap
+  text = error_analysis.format_lines(summary, top=1)
+  assert "by overlap with a neighbour: <-4 px 50.00% of 2, >=4 px 50.00% of 2\n" in text
+  assert "by height (share of the canvas): [0, 0.6) 0.00% of 1, [0.6, 0.7) 50.00% of 2" in text
 
 
 def test_charge_lines_checks_its_inputs():
