@@ -277,7 +277,6 @@ def eval_step(params, batch, ensemble_params=(), *, config, model, beam_size: in
     _, targets = tokens.split_decoder_io(batch["tokens"])
     return {**metrics.reading_sums(outputs, targets, batch["mask"],
                                    max_digits=config.max_digits), **loss_sums}, outputs
-  logits, _ = _logits_and_targets(config, model, params, batch, train=False)
   if ensemble_configs or views > 1:
     # Labels as a reader picks tokens: by the mean probability over the models and the views
     # (shifted copies, edges filled with 0: the background of digits read unnormalised).
@@ -286,6 +285,8 @@ def eval_step(params, batch, ensemble_params=(), *, config, model, beam_size: in
         jnp.float32)) for c, p in ((model.config, params), *zip(ensemble_configs,
                                                                   ensemble_params))]
     logits = decode.mean_over_models_and_views(log_probs, views)
+  else:
+    logits, _ = _logits_and_targets(config, model, params, batch, train=False)
   predictions = jnp.argmax(logits, axis=-1).astype(jnp.int32)
   return {**metrics.classification_sums(logits, batch["label"], batch["mask"]),
           **loss_sums}, predictions

@@ -183,11 +183,12 @@ def check_classifier_ensemble(configs: Sequence[ml_collections.ConfigDict]):
       for field in fields:
         theirs, ours = member[section].get(field), first[section].get(field)
         if theirs != ours:
+          shared = [f"data.{f}" for f in _CLASSIFIER_SHARED_DATA_FIELDS] + [
+              f"model.{f}" for f in _CLASSIFIER_SHARED_MODEL_FIELDS]
           raise ValueError(
               f"ensemble member {i} has {section}.{field}={theirs!r} but member 0 has {ours!r}: "
-              "classifiers read together must see the same images (data.name, source, mean, "
-              "std; model.image_height, image_width, image_channels) and classes "
-              "(model.num_classes)")
+              f"classifiers read together must share {', '.join(shared)} (the same images "
+              "into the same classes)")
 
 
 def restore_ensemble(config, members: Sequence[str | os.PathLike], *, ema: bool = True):
@@ -208,11 +209,12 @@ def restore_ensemble(config, members: Sequence[str | os.PathLike], *, ema: bool 
   specs = [parse_member(member) for member in members]
   task = config.get("task", "read")
   member_configs = [load_config(workdir, task=task) for workdir, _ in specs]
-  if specs and task == "read":
-    decode.check_ensemble([ModelConfig.from_config(c.model)
-                           for c in [config, *member_configs]])
-  elif specs:
-    check_classifier_ensemble([config, *member_configs])
+  if specs:
+    if task == "read":
+      decode.check_ensemble([ModelConfig.from_config(c.model)
+                             for c in [config, *member_configs]])
+    else:
+      check_classifier_ensemble([config, *member_configs])
   models, described = [], []
   for (workdir, checkpoint), member_config in zip(specs, member_configs):
     params, step = restore_params(workdir, member_config, checkpoint, ema=ema)
