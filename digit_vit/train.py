@@ -280,10 +280,11 @@ def eval_step(params, batch, ensemble_params=(), *, config, model, beam_size: in
   if ensemble_configs or views > 1:
     # Labels as a reader picks tokens: by the mean probability over the models and the views
     # (shifted copies, edges filled with 0: the background of digits read unnormalised).
-    images = decode.shifted_views(batch["image"], views)
-    log_probs = [jax.nn.log_softmax(ViTClassifier(c).apply({"params": p}, images).astype(
-        jnp.float32)) for c, p in ((model.config, params), *zip(ensemble_configs,
-                                                                  ensemble_params))]
+    def member_log_probs(c, p):
+      return decode.map_over_views(lambda x: jax.nn.log_softmax(
+          ViTClassifier(c).apply({"params": p}, x).astype(jnp.float32)), batch["image"], views)
+    log_probs = [member_log_probs(c, p) for c, p in ((model.config, params),
+                                                     *zip(ensemble_configs, ensemble_params))]
     logits = decode.mean_over_models_and_views(log_probs, views)
   else:
     logits, _ = _logits_and_targets(config, model, params, batch, train=False)

@@ -136,6 +136,18 @@ def test_shifted_views_move_the_image_with_zero_edges():
       decode.shifted_views(images, bad)
 
 
+@pytest.mark.parametrize("views", [1, 5, 25])
+def test_map_over_views_runs_each_view_through_fn_view_major(views):
+  images = _images(3)
+  # Per-image features that a shift changes: the sum of each pixel row, weighted by its row.
+  fn = lambda x: jnp.sum(x, axis=2)[..., 0] * jnp.arange(1.0, x.shape[1] + 1.0)
+  mapped = decode.map_over_views(fn, images, views)
+  chex.assert_shape(mapped, (views * 3, 16))
+  np.testing.assert_allclose(mapped, fn(decode.shifted_views(images, views)), rtol=1e-6)
+  if views > 1:  # The views differ, so a mix-up of view and image order would show.
+    assert not np.allclose(mapped[:3], mapped[3:6])
+
+
 def _read_by_mean_probability(members, images, views):
   """Greedy reading by a python loop: every (model, view) is run teacher-forced on the chosen
   prefix, and each token is the argmax of their mean probability.
