@@ -35,8 +35,9 @@ def package_versions() -> dict[str, str]:
   return out
 
 
+@functools.cache
 def _cpuinfo() -> dict[str, str]:
-  """The first processor's fields in /proc/cpuinfo ({} where there is none)."""
+  """The first processor's fields in /proc/cpuinfo ({} where there is none), read once."""
   fields = {}
   try:
     with open(CPUINFO, encoding="utf-8") as f:
@@ -50,7 +51,6 @@ def _cpuinfo() -> dict[str, str]:
   return fields
 
 
-@functools.cache
 def cpu_model() -> str:
   """The CPU's model name with its family and model numbers (Linux), else what `platform`
   knows. Virtual machines often show only a generic name ('AMD EPYC'); the numbers still tell
@@ -62,7 +62,6 @@ def cpu_model() -> str:
   return name
 
 
-@functools.cache
 def cpu_vector_extensions() -> str:
   """The widest x86 vector extension the CPU reports ('avx512f', 'avx2', ...), or ''. XLA
   compiles for the extensions it finds: one reason two machines need not round alike."""

@@ -44,12 +44,10 @@ def test_the_cpu_is_named_with_its_family_and_model(tmp_path, monkeypatch):
                      "model\t\t: 85\nmodel name\t: Intel(R) Xeon(R) Gold 6148\n"
                      "flags\t\t: fpu sse4_2 avx avx2 fma\n\n"
                      "processor\t: 1\nmodel name\t: a second processor, not read\n")
-  cached = (environment.cpu_model, environment.cpu_vector_extensions)
 
   def read_again(path):
     monkeypatch.setattr(environment, "CPUINFO", str(path))
-    for function in cached:
-      function.cache_clear()
+    environment._cpuinfo.cache_clear()  # pylint: disable=protected-access
 
   try:
     read_again(cpuinfo)
@@ -60,5 +58,4 @@ def test_the_cpu_is_named_with_its_family_and_model(tmp_path, monkeypatch):
     assert environment.cpu_vector_extensions() == ""
   finally:
     monkeypatch.undo()
-    for function in cached:
-      function.cache_clear()
+    environment._cpuinfo.cache_clear()  # pylint: disable=protected-access
