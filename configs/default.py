@@ -86,6 +86,7 @@ def get_config(arg=None):
   config.model.stem_depth = 0            # Residual stride-1 3x3 convs after each strided stem conv ('conv' only).
   config.model.stem_max_channels = 0     # Cap on the stem's doubling channels; 0 = none (256 at 32x8); 'conv' only.
   config.model.stem_full_res_depth = 0   # Stride-1 3x3 convs at full resolution before the strided ones ('conv' only).
+  config.model.stem_antialias = False    # Blur [1,2,1]/4 before each strided stem conv, for shift invariance ('conv' only).
   config.model.width = 128               # d_model of encoder and decoder.
   config.model.num_heads = 4             # Attention heads; 1 is the seeds' single-head attention.
   config.model.mlp_dim = 512             # Hidden width of each block's MLP.
@@ -123,6 +124,7 @@ def get_config(arg=None):
   config.b2 = 0.999                    # Adam beta2.
   config.weight_decay = 1e-4           # Decoupled weight decay on matrices (not biases or norms).
   config.grad_clip_norm = 1.0          # Clip gradients to this global norm; 0 = no clipping.
+  config.sam_rho = 0.0                 # Sharpness-aware minimisation radius; 0 = off (2x the step's cost).
   # Exponential moving average of the parameters, used for every evaluation, the best checkpoint
   # and reading (predict, demo, evaluate); 0 = none, 0.999 = about the last 1,000 steps.
   config.ema_decay = 0.0

@@ -75,6 +75,7 @@ def check_config(config) -> None:
   if config.parallelism not in PARALLELISM:
     raise ValueError(f"config.parallelism={config.parallelism!r} is not one of {PARALLELISM}")
   check_ema_decay(config)
+  check_sam_rho(config)
   devices, processes = jax.device_count(), jax.process_count()
   for name in ("batch_size", "eval_batch_size"):
     size = int(config[name])
@@ -124,6 +125,14 @@ def create_optimizer(config, learning_rate_fn) -> optax.GradientTransformation:
   if config.grad_clip_norm > 0:
     return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), optimizer)
   return optimizer
+
+
+def check_sam_rho(config) -> float:
+  """config.sam_rho as a float >= 0; 0 = plain gradients (no sharpness-aware step)."""
+  rho = float(config.get("sam_rho", 0.0))
+  if rho < 0:
+    raise ValueError(f"config.sam_rho={rho} must be >= 0 (0 = off; 0.05 is the SAM paper's)")
+  return rho
 
 
 def check_ema_decay(config) -> float:
@@ -234,11 +243,23 @@ def train_step(state: TrainState, batch, *, config, model, learning_rate_fn,
   grad_fn = jax.grad(functools.partial(
       loss_fn, config=config, model=model, train=True, dropout_rng=dropout_rng,
       label_smoothing=config.loss.label_smoothing), has_aux=True)
-  grads, sums = grad_fn(state.params, batch)
-  if axis_name is not None:
-    grads, sums = jax.lax.psum((grads, sums), axis_name)
-  weight = jnp.maximum(sums["weight"], 1e-9)
-  grads = jax.tree.map(lambda g: g / weight, grads)
+
+  def mean_grads(params):  # Gradients of the mean loss over the global batch, and the sums.
+    grads, sums = grad_fn(params, batch)
+    if axis_name is not None:
+      grads, sums = jax.lax.psum((grads, sums), axis_name)
+    weight = jnp.maximum(sums["weight"], 1e-9)
+    return jax.tree.map(lambda g: g / weight, grads), sums, weight
+
+  grads, sums, weight = mean_grads(state.params)
+  rho = check_sam_rho(config)
+  if rho > 0:
+    # Sharpness-aware minimisation (Foret et al. 2021): descend with the gradient taken where
+    # the loss rises fastest within an L2 ball of radius rho (the same batch and dropout), which
+    # favours flat minima. The loss and accuracy logged stay those at the parameters themselves.
+    scale = rho / jnp.maximum(optax.global_norm(grads), 1e-12)
+    perturbed = jax.tree.map(lambda p, g: p + scale * g, state.params, grads)
+    grads, _, _ = mean_grads(perturbed)
   new_state = state.apply_gradients(grads=grads)
   if state.ema_params is not None:
     new_state = new_state.replace(ema_params=update_ema(

@@ -238,8 +238,44 @@ def test_stem_full_res_depth_convolves_the_image_before_striding():
         jax.random.key(1), images)
 
 
+def test_blur_is_binomial_along_the_strided_axes_only():
+  delta = jnp.zeros((1, 5, 5, 1)).at[0, 2, 2, 0].set(1.0)
+  rows = patch._blur(delta, (2, 1))[0, ..., 0]
+  np.testing.assert_allclose(rows[:, 2], [0, 0.25, 0.5, 0.25, 0])
+  np.testing.assert_allclose(rows[2], [0, 0, 0.5, 0, 0])  # Columns (stride 1) untouched.
+  both = patch._blur(delta, (2, 2))[0, ..., 0]
+  np.testing.assert_allclose(both[1:4, 1:4], np.outer([0.25, 0.5, 0.25], [0.25, 0.5, 0.25]))
+  assert float(both.sum()) == pytest.approx(1.0)
+  # Edges are replicated, so a constant map (a feature's background) stays constant.
+  np.testing.assert_allclose(patch._blur(jnp.full((2, 4, 6, 3), 0.7), (2, 2)), 0.7, rtol=1e-6)
+  np.testing.assert_array_equal(patch._blur(delta, (1, 1)), delta)
+
+
+def test_stem_antialias_blurs_the_input_of_every_strided_conv():
+  images = jax.random.uniform(jax.random.key(0), (2, 32, 16, 1))
+  plain = patch.PatchEmbedding((8, 4), width=12, kind="conv", stem_channels=4)
+  blurred = patch.PatchEmbedding((8, 4), width=12, kind="conv", stem_channels=4,
+                                 stem_antialias=True)
+  params = plain.init(jax.random.key(1), images)["params"]
+  # No parameters of its own: the same checkpoint shapes as the plain stem.
+  chex.assert_trees_all_equal_shapes(blurred.init(jax.random.key(1), images)["params"], params)
+  _, plain_state = plain.apply({"params": params}, patch._blur(images, (2, 2)),
+                               capture_intermediates=True)
+  out, state = blurred.apply({"params": params}, images, capture_intermediates=True)
+  chex.assert_shape(out, (2, 16, 12))  # (32 / 8) x (16 / 4) tokens.
+  conv = lambda s, name: s["intermediates"][name]["__call__"][0]  # noqa: E731
+  # conv0 sees the blurred image; conv1 (stride 2 again) a blur of conv0's output.
+  np.testing.assert_allclose(conv(state, "conv0"), conv(plain_state, "conv0"), rtol=1e-5,
+                             atol=1e-6)
+  x1 = jax.nn.gelu(conv(state, "conv0"))
+  expected = (patch._neighbourhoods(patch._blur(x1, (2, 2)), (2, 2)) @ params["conv1"]["kernel"]
+              + params["conv1"]["bias"])
+  np.testing.assert_allclose(conv(state, "conv1"), expected, rtol=1e-5, atol=1e-5)
+  assert not np.allclose(out, plain.apply({"params": params}, images), atol=1e-3)
+
+
 @pytest.mark.parametrize("option", [{"stem_depth": 1}, {"stem_max_channels": 64},
-                                    {"stem_full_res_depth": 1}])
+                                    {"stem_full_res_depth": 1}, {"stem_antialias": True}])
 def test_stem_options_with_the_linear_embedding_are_an_error(option):
   images = jnp.zeros((1, 32, 16, 1))
   layer = patch.PatchEmbedding((8, 4), width=12, kind="linear", **option)

@@ -5,6 +5,7 @@ The multi-device and multi-process checks run tests/train_worker.py in subproces
 the device count is fixed when JAX starts.
 """
 
+import functools
 import json
 import os
 import pathlib
@@ -15,8 +16,10 @@ import subprocess
 import sys
 import time
 
+import chex
 import jax
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 
@@ -313,6 +316,56 @@ def test_jit_train_steps_make_no_implicit_host_transfers():
   assert int(jax.device_get(state.step)) == 4
   assert old_params["decoder"]["logits"]["bias"].is_deleted()  # Donated, not copied.
   assert np.isfinite(jax.device_get(step_metrics["loss"]))
+
+
+@pytest.mark.parametrize("parallelism", ["jit", "pmap"])
+def test_sam_descends_with_the_gradient_at_the_ascended_parameters(parallelism):
+  """config.sam_rho > 0: the update uses the gradient of the batch's mean loss at
+  params + rho * g / |g| (g its gradient at params), computed here by hand on the host. Under
+  pmap on several devices (the 8-device pass of `make test`) |g| is the global batch's."""
+  config = config_lib.load("tiny")
+  config.parallelism = parallelism
+  config.model.dropout_rate = 0.0
+  # SGD: an update linear in the gradient, so the two gradients give different updates (Adam's
+  # first step is about -lr * sign(g) for either). No warm-up and a large learning rate, so the
+  # first step moves the parameters well beyond float32 rounding.
+  config.optimizer, config.warmup_steps, config.learning_rate = "sgd", 0, 1.0
+  config.sam_rho = 0.5
+  state, stepper, batch = _state_stepper_and_batch(config)
+  params = jax.device_get(state.params)
+  model = train.build_model(config)
+  grad_fn = jax.jit(jax.grad(functools.partial(  # Dropout is off: its key draws nothing.
+      train.loss_fn, config=config, model=model, train=True, dropout_rng=jax.random.key(0)),
+      has_aux=True))
+
+  def mean_grads(p):
+    grads, sums = grad_fn(p, batch)
+    return jax.tree.map(lambda g: g / sums["weight"], grads), sums
+
+  grads, sums = mean_grads(params)
+  scale = config.sam_rho / optax.global_norm(grads)
+  sam_grads, _ = mean_grads(jax.tree.map(lambda p, g: p + scale * g, params, grads))
+  tx = train.create_optimizer(config, train.create_learning_rate_fn(config))
+  expected = {name: tx.update(g, tx.init(params), params)[0]
+              for name, g in [("sam", sam_grads), ("plain", grads)]}
+
+  state, step_metrics = stepper(state, batch)
+  new_params = jax.device_get(stepper.to_canonical(state).params)
+  # The logged loss is the one at the parameters themselves.
+  np.testing.assert_allclose(float(step_metrics["loss"]), float(sums["loss"] / sums["weight"]),
+                             rtol=1e-5)
+  update = jax.tree.map(lambda new, old: new - old, new_params, params)
+  chex.assert_trees_all_close(update, expected["sam"], rtol=1e-3, atol=1e-6)
+  # The perturbed gradient is not the plain one, so the check above can fail.
+  gap = optax.global_norm(jax.tree.map(lambda a, b: a - b, expected["sam"], expected["plain"]))
+  assert gap > 0.1 * optax.global_norm(expected["plain"])
+
+
+def test_sam_rho_must_not_be_negative():
+  config = config_lib.load("tiny")
+  config.sam_rho = -0.05
+  with pytest.raises(ValueError, match=r"config.sam_rho=-0.05 must be >= 0"):
+    train.check_config(config)
 
 
 # ---- Moving average of the parameters

@@ -10,6 +10,11 @@ the default reader's train step on a CPU, since they run at every resolution.
 `stem_full_res_depth` puts 3x3 convolutions of stride 1 before the first strided one, at the
 image's own resolution, as a plain CNN's first layers are, so that thin strokes are seen before
 any subsampling (measured: no gain in `configs/digit_probe.py`, 97.9-98.0% against 98.3%).
+`stem_antialias` low-passes the input of each strided conv along its strided axes with the
+binomial filter [1, 2, 1] / 4 (Zhang, "Making Convolutional Networks Shift-Invariant Again",
+2019), since a strided conv aliases its input's high frequencies into different tokens when the
+image moves by a pixel (reading a line in shifted views gains the reader 1.6 points). Measured:
+97.9% against 98.5% in `configs/digit_probe.py` (README, "Flatter minima").
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import math
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from digit_vit.models import layers
@@ -46,6 +52,21 @@ def stem_strides(patch_size: tuple[int, int]) -> list[tuple[int, int]]:
   return [(2 if 2 ** i < ph else 1, 2 if 2 ** i < pw else 1) for i in range(steps)]
 
 
+def _blur(x, stride):
+  """[1, 2, 1] / 4 along each axis of `x` [b, h, w, c] whose stride is 2, edges replicated (so
+  a constant map stays constant); the shape is kept."""
+  for axis, s in ((1, stride[0]), (2, stride[1])):
+    if s == 1:
+      continue
+    n = x.shape[axis]
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (1, 1)
+    padded = jnp.pad(x, pad, mode="edge")
+    before, here, after = (jax.lax.slice_in_dim(padded, i, i + n, axis=axis) for i in range(3))
+    x = 0.25 * before + 0.5 * here + 0.25 * after
+  return x
+
+
 def _neighbourhoods(x, stride):
   """The 3x3 neighbourhood of every output pixel of a stride-`stride` convolution, stacked on
   the channel axis: [b, h, w, c] -> [b, h/sh, w/sw, 9c] (zero padding of 1).
@@ -72,6 +93,7 @@ class PatchEmbedding(nn.Module):
     stem_depth: residual stride-1 3x3 convs after each strided conv of the 'conv' stem.
     stem_full_res_depth: stride-1 3x3 convs of `stem_channels` channels at full resolution
       before the first strided conv of the 'conv' stem (residual after the first).
+    stem_antialias: blur the input of each strided conv of the 'conv' stem (`_blur`).
   """
   patch_size: tuple[int, int]
   width: int
@@ -80,6 +102,7 @@ class PatchEmbedding(nn.Module):
   stem_depth: int = 0
   stem_max_channels: int = 0
   stem_full_res_depth: int = 0
+  stem_antialias: bool = False
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -97,13 +120,13 @@ class PatchEmbedding(nn.Module):
     if self.stem_full_res_depth < 0:
       raise ValueError(f"model.stem_full_res_depth must be >= 0, got {self.stem_full_res_depth}")
     if self.kind == "linear" and (self.stem_depth or self.stem_max_channels
-                                  or self.stem_full_res_depth):
+                                  or self.stem_full_res_depth or self.stem_antialias):
       # Silently ignoring them would make a sweep over them measure nothing.
       raise ValueError(
           f"model.stem_depth={self.stem_depth}, model.stem_max_channels="
-          f"{self.stem_max_channels} and model.stem_full_res_depth={self.stem_full_res_depth} "
-          "shape the 'conv' stem; the 'linear' patch embedding has none: set them to 0 or use "
-          "model.patch_embedding='conv'")
+          f"{self.stem_max_channels}, model.stem_full_res_depth={self.stem_full_res_depth} "
+          f"and model.stem_antialias={self.stem_antialias} shape the 'conv' stem; the 'linear' "
+          "patch embedding has none: set them to 0 / False or use model.patch_embedding='conv'")
     x = images.astype(self.dtype)
     if self.kind == "linear":
       x = x.reshape(b, rows, ph, cols, pw, c).transpose(0, 1, 3, 2, 4, 5)
@@ -121,7 +144,7 @@ class PatchEmbedding(nn.Module):
       channels = self.stem_channels * 2 ** i
       if self.stem_max_channels:
         channels = min(channels, self.stem_max_channels)
-      x = conv(x, channels, stride, f"conv{i}")
+      x = conv(_blur(x, stride) if self.stem_antialias else x, channels, stride, f"conv{i}")
       for j in range(self.stem_depth):
         x = x + conv(x, channels, (1, 1), f"conv{i}_{j}")
     x = layers.Dense(self.width, dtype=self.dtype, name="projection")(x)

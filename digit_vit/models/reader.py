@@ -34,6 +34,7 @@ class ModelConfig:
   stem_depth: int = 0
   stem_max_channels: int = 0
   stem_full_res_depth: int = 0
+  stem_antialias: bool = False
   width: int = 128
   num_heads: int = 4
   mlp_dim: int = 512
@@ -108,7 +109,7 @@ class Encoder(nn.Module):
     dtype = cfg.compute_dtype
     x = patch.PatchEmbedding(cfg.patch_size, cfg.width, cfg.patch_embedding, cfg.stem_channels,
                              cfg.stem_depth, cfg.stem_max_channels, cfg.stem_full_res_depth,
-                             dtype=dtype,
+                             cfg.stem_antialias, dtype=dtype,
                              name="patch_embedding")(images)
     grid = cfg.grid
     x = position.AddPositionEncoding(cfg.encoder_position, cfg.num_patches, grid,
