@@ -124,7 +124,7 @@ def get_config(arg=None):
   config.b2 = 0.999                    # Adam beta2.
   config.weight_decay = 1e-4           # Decoupled weight decay on matrices (not biases or norms).
   config.grad_clip_norm = 1.0          # Clip gradients to this global norm; 0 = no clipping.
-  config.sam_rho = 0.0                 # Sharpness-aware minimisation radius; 0 = off (2x the step's cost).
+  config.sam_rho = 0.0                 # Sharpness-aware minimisation radius; 0 = off (two gradients a step).
   # Exponential moving average of the parameters, used for every evaluation, the best checkpoint
   # and reading (predict, demo, evaluate); 0 = none, 0.999 = about the last 1,000 steps.
   config.ema_decay = 0.0
