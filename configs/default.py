@@ -65,6 +65,7 @@ def get_config(arg=None):
   config.data.augment.max_scale_change = 0.1  # Affine: relative scale change, +-.
   config.data.augment.max_shear = 0.15        # Affine: shear factor, +-.
   config.data.augment.max_translate = 0.05    # Affine: shift, fraction of width / height, +-.
+  config.data.augment.keep_inside = False     # Affine: move (or shrink) the map so no ink leaves the canvas.
   config.data.augment.elastic_prob = 0.0      # Probability of an elastic distortion, in [0, 1].
   config.data.augment.elastic_alpha = 1.5     # Elastic: displacement std in pixels.
   config.data.augment.elastic_grid = 6.0      # Elastic: pixels between independent displacements.
