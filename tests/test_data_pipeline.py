@@ -15,10 +15,11 @@ import textwrap
 import ml_collections
 import numpy as np
 import pytest
+import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from digit_vit import config_lib
-from digit_vit.data import benchmark, classification, input_pipeline as ip, sources
+from digit_vit.data import augment_audit, benchmark, classification, input_pipeline as ip, sources
 from digit_vit.models import tokens as tokens_lib
 
 
@@ -132,6 +133,70 @@ def test_augmentation_changes_images_and_keeps_range(config):
   a.invert_prob = 1.0
   inv = _take(ip.train_iterator(config, seed=0, process_index=0, process_count=1), 1)[0]
   np.testing.assert_allclose(inv["image"], 1 - plain["image"], atol=1e-6)
+
+
+def _edge_line():
+  """A 32x192 line whose two 3x3 'digits' sit 1 pixel from the left and right edges."""
+  image = np.zeros((32, 192, 1), np.float32)
+  image[14:17, 1:4] = image[14:17, 188:191] = 1.0
+  bboxes = np.array([[14, 1, 17, 4], [14, 188, 17, 191]], np.float32) / [32, 192, 32, 192]
+  return image, bboxes
+
+
+def _strong_affine(keep_inside):
+  return ml_collections.ConfigDict(dict(max_rotation=10.0, max_scale_change=0.1, max_shear=0.15,
+                                        max_translate=0.1, keep_inside=keep_inside))
+
+
+def test_ink_lost_counts_the_ink_a_shift_moves_off_the_canvas():
+  image, _ = _edge_line()
+  image[14:17, 180:190] = 1.0  # A third digit, 10 columns, ending at column 189.
+  bboxes = np.array([[14, 1, 17, 4], [14, 188, 17, 191], [14, 180, 17, 190]]) / [32, 192, 32, 192]
+  # in = out - 6: everything moves 6 pixels right, so columns > 185 land past column 191.5.
+  shift_right = np.array([1, 0, -6, 0, 1, 0, 0, 0], np.float32)
+  lost = augment_audit.ink_lost(image, bboxes, shift_right)
+  # The third digit loses its columns 186-189 (4 of 10), the second all of its 188-190.
+  np.testing.assert_allclose(lost, [0.0, 1.0, 0.4])
+
+
+@pytest.mark.parametrize("keep_inside", [False, True])
+def test_keep_inside_keeps_edge_digits_on_the_canvas(keep_inside):
+  image, bboxes = _edge_line()
+  a = _strong_affine(keep_inside)
+  lost, kept = [], []
+  for seed in range(60):
+    transform = ip.affine_transform(tf.constant(image), tf.constant([seed, 0]), a)
+    lost.append(augment_audit.ink_lost(image, bboxes, transform.numpy()))
+    out = ip.apply_transform(tf.constant(image), transform).numpy()
+    kept.append([out[:, :96].sum() / 9, out[:, 96:].sum() / 9])
+  lost, kept = np.array(lost), np.array(kept)
+  if keep_inside:
+    np.testing.assert_array_equal(lost, 0.0)
+    # Each blob keeps its ink up to the map's area change (scale 0.9-1.1, shear 0.15).
+    assert kept.min() > 0.7, kept.min()
+  else:  # Shifts of up to 19 pixels carry a blob 1 pixel from the edge right off the canvas.
+    assert (lost == 1.0).any() and (kept < 0.1).any()
+
+
+def test_keep_inside_leaves_a_blank_image_blank_and_finite():
+  blank = tf.zeros((32, 192, 1))
+  transform = ip.affine_transform(blank, tf.constant([3, 0]), _strong_affine(True))
+  assert np.isfinite(transform.numpy()).all()
+  np.testing.assert_array_equal(ip.apply_transform(blank, transform).numpy(), 0.0)
+
+
+def test_augment_audit_reports_cut_digits_only_without_keep_inside(config):
+  config = config.copy_and_resolve_references()
+  config.data.augment.max_translate = 0.2  # The tiny canvas's lines: make cuts common.
+  builder = ip.get_dataset_builder(config)
+  examples = list(tfds.as_numpy(builder.as_dataset(split="train[:64]", shuffle_files=False)))
+  args = ([ex["image"] for ex in examples], [ex["bboxes"] for ex in examples],
+          [int(ex["length"]) for ex in examples])
+  config.data.augment.keep_inside = False
+  worst = augment_audit.worst_loss_per_line(*args, config.data.augment)
+  assert worst.shape == (64,) and (worst > 0.25).mean() > 0.05
+  config.data.augment.keep_inside = True
+  np.testing.assert_array_equal(augment_audit.worst_loss_per_line(*args, config.data.augment), 0)
 
 
 # Runs in a fresh process on a copy of the package: reads two training batches of each pipeline,

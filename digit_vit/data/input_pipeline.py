@@ -343,8 +343,9 @@ def _ink_box(image):
   return xmin, ymin, xmax, ymax
 
 
-def _affine(image, seed, a):
-  """A random rotation, scale, shear and shift about the canvas's centre.
+def affine_transform(image, seed, a):
+  """The [8] output -> input transform of a random rotation, scale, shear and shift about the
+  canvas's centre, for ImageProjectiveTransformV3 (`a`: config.data.augment).
 
   With `a.keep_inside`, the map is then moved (and, if the ink would still not fit, first shrunk
   about the canvas's centre) so that the ink's box stays on the canvas: on a 192-pixel line a
@@ -381,11 +382,19 @@ def _affine(image, seed, a):
     ty += tf.maximum(0.0, -tf.reduce_min(oy)) - tf.maximum(0.0, tf.reduce_max(oy) - (h - 1))
   a2 = cx - a0 * (cx + tx) - a1 * (cy + ty)
   b2 = cy - b0 * (cx + tx) - b1 * (cy + ty)
-  transform = tf.stack([a0, a1, a2, b0, b1, b2, 0.0, 0.0])[None]
+  return tf.stack([a0, a1, a2, b0, b1, b2, 0.0, 0.0])
+
+
+def apply_transform(image, transform):
+  """image [H, W, C] resampled (bilinear, zeros outside) by an [8] output -> input transform."""
   out = tf.raw_ops.ImageProjectiveTransformV3(
-      images=image[None], transforms=transform, output_shape=tf.constant([h, w]),
+      images=image[None], transforms=transform[None], output_shape=tf.shape(image)[:2],
       fill_value=0.0, interpolation="BILINEAR", fill_mode="CONSTANT")
   return tf.reshape(out, image.shape)
+
+
+def _affine(image, seed, a):
+  return apply_transform(image, affine_transform(image, seed, a))
 
 
 def _bilinear_sample(image, ys, xs):
