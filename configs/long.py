@@ -25,8 +25,8 @@ def get_config(arg=None):
   # instead of 3,600. The test split (rows 400-499) is the same lines either way.
   config.data.validation_per_class = 10
   config.data.augment.affine_prob = 0.5   # Small rotations, scale changes, shears, shifts.
-  # This distortion cuts part of a digit off the canvas on 8% of the lines it touches (README,
-  # "Digits cut off by the distortion"); keeping them on (`keep_inside`) measured no gain.
+  # It cuts over a quarter of some digit off the canvas on 8% of the lines it distorts (README,
+  # "Digits cut off by the distortion"); keeping the digits on (`keep_inside`) measured no gain.
   config.data.augment.elastic_prob = 0.3  # Handwriting-like local distortions.
 
   # ---- Model ----

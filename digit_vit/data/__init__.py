@@ -6,7 +6,8 @@
 - multi_digit_mnist.py: the TFDS builder (`MultiDigitMnist`, `MultiDigitMnistConfig`).
 - input_pipeline.py: `get_dataset_builder`, `train_iterator`, `eval_iterator`, `num_examples`.
 - classification.py: single-image pipelines (MNIST digits, CIFAR-10) for the ViT classifier.
-- build.py / preview.py / augment_audit.py: command lines; benchmark.py: `pipeline_images_per_second`.
+- build.py / preview.py / augment_audit.py: command lines; benchmark.py:
+  `pipeline_images_per_second`.
 
 Modules are imported on demand (TensorFlow is heavy): `from digit_vit.data import input_pipeline`.
 """

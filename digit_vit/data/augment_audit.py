@@ -12,8 +12,12 @@ more than 5 / 10 / 25 / 50% of its ink, overall and by length.
 from __future__ import annotations
 
 import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
 from absl import app, flags
 from ml_collections import config_flags
+
+from digit_vit.data import input_pipeline
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=False)
@@ -39,7 +43,7 @@ def ink_lost(image: np.ndarray, bboxes: np.ndarray, transform: np.ndarray) -> np
   a0, a1, a2, b0, b1, b2 = (float(v) for v in np.asarray(transform)[:6])
   # in = A out + b  =>  out = A^-1 (in - b).
   inverse = np.linalg.inv(np.array([[a0, a1], [b0, b1]]))
-  ys, xs = np.nonzero(image[..., 0] > 0.1)
+  ys, xs = np.nonzero(image[..., 0] > input_pipeline.INK_THRESHOLD)
   ink = image[ys, xs, 0].astype(np.float64)
   out_x, out_y = inverse @ np.stack([xs - a2, ys - b2])
   # Pixel i covers [i - 0.5, i + 0.5]: a centre mapped beyond the canvas's edge is lost.
@@ -54,8 +58,6 @@ def ink_lost(image: np.ndarray, bboxes: np.ndarray, transform: np.ndarray) -> np
 
 def worst_loss_per_line(images, bboxes, lengths, augment, *, seed: int = 0) -> np.ndarray:
   """float64 [n]: the largest fraction of one digit's ink lost, for one random map a line."""
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  from digit_vit.data import input_pipeline  # pylint: disable=import-outside-toplevel
   worst = np.zeros(len(images))
   for i, (image, boxes, n) in enumerate(zip(images, bboxes, lengths)):
     image = np.asarray(image, np.float32) / (255.0 if image.dtype == np.uint8 else 1.0)
@@ -67,11 +69,9 @@ def worst_loss_per_line(images, bboxes, lengths, augment, *, seed: int = 0) -> n
 
 def main(argv):
   del argv
-  from digit_vit.data import input_pipeline  # pylint: disable=import-outside-toplevel
   config = _CONFIG.value
   if _DATA_DIR.value:
     config.data.data_dir = _DATA_DIR.value
-  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   builder = input_pipeline.get_dataset_builder(config)
   n = min(_LINES.value, builder.info.splits["train"].num_examples)
   examples = list(tfds.as_numpy(builder.as_dataset(split=f"train[:{n}]", shuffle_files=False)))

@@ -319,15 +319,16 @@ def pad_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
 # Augmentation (train only; tf ops on one float32 [H, W, 1] image in [0, 1])
 
 
-# Ink brighter than this counts when `keep_inside` finds the ink's box (the composer's 24/255).
-_INK_THRESHOLD = 0.1
+# Ink brighter than this counts as ink where `keep_inside` finds the ink's box (about the
+# composer's 24/255) and where `augment_audit` weighs what a map cuts off.
+INK_THRESHOLD = 0.1
 
 
 def _ink_box(image):
   """(xmin, ymin, xmax, ymax) float32 pixel centres of the ink in [H, W, 1]; the canvas's centre
   point when there is none."""
   h, w = image.shape[0], image.shape[1]
-  ink = image[..., 0] > _INK_THRESHOLD
+  ink = image[..., 0] > INK_THRESHOLD
   rows, cols = tf.reduce_any(ink, axis=1), tf.reduce_any(ink, axis=0)
 
   def extent(any_ink, n):
