@@ -74,6 +74,8 @@ def get_config(arg=None):
   config.data.augment.contrast_prob = 0.0     # Probability of lower contrast / lifted background, in [0, 1].
   config.data.augment.min_contrast = 0.6      # Contrast: smallest ink-minus-background, in (0, 1].
   config.data.augment.invert_prob = 0.0       # Probability of dark ink on bright paper (breaks ink = 1), in [0, 1].
+  # The last this many training steps see undistorted images, as test images are (0 = none).
+  config.data.augment.clean_final_steps = 0
 
   # ---- Model (digit_vit/models) ----
   config.model = ml_collections.ConfigDict()

@@ -135,6 +135,26 @@ def test_augmentation_changes_images_and_keeps_range(config):
   np.testing.assert_allclose(inv["image"], 1 - plain["image"], atol=1e-6)
 
 
+def test_clean_final_steps_stop_the_distortion_at_their_step(config):
+  config = config.copy_and_resolve_references()
+  plain = _take(ip.train_iterator(config, seed=3, process_index=0, process_count=1), 6)
+  a = config.data.augment
+  a.affine_prob = a.elastic_prob = 1.0
+  config.num_train_steps, a.clean_final_steps = 6, 2
+  mixed = _take(ip.train_iterator(config, seed=3, process_index=0, process_count=1), 6)
+  for step in range(4):  # distorted up to step num_train_steps - clean_final_steps ...
+    assert np.abs(mixed[step]["image"] - plain[step]["image"]).mean() > 0.01
+  for step in (4, 5):    # ... and from there on the lines as they are
+    np.testing.assert_allclose(mixed[step]["image"], plain[step]["image"], atol=1e-6)
+  resumed = _take(ip.train_iterator(config, seed=3, start_step=3, process_index=0,
+                                    process_count=1), 3)
+  for x, y in zip(mixed[3:], resumed):
+    np.testing.assert_array_equal(x["image"], y["image"])
+  a.clean_final_steps = 7
+  with pytest.raises(ValueError, match="clean_final_steps=7 must be in 0..num_train_steps=6"):
+    ip.train_iterator(config, seed=3, process_index=0, process_count=1)
+
+
 def _edge_line():
   """A 32x192 line whose two 3x3 'digits' sit 1 pixel from the left and right edges."""
   image = np.zeros((32, 192, 1), np.float32)

@@ -141,7 +141,7 @@ def train_iterator(config, *, seed: int, start_step: int = 0, process_index=None
   pad = int(config.data.get("random_crop_padding", 0))
   flip = bool(config.data.get("horizontal_flip", False))
   norm = _normalizer(config, c)
-  distort = ip.augment_fn(config)
+  distort = ip.augment_fn(config, b)
   if distort is not None and c != 1:
     raise ValueError(f"config.data.augment distorts grayscale images only; these have {c} "
                      "channels (use random_crop_padding and horizontal_flip for colour images)")
@@ -158,7 +158,7 @@ def train_iterator(config, *, seed: int, start_step: int = 0, process_index=None
       image = tf.image.stateless_random_flip_left_right(image, seed=seeds[1])
     if distort is not None:
       # Its own seed, derived so that the crop and flip streams stay as they were without it.
-      image = distort(image, tf.random.experimental.stateless_split(seeds[0], 2)[1])
+      image = distort(image, tf.random.experimental.stateless_split(seeds[0], 2)[1], pos)
     if norm is not None:
       image = norm(image)
     return {"image": image, "label": tf.gather(labels_t, idx)}

@@ -425,8 +425,23 @@ def _elastic(image, seed, a):
   return _bilinear_sample(image, yy + field[..., 0], xx + field[..., 1])
 
 
-def augment_fn(config):
-  """(image, seed [2]) -> image, applying config.data.augment.*; None when all is off."""
+def clean_from_position(config, host_batch: int) -> int | None:
+  """The host's stream position from which training images pass undistorted: the first example
+  of step num_train_steps - config.data.augment.clean_final_steps; None when that is 0."""
+  clean = int(config.data.get("augment", {}).get("clean_final_steps", 0) or 0)
+  total = int(config.num_train_steps)
+  if not 0 <= clean <= total:
+    raise ValueError(f"config.data.augment.clean_final_steps={clean} must be in 0..num_train_steps"
+                     f"={total} (0 = distort until the end)")
+  return (total - clean) * host_batch if clean else None
+
+
+def augment_fn(config, host_batch: int):
+  """(image, seed [2], position) -> image, applying config.data.augment.*; None when all is off.
+
+  `position` is the example's place in the host's training stream (batches of `host_batch`):
+  from `clean_from_position` on the image is returned as it is.
+  """
   a = config.data.get("augment")
   if a is None:
     return None
@@ -434,8 +449,9 @@ def augment_fn(config):
                                    "invert_prob")]
   if not any(p > 0 for p in probs):
     return None
+  clean_from = clean_from_position(config, host_batch)
 
-  def fn(image, seed):
+  def distort(image, seed):
     seeds = tf.random.experimental.stateless_split(seed, 6)
     coins = tf.random.stateless_uniform([5], seed=seeds[0])
     if a.affine_prob > 0:
@@ -456,7 +472,10 @@ def augment_fn(config):
       image = tf.where(coins[4] < a.invert_prob, 1.0 - image, image)
     return tf.clip_by_value(image, 0.0, 1.0)
 
-  return fn
+  if clean_from is None:
+    return lambda image, seed, position: distort(image, seed)
+  return lambda image, seed, position: tf.cond(
+      position < clean_from, lambda: distort(image, seed), lambda: image)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -479,7 +498,7 @@ def train_dataset(config, *, seed: int, start_step: int = 0, process_index=None,
   toks = tf.constant(shard["tokens"])
   lens = tf.constant(shard["length"])
   height, width = int(config.data.image_height), int(config.data.image_width)
-  aug = augment_fn(config)
+  aug = augment_fn(config, b)
   aug_base = seed_pair(seed, process_index, 0xA06)
 
   def load(pos, idx):
@@ -487,7 +506,8 @@ def train_dataset(config, *, seed: int, start_step: int = 0, process_index=None,
     image = tf.ensure_shape(image, [height, width, 1])
     if aug is not None:
       image = tf.cast(image, tf.float32) / 255.0
-      image = aug(image, tf.stack([tf.constant(aug_base[0]), tf.constant(aug_base[1]) + pos]))
+      image = aug(image, tf.stack([tf.constant(aug_base[0]), tf.constant(aug_base[1]) + pos]),
+                  pos)
     return {"image": image, "tokens": tf.gather(toks, idx), "length": tf.gather(lens, idx)}
 
   def finish(batch):
