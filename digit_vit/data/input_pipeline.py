@@ -16,7 +16,8 @@ Training order: each epoch is a permutation of the host's shard drawn from (seed
 stateless random ops, and batches run across epoch boundaries. The k-th batch of
 `train_iterator(config, seed=s)` is a pure function of (config, s, k, process), so
 `train_iterator(..., start_step=k)` resumes exactly (it skips indices, not images). Per-example
-augmentation draws from (seed, process, position in the stream) and is reproduced on resume too.
+augmentation draws from (seed, process, position in the stream) and is reproduced on resume too;
+the last `config.data.augment.clean_final_steps` steps see the lines undistorted.
 With `config.data.train_max_digits` set, training draws only the lines of at most that many
 digits from the train split (for length generalisation); evaluation always sees every length.
 
@@ -445,11 +446,11 @@ def augment_fn(config, host_batch: int):
   a = config.data.get("augment")
   if a is None:
     return None
+  clean_from = clean_from_position(config, host_batch)
   probs = [a.get(k, 0.0) for k in ("affine_prob", "elastic_prob", "noise_prob", "contrast_prob",
                                    "invert_prob")]
   if not any(p > 0 for p in probs):
     return None
-  clean_from = clean_from_position(config, host_batch)
 
   def distort(image, seed):
     seeds = tf.random.experimental.stateless_split(seed, 6)
