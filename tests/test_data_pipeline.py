@@ -419,6 +419,16 @@ def test_mnist_digits_canvas_padding_and_distortions(mnist_config):
   changed = np.abs(distorted[0]["image"] - plain["image"]).mean(axis=(1, 2, 3))
   assert (changed > 0.01).all() and 0.0 <= distorted[0]["image"].min() <= distorted[0][
       "image"].max() <= 1.0
+  # The last of two steps undistorted: step 0 as distorted above, step 1 as without distortions.
+  config.num_train_steps, config.data.augment.clean_final_steps = 2, 1
+  ends_clean = classification.train_iterator(config, seed=0, process_index=0, process_count=1)
+  np.testing.assert_array_equal(next(ends_clean)["image"], distorted[0]["image"])
+  config.data.augment.affine_prob = config.data.augment.elastic_prob = 0.0
+  undistorted = classification.train_iterator(config, seed=0, process_index=0, process_count=1)
+  next(undistorted)
+  step1, step1_undistorted = next(ends_clean), next(undistorted)
+  np.testing.assert_array_equal(step1["label"], step1_undistorted["label"])
+  np.testing.assert_allclose(step1["image"], step1_undistorted["image"], atol=1e-6)
   with pytest.raises(ValueError, match="canvas_padding"):
     config.data.canvas_padding = -1
     classification.num_examples(config, "test")
