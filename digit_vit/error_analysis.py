@@ -10,8 +10,9 @@ minimum edit-distance alignment, puts another digit in its place or drops it.
       [--split=test] [--ensemble=RUN[@CHECKPOINT],...] [--top=30]
 
 prints how concentrated the errors are (the exact match if the most misread digits were read
-right) and where on the canvas the misread digits were drawn (the share misread by height and
-by overlap with a neighbour, from the lines' boxes), and writes
+right), which digits the digits added stand beside (a '0' read as '13' adds one), and where on
+the canvas the misread digits were drawn (the share misread by height and by overlap with a
+neighbour, from the lines' boxes), and writes
 `errors_<split>_<checkpoints>_beam<k>...json` (every misread digit and what it was read as) and
 a `.png` grid of the most misread digits into the workdir.
 
@@ -57,6 +58,13 @@ def align(truth: str, reading: str) -> tuple[list[str], int]:
     (read_as, insertions): read_as[i] is the digit aligned to truth[i] (== truth[i] when read
     right) or DROPPED; insertions counts digits read that stand for no true digit.
   """
+  read_as, gaps = _alignment(truth, reading)
+  return read_as, len(gaps)
+
+
+def _alignment(truth: str, reading: str) -> tuple[list[str], list[int]]:
+  """`align`'s read_as, and for each digit added the gap of the truth it was added in: k means
+  between truth[k - 1] and truth[k] (0: before the first digit, len(truth): after the last)."""
   m, n = len(truth), len(reading)
   cost = np.zeros((m + 1, n + 1), np.int32)
   cost[:, 0] = np.arange(m + 1)
@@ -65,7 +73,7 @@ def align(truth: str, reading: str) -> tuple[list[str], int]:
     for j in range(1, n + 1):
       cost[i, j] = min(cost[i - 1, j - 1] + (truth[i - 1] != reading[j - 1]),
                        cost[i - 1, j] + 1, cost[i, j - 1] + 1)
-  read_as, insertions = [DROPPED] * m, 0
+  read_as, gaps = [DROPPED] * m, []
   i, j = m, n
   while i > 0 or j > 0:
     if i > 0 and j > 0 and cost[i, j] == cost[i - 1, j - 1] + (truth[i - 1] != reading[j - 1]):
@@ -74,10 +82,22 @@ def align(truth: str, reading: str) -> tuple[list[str], int]:
     elif i > 0 and cost[i, j] == cost[i - 1, j] + 1:
       i -= 1
     else:
-      insertions += 1
+      gaps.append(i)
       j -= 1
-  return read_as, insertions
+  return read_as, gaps[::-1]
 
+
+def beside_added(truth: str, read_as: Sequence[str], gaps: Sequence[int]) -> list[set[int]]:
+  """The positions in the truth each added digit is charged to: its neighbours either side of
+  the gap it was added in, or only those of them misread when there are (a digit misread as
+  two, '0' read '13', is charged the digit added). Which neighbour an added digit came from
+  is not known from the reading alone, hence both when neither is misread."""
+  charged = []
+  for g in gaps:
+    near = [k for k in (g - 1, g) if 0 <= k < len(truth)]
+    misread = [k for k in near if read_as[k] != truth[k]]
+    charged.append(set(misread or near))
+  return charged
 
 @dataclasses.dataclass
 class LineErrors:
@@ -89,6 +109,8 @@ class LineErrors:
     unexplained: bool [n], a wrong line that misreading its digits does not explain alone:
       a digit added, or no `<eos>` (or another token before it).
     insertions: int [n], digits read that stand for no true digit.
+    added_beside: source id -> the number of lines on which a digit added was charged to it
+      (`beside_added`).
     occurrences: source id -> the number of lines it is on.
     misread: source id -> what it was read as on the lines it was misread on (DROPPED: left out).
     labels: source id -> its digit.
@@ -98,6 +120,7 @@ class LineErrors:
   blamed: list[frozenset[int]]
   unexplained: np.ndarray
   insertions: np.ndarray
+  added_beside: collections.Counter
   occurrences: collections.Counter
   misread: dict[int, collections.Counter]
   labels: dict[int, int]
@@ -131,7 +154,7 @@ def charge_lines(truths: Sequence[str], outputs: np.ndarray,
     raise ValueError(f"{len(truths)} truths, {len(outputs)} outputs and {len(source_ids)} "
                      "source-id rows: one each per line")
   right, blamed, unexplained, added = [], [], [], []
-  occurrences, misread, labels = collections.Counter(), {}, {}
+  occurrences, added_beside, misread, labels = collections.Counter(), collections.Counter(), {}, {}
   misread_at = np.zeros(np.shape(source_ids), bool)
   for line, (truth, output, ids) in enumerate(zip(truths, outputs, np.asarray(source_ids))):
     reading = tokens_lib.read_output(output)
@@ -140,7 +163,10 @@ def charge_lines(truths: Sequence[str], outputs: np.ndarray,
       raise ValueError(f"line {truth!r} has source ids {ids}: fewer than its digits")
     occurrences.update(ids)
     labels.update({i: int(d) for i, d in zip(ids, truth)})
-    read_as, insertions = align(truth, reading.digits)
+    read_as, gaps = _alignment(truth, reading.digits)
+    insertions = len(gaps)
+    added_beside.update({ids[k] for charged in beside_added(truth, read_as, gaps)
+                         for k in charged})
     wrong = frozenset(i for i, d, r in zip(ids, truth, read_as) if r != d)
     for k, (i, d, r) in enumerate(zip(ids, truth, read_as)):
       if r != d:
@@ -151,7 +177,8 @@ def charge_lines(truths: Sequence[str], outputs: np.ndarray,
     unexplained.append(bool(insertions) or not reading.well_formed)
     added.append(insertions)
   return LineErrors(np.array(right, bool), blamed, np.array(unexplained, bool),
-                    np.array(added, np.int64), occurrences, misread, labels, misread_at)
+                    np.array(added, np.int64), added_beside, occurrences, misread, labels,
+                    misread_at)
 
 
 # Bins of the digits' geometry on the canvas: height as a share of the canvas height, and the
@@ -232,6 +259,9 @@ def summarize_lines(errors: LineErrors, *, top: int, bboxes: np.ndarray | None =
       "misread_digits": len(ranked),
       "misreadings": int(sum(sum(c.values()) for c in errors.misread.values())),
       "insertions": int(errors.insertions.sum()),
+      "added_beside": [{"id": i, "label": errors.labels[i], "lines": errors.occurrences[i],
+                        "added": n} for i, n in sorted(errors.added_beside.items(),
+                                                       key=lambda kv: (-kv[1], kv[0]))[:top]],
       "exact_match_if_read_right": {
           str(k): errors.exact_match_if_read_right(ranked[:k]) for k in FIXED_COUNTS
           if k <= len(ranked)},
@@ -256,6 +286,12 @@ def format_lines(summary: dict[str, Any], *, top: int) -> str:
              f"k={k}: {v:.2%}" for k, v in s["exact_match_if_read_right"].items())
          + f", all: {s['exact_match_if_all_read_right']:.2%}",
          "most misread: id  label  misread/lines  read as"]
+  if s["added_beside"]:
+    repeated = [d for d in s["added_beside"] if d["added"] > 1]
+    once = len(s["added_beside"]) - len(repeated)
+    out.insert(-1, "digits added, charged to the misread neighbour (else both neighbours): "
+               + ", ".join([f"{d['id']} ({d['label']}) on {d['added']} of {d['lines']} lines"
+                            for d in repeated] + [f"{once} more on one line each"] * bool(once)))
   geometry = []
   for key, what, unit in (("misread_by_height", "height (share of the canvas)", ""),
                           ("misread_by_overlap", "overlap with a neighbour", " px")):

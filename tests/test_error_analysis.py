@@ -31,6 +31,21 @@ def test_align_puts_each_read_digit_against_a_true_one(truth, reading, read_as, 
   assert error_analysis.align(truth, reading) == (read_as, insertions)
 
 
+@pytest.mark.parametrize("truth, reading, gaps, charged", [
+    ("12", "132", [1], [{0, 1}]),  # Neither neighbour misread: both are charged.
+    ("07", "107", [0], [{0}]),  # Added before the first digit: only it is beside.
+    ("34", "343", [2], [{1}]),
+    ("808", "8138", [1], [{1}]),  # The 0 read '13': the misread neighbour alone.
+    ("", "45", [0, 0], [set(), set()]),  # Nothing to charge on an empty line.
+    ("5", "5", [], []),
+])
+def test_digits_added_are_charged_to_the_digits_beside_them(truth, reading, gaps, charged):
+  read_as, found = error_analysis._alignment(truth, reading)  # pylint: disable=protected-access
+  assert (read_as, len(found)) == error_analysis.align(truth, reading)
+  assert found == gaps
+  assert error_analysis.beside_added(truth, read_as, found) == charged
+
+
 def test_align_costs_the_edit_distance_the_metrics_compute():
   rng = np.random.default_rng(0)
   for _ in range(200):
@@ -75,6 +90,7 @@ def test_charge_lines_blames_the_source_digits_misread():
   np.testing.assert_array_equal(errors.unexplained, [0, 0, 0, 0, 1, 0, 1])
   np.testing.assert_array_equal(errors.insertions, [0, 0, 0, 0, 1, 0, 0])
   assert errors.occurrences == {10: 4, 11: 2, 12: 2, 13: 2, 14: 1, 15: 1, 16: 1}
+  assert errors.added_beside == {10: 1, 15: 1}  # The 7 of '172' stands between them.
   assert errors.misread == {13: {"9": 1, "7": 1}, 14: {"-": 1}}
   assert errors.labels == {10: 1, 11: 2, 12: 3, 13: 4, 14: 5, 15: 2, 16: 1}
   assert errors.ranked() == [13, 14]
@@ -98,9 +114,23 @@ def test_summary_of_charged_lines():
   assert summary["most_misread"] == [{"id": 13, "label": 4, "lines": 2, "misread": 2,
                                       "read_as": {"9": 1, "7": 1}}]
   assert summary["every_misread"] == {"13": {"9": 1, "7": 1}, "14": {"-": 1}}
+  assert summary["added_beside"] == [{"id": 10, "label": 1, "lines": 4, "added": 1}]
   text = error_analysis.format_lines(summary, top=1)
   assert "7 lines, exact match 28.57%: 5 wrong, 2 of them with a digit added or no <eos>" in text
   assert "k=1: 57.14%, all: 71.43%" in text and "    13  4    2/2    9x1 7x1" in text
+  assert "(else both neighbours): 1 more on one line each\n" in text
+
+
+def test_the_digits_beside_digits_added_are_listed_most_charged_first():
+  # Source digit 7, a 0, read as '13' and as '10'; digit 9 beside a digit added once.
+  errors = error_analysis.charge_lines(["0", "0", "3", "45"], _outputs("13", "10", "3", "435"),
+                                       np.array([[7, -1], [7, -1], [8, -1], [9, 6]]))
+  assert errors.added_beside == {7: 2, 9: 1, 6: 1}
+  summary = error_analysis.summarize_lines(errors, top=5)
+  assert [(d["id"], d["added"], d["lines"]) for d in summary["added_beside"]] == [
+      (7, 2, 2), (6, 1, 1), (9, 1, 1)]
+  assert ("(else both neighbours): 7 (0) on 2 of 2 lines, 2 more on one line each\n"
+          in error_analysis.format_lines(summary, top=5))
 
 
 def test_digit_geometry_measures_heights_and_overlaps_on_the_canvas():
@@ -174,6 +204,9 @@ def test_a_readers_analysis_agrees_with_its_evaluation(tiny_workdir):
   assert max(result["exact_match_if_read_right"].values()) <= (
       result["exact_match_if_all_read_right"])
   assert set(images) >= {d["id"] for d in result["most_misread"]}
+  # Each digit added is charged to one or two digits beside it, on its line.
+  assert all(0 < d["added"] <= d["lines"] for d in result["added_beside"])
+  assert bool(result["added_beside"]) == (result["insertions"] > 0)
   assert all(images[i].shape == (28, 28) for i in images)
   # Every digit of every line is in one bin of each breakdown, and the misread ones add up.
   for key in ("misread_by_height", "misread_by_overlap"):
