@@ -13,8 +13,9 @@ prints how concentrated the errors are (the exact match if the most misread digi
 right), which digits the digits added stand beside (a '0' read as '13' adds one), and where on
 the canvas the misread digits were drawn (the share misread by height and by overlap with a
 neighbour, from the lines' boxes), and writes
-`errors_<split>_<checkpoints>_beam<k>...json` (every misread digit and what it was read as) and
-a `.png` grid of the most misread digits into the workdir.
+`errors_<split>_<checkpoints>_beam<k>...json` (every misread digit and what it was read as), a
+`.png` grid of the most misread digits and a `_added.png` grid of the digits charged with a digit
+added on more than one line into the workdir.
 
 A single-digit classifier run (`config.task='classify'` on `mnist_digits`, e.g.
 `configs/digit_probe.py`) reads each source digit once; with `--lines=READER_RUN` its misread
@@ -469,11 +470,18 @@ def main(argv):
       FLAGS.workdir, checkpoints, result["beam_size"], FLAGS.ema, result["views"],
       1 + len(FLAGS.ensemble), prefix=f"errors_{FLAGS.split}"))
   path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+  written = [path]
   titles = digit_titles(result, FLAGS.top)
   if titles:
-    plot_digits(images, titles, path.with_suffix(".png"))
+    written.append(path.with_suffix(".png"))
+    plot_digits(images, titles, written[-1])
+  repeated = [d for d in result.get("added_beside", []) if d["added"] > 1]
+  if repeated:  # A digit added beside a digit once says little about that digit.
+    written.append(path.with_name(path.stem + "_added.png"))
+    plot_digits(images, {d["id"]: f"{d['id']}: {d['label']}, digit added\non {d['added']}/"
+                                  f"{d['lines']} lines" for d in repeated}, written[-1])
   print(format_result(result, top=FLAGS.top))
-  print(f"wrote {path}" + (f" and {path.with_suffix('.png')}" if titles else ""))
+  print("wrote " + " and ".join(str(w) for w in written))
   return 0
 
 

@@ -207,6 +207,7 @@ def test_a_readers_analysis_agrees_with_its_evaluation(tiny_workdir):
   # Each digit added is charged to one or two digits beside it, on its line.
   assert all(0 < d["added"] <= d["lines"] for d in result["added_beside"])
   assert bool(result["added_beside"]) == (result["insertions"] > 0)
+  assert set(images) >= {d["id"] for d in result["added_beside"]}
   assert all(images[i].shape == (28, 28) for i in images)
   # Every digit of every line is in one bin of each breakdown, and the misread ones add up.
   for key in ("misread_by_height", "misread_by_overlap"):
@@ -271,7 +272,9 @@ def test_command_line_writes_the_analysis_and_its_digits(tiny_workdir):
   written = json.loads(path.read_text())
   assert written["split"] == "test" and len(written["most_misread"]) == 4
   assert path.with_suffix(".png").stat().st_size > 0
-  assert "lines, exact match" in result.stdout and f"wrote {path}" in result.stdout
+  added = path.with_name(path.stem + "_added.png")
+  assert added.exists() == any(d["added"] > 1 for d in written["added_beside"])
+  assert "lines, exact match" in result.stdout and f"wrote {path} and " in result.stdout
   bad = subprocess.run(
       [sys.executable, "-m", "digit_vit.error_analysis", f"--workdir={tiny_workdir}",
        f"--lines={tiny_workdir}"], capture_output=True, text=True, cwd=ROOT, check=False)
