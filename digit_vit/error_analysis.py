@@ -10,7 +10,7 @@ minimum edit-distance alignment, puts another digit in its place or drops it.
       [--split=test] [--ensemble=RUN[@CHECKPOINT],...] [--top=30]
 
 prints how concentrated the errors are (the exact match if the most misread digits were read
-right), which digits the digits added stand beside (a '0' read as '13' adds one), and where on
+right), which digits the added digits stand beside (a '0' read as '13' adds one), and where on
 the canvas the misread digits were drawn (the share misread by height and by overlap with a
 neighbour, from the lines' boxes), and writes
 `errors_<split>_<checkpoints>_beam<k>...json` (every misread digit and what it was read as), a
@@ -59,11 +59,11 @@ def align(truth: str, reading: str) -> tuple[list[str], int]:
     (read_as, insertions): read_as[i] is the digit aligned to truth[i] (== truth[i] when read
     right) or DROPPED; insertions counts digits read that stand for no true digit.
   """
-  read_as, gaps = _alignment(truth, reading)
+  read_as, gaps = alignment(truth, reading)
   return read_as, len(gaps)
 
 
-def _alignment(truth: str, reading: str) -> tuple[list[str], list[int]]:
+def alignment(truth: str, reading: str) -> tuple[list[str], list[int]]:
   """`align`'s read_as, and for each digit added the gap of the truth it was added in: k means
   between truth[k - 1] and truth[k] (0: before the first digit, len(truth): after the last)."""
   m, n = len(truth), len(reading)
@@ -99,6 +99,7 @@ def beside_added(truth: str, read_as: Sequence[str], gaps: Sequence[int]) -> lis
     misread = [k for k in near if read_as[k] != truth[k]]
     charged.append(set(misread or near))
   return charged
+
 
 @dataclasses.dataclass
 class LineErrors:
@@ -164,7 +165,7 @@ def charge_lines(truths: Sequence[str], outputs: np.ndarray,
       raise ValueError(f"line {truth!r} has source ids {ids}: fewer than its digits")
     occurrences.update(ids)
     labels.update({i: int(d) for i, d in zip(ids, truth)})
-    read_as, gaps = _alignment(truth, reading.digits)
+    read_as, gaps = alignment(truth, reading.digits)
     insertions = len(gaps)
     added_beside.update({ids[k] for charged in beside_added(truth, read_as, gaps)
                          for k in charged})
@@ -272,6 +273,12 @@ def summarize_lines(errors: LineErrors, *, top: int, bboxes: np.ndarray | None =
   }
 
 
+def added_repeatedly(summary: dict[str, Any]) -> list[dict[str, Any]]:
+  """The records of `summary['added_beside']` charged on more than one line: a digit added once
+  beside a digit says little about that digit."""
+  return [d for d in summary.get("added_beside", []) if d["added"] > 1]
+
+
 def _digit_record(errors: LineErrors, i: int) -> dict[str, Any]:
   return {"id": i, "label": errors.labels[i], "lines": errors.occurrences[i],
           "misread": sum(errors.misread[i].values()), "read_as": dict(errors.misread[i])}
@@ -288,7 +295,7 @@ def format_lines(summary: dict[str, Any], *, top: int) -> str:
          + f", all: {s['exact_match_if_all_read_right']:.2%}",
          "most misread: id  label  misread/lines  read as"]
   if s["added_beside"]:
-    repeated = [d for d in s["added_beside"] if d["added"] > 1]
+    repeated = added_repeatedly(s)
     once = len(s["added_beside"]) - len(repeated)
     out.insert(-1, "digits added, charged to the misread neighbour (else both neighbours): "
                + ", ".join([f"{d['id']} ({d['label']}) on {d['added']} of {d['lines']} lines"
@@ -475,8 +482,8 @@ def main(argv):
   if titles:
     written.append(path.with_suffix(".png"))
     plot_digits(images, titles, written[-1])
-  repeated = [d for d in result.get("added_beside", []) if d["added"] > 1]
-  if repeated:  # A digit added beside a digit once says little about that digit.
+  repeated = added_repeatedly(result)
+  if repeated:
     written.append(path.with_name(path.stem + "_added.png"))
     plot_digits(images, {d["id"]: f"{d['id']}: {d['label']}, digit added\non {d['added']}/"
                                   f"{d['lines']} lines" for d in repeated}, written[-1])

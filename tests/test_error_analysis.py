@@ -40,7 +40,7 @@ def test_align_puts_each_read_digit_against_a_true_one(truth, reading, read_as, 
     ("5", "5", [], []),
 ])
 def test_digits_added_are_charged_to_the_digits_beside_them(truth, reading, gaps, charged):
-  read_as, found = error_analysis._alignment(truth, reading)  # pylint: disable=protected-access
+  read_as, found = error_analysis.alignment(truth, reading)
   assert (read_as, len(found)) == error_analysis.align(truth, reading)
   assert found == gaps
   assert error_analysis.beside_added(truth, read_as, found) == charged
