@@ -101,6 +101,7 @@ def get_config(arg=None):
   config.model.decoder_position = "learned"  # 'learned', 'sinusoidal', 'rope', 'none'.
   config.model.class_token = False       # Prepend a class token to the patches (classifier only).
   config.model.num_classes = 10          # Classifier outputs (unused by the reader).
+  config.model.ctc_head = False          # Per-column digit logits for loss.ctc_weight (reader only).
   config.model.dropout_rate = 0.0        # Dropout after attention and MLP.
   config.model.attention_dropout_rate = 0.0  # Dropout on attention weights (einsum path only).
   config.model.attention_impl = "custom_vjp"  # 'custom_vjp' (fastest on CPU), 'xla' (jax.nn.dot_product_attention), 'einsum' (attention dropout), 'cudnn' (GPU, bfloat16).
@@ -137,6 +138,9 @@ def get_config(arg=None):
   # Per-class weights 'token:weight,...' (others 1; '' = none): a string so the command line can
   # set it, e.g. --config.loss.class_weights=9:2,eos:0.5,pad:0.5 (the seeds' weighting).
   config.loss.class_weights = ""
+  # Auxiliary CTC loss on the encoder's columns (joint CTC-attention), added to the cross-entropy
+  # sum at this weight; needs model.ctc_head. Training only: reading stays with the decoder.
+  config.loss.ctc_weight = 0.0
   config.parallelism = "jit"           # Data-parallel step: 'jit' (sharded global arrays) or 'pmap'.
   config.log_every_steps = 50          # Train summaries (and the NaN check) every this many steps.
   config.eval_every_steps = 1_000      # Validation every this many steps and at the end; 0 = none.

@@ -25,11 +25,12 @@ def get_config(arg=None):
   # instead of 3,600. The test split (rows 400-499) is the same lines either way.
   config.data.validation_per_class = 10
   config.data.augment.affine_prob = 0.5   # Small rotations, scale changes, shears, shifts.
-  # It cuts over a quarter of some digit off the canvas on 8% of the lines it distorts (README,
-  # "Digits cut off by the distortion"); keeping the digits on (`keep_inside`) measured no gain.
+  # It cuts over a quarter of some digit off the canvas on 8% of the lines it distorts
+  # (docs/results.md, "Digits cut off by the distortion"); keeping the digits on
+  # (`keep_inside`) measured no gain.
   config.data.augment.elastic_prob = 0.3  # Handwriting-like local distortions.
   # The last 2,500 steps see the lines undistorted, as the test lines are: +0.35-0.40 points of
-  # test exact match on each of three runs resumed so (README, "Undistorted final steps").
+  # test exact match on each of three runs resumed so (docs/results.md, "Undistorted final steps").
   config.data.augment.clean_final_steps = 2_500
 
   # ---- Model ----
@@ -54,6 +55,7 @@ def get_config(arg=None):
 
   # ---- Reading (report.json, predict, demo, evaluate; evaluations during training stay greedy) --
   # All 25 views within two pixels: 92.88% test exact match against 92.50% for the nine within
-  # one pixel and 91.25% for the image alone, at 11x the reading time (README, "Longer run").
+  # one pixel and 91.25% for the image alone, at 11x the reading time (docs/results.md,
+  # "Longer run").
   config.decode.views = 25
   return config

@@ -10,6 +10,9 @@ Token weights (digit reader) are the product of
     learns when to stop), 1 otherwise (the seeds' "pad counted" variant),
   - an optional per-class weight (the seeds' "loss adventures": digit 9 x2, `<eos>`/`<pad>`
     x0.5), from `config.loss.class_weights` as a dict or a string '9:2,eos:0.5,pad:0.5'.
+
+`ctc_loss` is the optional auxiliary loss on the reader's CTC head (`config.loss.ctc_weight`),
+summed over lines in the same way.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from digit_vit.models import tokens as tokens_lib
 
@@ -120,3 +124,29 @@ def weighted_cross_entropy(logits, targets, weights, *, label_smoothing: float =
   log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
   loss = -jnp.sum(soft_targets * log_probs, axis=-1)
   return jnp.sum(loss * weights), jnp.sum(weights)
+
+
+def ctc_loss(ctc_logits, tokens, *, mask=None):
+  """Summed CTC loss of per-frame digit logits against each line's digits.
+
+  Args:
+    ctc_logits: float [batch, frames, CTC_CLASSES]: the digits, then the blank (`tokens.py`).
+    tokens: int [batch, L], full sequences `<sos> d1 .. dn <eos> <pad> ..` (`tokens.py`).
+    mask: optional bool [batch]; False rows count for nothing.
+
+  Returns:
+    (loss_sum, line_count): float32 scalars; loss_sum is the summed negative log-likelihood of
+    the lines' digit strings (about the summed cross-entropy of their digits, so it adds to
+    `weighted_cross_entropy`'s sum on the same scale).
+  """
+  if ctc_logits.shape[0] != tokens.shape[0]:
+    raise ValueError(f"batch sizes disagree: ctc_logits {ctc_logits.shape}, tokens {tokens.shape}")
+  labels = jnp.asarray(tokens)[:, 1:]  # Digits, then <eos> and <pad>: padding is a suffix.
+  label_paddings = (labels >= tokens_lib.NUM_DIGITS).astype(jnp.float32)
+  labels = jnp.where(label_paddings > 0, 0, labels)
+  logit_paddings = jnp.zeros(ctc_logits.shape[:2], jnp.float32)
+  per_line = optax.ctc_loss(ctc_logits.astype(jnp.float32), logit_paddings, labels,
+                            label_paddings, blank_id=tokens_lib.CTC_BLANK)
+  rows = (jnp.ones(per_line.shape, jnp.float32) if mask is None
+          else jnp.asarray(mask, jnp.float32))
+  return jnp.sum(per_line * rows), jnp.sum(rows)

@@ -8,6 +8,10 @@ One loss function (`loss_fn`, sums of a masked weighted cross-entropy) serves bo
   teacher-forced loss;
 - 'classify': the ViTClassifier on single images; evaluated by accuracy and loss.
 
+With `config.loss.ctc_weight` > 0 a reader's training objective also sums a CTC loss of its
+encoder's columns (`model.ctc_head`, joint CTC-attention); decoding and evaluation stay the
+decoder's.
+
 Data parallelism. `config.parallelism = 'jit'` (the default) compiles the step with `jax.jit`
 over a 1-D ('data',) mesh of every device of every process: the train state is replicated, the
 batch is sharded on its first axis, and XLA inserts the gradient all-reduce. Host-local numpy
@@ -48,7 +52,7 @@ from jax.sharding import PartitionSpec as P
 
 from digit_vit import (checkpointing, decode, environment, losses, metrics, reporting, trained,
                        xla_options)
-from digit_vit.models import ViTClassifier, build_model, tokens
+from digit_vit.models import ModelConfig, ViTClassifier, build_model, tokens
 
 PARALLELISM = ("jit", "pmap")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -76,6 +80,7 @@ def check_config(config) -> None:
     raise ValueError(f"config.parallelism={config.parallelism!r} is not one of {PARALLELISM}")
   check_ema_decay(config)
   check_sam_rho(config)
+  check_ctc_weight(config)
   devices, processes = jax.device_count(), jax.process_count()
   for name in ("batch_size", "eval_batch_size"):
     size = int(config[name])
@@ -135,6 +140,26 @@ def check_sam_rho(config) -> float:
   return rho
 
 
+def check_ctc_weight(config) -> float:
+  """config.loss.ctc_weight (0 = no CTC loss), checked against the task and model."""
+  weight = float(config.loss.get("ctc_weight", 0.0) or 0.0)
+  if weight < 0:
+    raise ValueError(f"config.loss.ctc_weight={weight} must be >= 0 (0 = no CTC loss)")
+  if weight == 0:
+    return 0.0
+  if config.task != "read" or not config.model.get("ctc_head", False):
+    raise ValueError(f"config.loss.ctc_weight={weight} needs the reader's CTC head: set "
+                     "--config.model.ctc_head=True (task 'read'), or ctc_weight=0")
+  columns = ModelConfig.from_config(config.model).ctc_frames
+  if columns < 2 * int(config.max_digits) - 1:
+    raise ValueError(
+        f"config.loss.ctc_weight needs at least 2 * max_digits - 1 = "
+        f"{2 * int(config.max_digits) - 1} patch columns to spell every line (a blank between "
+        f"repeated digits); model.patch_size={tuple(config.model.patch_size)} gives {columns}: "
+        "use narrower patches or ctc_weight=0")
+  return weight
+
+
 def check_ema_decay(config) -> float:
   """config.ema_decay as a float in [0, 1); 0 = no moving average."""
   decay = float(config.get("ema_decay", 0.0))
@@ -185,15 +210,17 @@ def create_train_state(config, model, tx, mesh) -> TrainState:
 # Loss and steps
 
 
-def _logits_and_targets(config, model, params, batch, *, train: bool, dropout_rng=None):
+def _logits_and_targets(config, model, params, batch, *, train: bool, dropout_rng=None,
+                        return_ctc: bool = False):
   """Teacher-forced logits and their targets: read -> [b, L-1, vocab] and [b, L-1];
-  classify -> [b, classes] and [b]."""
+  classify -> [b, classes] and [b]. With `return_ctc` (read only) the CTC head's logits
+  [b, columns, 11] come third."""
   rngs = {"dropout": dropout_rng} if train else None
   if config.task == "read":
     decoder_inputs, targets = tokens.split_decoder_io(batch["tokens"])
-    logits = model.apply({"params": params}, batch["image"], decoder_inputs, train=train,
-                         rngs=rngs)
-    return logits, targets
+    outputs = model.apply({"params": params}, batch["image"], decoder_inputs, train=train,
+                          rngs=rngs, return_ctc=return_ctc)
+    return (outputs[0], targets, outputs[1]) if return_ctc else (outputs, targets)
   return model.apply({"params": params}, batch["image"], train=train, rngs=rngs), batch["label"]
 
 
@@ -201,17 +228,24 @@ def loss_fn(params, batch, *, config, model, train: bool, dropout_rng=None,
             label_smoothing: float = 0.0):
   """The one loss: summed weighted cross-entropy over a (local or global) batch.
 
+  In training, with `config.loss.ctc_weight` > 0, the objective adds that weight times the
+  summed CTC loss of the reader's CTC head (`losses.ctc_loss`): still a sum, divided once by
+  the global token weight as the cross-entropy is.
+
   Args:
     params: model parameters.
     batch: dict with `image` [b, H, W, C] and `tokens` int32 [b, L] (read) or `label` int32
       [b] (classify); optional `mask` bool [b].
 
   Returns:
-    (loss_sum, sums): sums has `loss`, `weight` (the sum of token weights; the mean loss is
-    loss / weight), and `correct`, `count` (teacher-forced accuracy).
+    (objective_sum, sums): sums has `loss` (the cross-entropy sum), `weight` (the sum of token
+    weights; the mean loss is loss / weight), `correct`, `count` (teacher-forced accuracy) and,
+    with the CTC loss on, `ctc` and `lines` (its sum, and the lines it is summed over).
   """
-  logits, targets = _logits_and_targets(config, model, params, batch, train=train,
-                                        dropout_rng=dropout_rng)
+  ctc_weight = check_ctc_weight(config) if train else 0.0
+  logits, targets, *ctc_logits = _logits_and_targets(
+      config, model, params, batch, train=train, dropout_rng=dropout_rng,
+      return_ctc=ctc_weight > 0)
   # <pad> and class weights are token notions; a classifier's labels are all counted.
   is_read = config.task == "read"
   class_weights = None
@@ -223,7 +257,11 @@ def loss_fn(params, batch, *, config, model, train: bool, dropout_rng=None,
   loss_sum, weight_sum = losses.weighted_cross_entropy(logits, targets, weights,
                                                        label_smoothing=label_smoothing)
   correct, count = metrics.weighted_accuracy(logits, targets, weights)
-  return loss_sum, {"loss": loss_sum, "weight": weight_sum, "correct": correct, "count": count}
+  sums = {"loss": loss_sum, "weight": weight_sum, "correct": correct, "count": count}
+  if ctc_weight <= 0:
+    return loss_sum, sums
+  ctc_sum, lines = losses.ctc_loss(ctc_logits[0], batch["tokens"], mask=batch.get("mask"))
+  return loss_sum + ctc_weight * ctc_sum, {**sums, "ctc": ctc_sum, "lines": lines}
 
 
 def train_step(state: TrainState, batch, *, config, model, learning_rate_fn,
@@ -270,6 +308,8 @@ def train_step(state: TrainState, batch, *, config, model, learning_rate_fn,
       "grad_norm": optax.global_norm(grads),
       "learning_rate": learning_rate_fn(state.step),
   }
+  if "ctc" in sums:
+    step_metrics["ctc_loss"] = sums["ctc"] / jnp.maximum(sums["lines"], 1.0)  # Per line.
   return new_state, step_metrics
 
 

@@ -219,7 +219,8 @@ def resolve_config(config: str, overrides: Mapping[str, Any]):
 ADDED_FIELDS = {"model.stem_depth": 0, "model.stem_max_channels": 0, "ema_decay": 0.0,
                 "decode.views": 1, "model.stem_full_res_depth": 0, "model.stem_antialias": False,
                 "sam_rho": 0.0, "data.augment.keep_inside": False,
-                "data.augment.clean_final_steps": 0}
+                "data.augment.clean_final_steps": 0, "model.ctc_head": False,
+                "loss.ctc_weight": 0.0}
 
 
 def config_hash(config_json: Mapping | str) -> str:

@@ -1,4 +1,7 @@
-"""The masked, weighted cross-entropy against numpy computed by hand."""
+"""The masked, weighted cross-entropy against numpy computed by hand, and the CTC loss against
+the sum over every alignment."""
+
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -135,3 +138,50 @@ def test_class_weights_from_the_command_line_reach_the_loss():
   vector = losses.class_weight_vector(flag_values.config.loss.class_weights, V)
   assert vector[9] == 2.0 and vector[tokens.EOS] == 0.5 and vector[tokens.PAD] == 0.5
   assert vector[:9].tolist() == [1.0] * 9
+
+
+# ---- CTC
+
+
+def _ctc_by_enumeration(logits, digits):
+  """-log P(digits) under CTC (blank = class 10) summed over every frame labelling in float64:
+  the labellings that, with repeats merged and blanks dropped, spell `digits`."""
+  x = logits.astype(np.float64)
+  log_p = x - (np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1)) + x.max(-1))[:, None]
+  frames, classes = log_p.shape
+  total = 0.0
+  for path in itertools.product(range(classes), repeat=frames):
+    spelled = [c for i, c in enumerate(path)
+               if c != tokens.CTC_BLANK and (i == 0 or c != path[i - 1])]
+    if spelled == [int(d) for d in digits]:
+      total += np.exp(sum(log_p[t, c] for t, c in enumerate(path)))
+  return -np.log(total)
+
+
+def test_ctc_loss_sums_every_alignment_and_skips_masked_rows():
+  lines = ["12", "33", "7", "0"]  # "33" needs a blank between its two 3s.
+  logits = np.random.default_rng(0).normal(size=(len(lines), 4, tokens.CTC_CLASSES))
+  logits = logits.astype(np.float32)
+  full_tokens = tokens.encode_batch(lines, 3)
+  mask = np.array([True, True, True, False])
+  loss_sum, lines_counted = losses.ctc_loss(jnp.asarray(logits), jnp.asarray(full_tokens),
+                                            mask=jnp.asarray(mask))
+  expected = [_ctc_by_enumeration(logits[i], lines[i]) for i in range(3)]
+  np.testing.assert_allclose(float(loss_sum), sum(expected), rtol=1e-5)
+  assert float(lines_counted) == 3.0
+  # Every row counts without a mask; the fourth adds its own likelihood.
+  loss_sum, lines_counted = losses.ctc_loss(jnp.asarray(logits), jnp.asarray(full_tokens))
+  np.testing.assert_allclose(float(loss_sum),
+                             sum(expected) + _ctc_by_enumeration(logits[3], "0"), rtol=1e-5)
+  assert float(lines_counted) == 4.0
+
+
+def test_ctc_loss_is_low_when_the_frames_spell_the_line():
+  """Frames that say blank, 4, 4, blank, 2 spell '42' with probability near 1; the same frames
+  against '24' are far less likely."""
+  logits = np.full((1, 5, tokens.CTC_CLASSES), -10.0, np.float32)
+  for t, c in enumerate([tokens.CTC_BLANK, 4, 4, tokens.CTC_BLANK, 2]):
+    logits[0, t, c] = 10.0
+  right, _ = losses.ctc_loss(jnp.asarray(logits), jnp.asarray(tokens.encode_batch(["42"], 3)))
+  wrong, _ = losses.ctc_loss(jnp.asarray(logits), jnp.asarray(tokens.encode_batch(["24"], 3)))
+  assert float(right) < 1e-3 < 10.0 < float(wrong)

@@ -50,6 +50,30 @@ def test_reader_shapes_and_dtypes(name):
     chex.assert_type(leaf, jnp.float32)
 
 
+def test_ctc_head_scores_each_column_from_the_mean_of_its_patches():
+  cfg = dataclasses.replace(CONFIGS["small-canvas-1head"], ctc_head=True)  # A 4x12 grid.
+  model = DigitReader(cfg)
+  images, decoder_inputs = _inputs(cfg)
+  variables = model.init(jax.random.key(0), images, decoder_inputs)
+  chex.assert_shape(variables["params"]["ctc_head"]["logits"]["kernel"],
+                    (cfg.width, tokens.CTC_CLASSES))
+  logits, ctc_logits = model.apply(variables, images, decoder_inputs, return_ctc=True)
+  chex.assert_shape(ctc_logits, (3, cfg.ctc_frames, tokens.CTC_CLASSES))
+  assert cfg.ctc_frames == 12
+  np.testing.assert_array_equal(logits, model.apply(variables, images, decoder_inputs))
+  # By hand: the encoder's output averaged over the grid's rows, then the head's dense layer.
+  memory = model.apply(variables, images, method=DigitReader.encode)
+  frames = memory.reshape(3, 4, 12, cfg.width).mean(axis=1)
+  dense = variables["params"]["ctc_head"]["logits"]
+  np.testing.assert_allclose(ctc_logits, frames @ dense["kernel"] + dense["bias"], atol=1e-5)
+  # A model without the head has no such params, and asking for its logits is an error.
+  plain = DigitReader(CONFIGS["small-canvas-1head"])
+  plain_variables = plain.init(jax.random.key(0), images, decoder_inputs)
+  assert "ctc_head" not in plain_variables["params"]
+  with pytest.raises(ValueError, match="model.ctc_head=True"):
+    plain.apply(plain_variables, images, decoder_inputs, return_ctc=True)
+
+
 def test_bench_architecture_has_1_35m_parameters():
   cfg = ModelConfig()  # the defaults are the bench architecture
   images, decoder_inputs = _inputs(cfg, batch=1)

@@ -23,7 +23,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from digit_vit import checkpointing, config_lib, environment, reporting, train
+from digit_vit import checkpointing, config_lib, environment, losses, reporting, train, trained
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "train_worker.py"
@@ -366,6 +366,90 @@ def test_sam_rho_must_not_be_negative():
   config.sam_rho = -0.05
   with pytest.raises(ValueError, match=r"config.sam_rho=-0.05 must be >= 0"):
     train.check_config(config)
+
+
+# ---- Auxiliary CTC loss
+
+
+def test_ctc_weight_is_checked():
+  config = config_lib.load("tiny")
+  config.loss.ctc_weight = -0.1
+  with pytest.raises(ValueError, match=r"ctc_weight=-0.1 must be >= 0"):
+    train.check_config(config)
+  config.loss.ctc_weight = 0.3
+  with pytest.raises(ValueError, match=r"--config.model.ctc_head=True"):
+    train.check_config(config)
+  config.model.ctc_head = True
+  train.check_config(config)  # 12 columns spell any line of 3 digits.
+  config.model.patch_size = (4, 16)  # 3 columns cannot spell '111' (1, blank, 1, blank, 1).
+  with pytest.raises(ValueError, match=r"2 \* max_digits - 1 = 5 .* gives 3"):
+    train.check_config(config)
+
+
+@pytest.mark.parametrize("parallelism", ["jit", "pmap"])
+def test_ctc_loss_joins_the_objective_at_its_weight(parallelism):
+  """config.loss.ctc_weight = w: the step descends (cross-entropy sum + w * CTC sum) / token
+  weight, computed here by hand from the model's two outputs; the logged `loss` stays the
+  cross-entropy, and `ctc_loss` is the CTC loss per line. Under pmap on several devices (the
+  8-device pass of `make test`) the sums are the global batch's."""
+  config = config_lib.load("tiny")
+  config.parallelism = parallelism
+  config.model.dropout_rate = 0.0
+  config.optimizer, config.warmup_steps, config.learning_rate = "sgd", 0, 1.0  # As for SAM.
+  config.model.ctc_head, config.loss.ctc_weight = True, 0.5
+  state, stepper, batch = _state_stepper_and_batch(config)
+  batch["tokens"][::2] = [10, 7, 7, 7, 11]  # Lines '12' and '777'.
+  params = jax.device_get(state.params)
+  model = train.build_model(config)
+  decoder_inputs, targets = batch["tokens"][:, :-1], batch["tokens"][:, 1:]
+
+  def sums(p):
+    logits, ctc_logits = model.apply({"params": p}, batch["image"], decoder_inputs,
+                                     return_ctc=True)
+    weights = losses.token_weights(targets)
+    cross_entropy, weight = losses.weighted_cross_entropy(logits, targets, weights)
+    ctc, lines = losses.ctc_loss(ctc_logits, batch["tokens"])
+    return cross_entropy, ctc, weight, lines
+
+  def objective(p):
+    cross_entropy, ctc, weight, _ = sums(p)
+    return (cross_entropy + 0.5 * ctc) / weight
+
+  cross_entropy, ctc, weight, lines = sums(params)
+  tx = train.create_optimizer(config, train.create_learning_rate_fn(config))
+  grads = jax.grad(objective)(params)
+  expected = tx.update(grads, tx.init(params), params)[0]
+
+  state, step_metrics = stepper(state, batch)
+  new_params = jax.device_get(stepper.to_canonical(state).params)
+  np.testing.assert_allclose(float(step_metrics["loss"]), float(cross_entropy / weight),
+                             rtol=1e-5)
+  np.testing.assert_allclose(float(step_metrics["ctc_loss"]), float(ctc / lines), rtol=1e-5)
+  update = jax.tree.map(lambda new, old: new - old, new_params, params)
+  chex.assert_trees_all_close(update, expected, rtol=1e-3, atol=1e-6)
+  # The CTC term moves the encoder, not only its own head: without it the update differs.
+  plain = jax.grad(lambda p: sums(p)[0] / sums(p)[2])(params)
+  encoder_gap = optax.global_norm(jax.tree.map(lambda a, b: a - b, grads["encoder"],
+                                               plain["encoder"]))
+  assert encoder_gap > 0.1 * optax.global_norm(plain["encoder"])
+  assert optax.global_norm(plain["ctc_head"]) == 0.0
+
+
+@pytest.mark.slow
+def test_a_run_with_the_ctc_loss_learns_it_and_reads_from_its_checkpoint(tmp_path):
+  config = _tiny(num_train_steps=60, learning_rate=3e-3)
+  config.model.ctc_head, config.loss.ctc_weight = True, 0.3
+  report = train.train_and_evaluate(config, str(tmp_path))
+  history = reporting.History(str(tmp_path / "history.jsonl")).load()
+  ctc = [r["ctc_loss"] for r in history if r["split"] == "train"]
+  assert len(ctc) == 12 and ctc[-1] < 0.5 * ctc[0]
+  assert "ctc_head" in _params(tmp_path, 60)
+  # The saved config rebuilds the head, so the checkpoint restores and reads as at the end.
+  restored = trained.load_config(tmp_path)
+  assert restored.model.ctc_head and restored.loss.ctc_weight == 0.3
+  params, step = trained.restore_params(tmp_path, restored, "latest")
+  assert step == 60 and "ctc_head" in params
+  assert report["test_token_accuracy"] > 0.2
 
 
 # ---- Moving average of the parameters

@@ -14,7 +14,7 @@ any subsampling (measured: no gain in `configs/digit_probe.py`, 97.9-98.0% again
 binomial filter [1, 2, 1] / 4 (Zhang, "Making Convolutional Networks Shift-Invariant Again",
 2019), since a strided conv aliases its input's high frequencies into different tokens when the
 image moves by a pixel (reading a line in shifted views gains the reader 1.6 points). Measured:
-97.9% against 98.5% in `configs/digit_probe.py` (README, "Flatter minima").
+97.9% against 98.5% in `configs/digit_probe.py` (docs/results.md, "Flatter minima").
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
     images [b, H, W, C] --encode--> memory [b, patches, width]
     decoder inputs [b, t] (<sos> d1 .. dn) + memory --decode--> logits [b, t, vocab]
+    memory --ctc_head--> ctc logits [b, columns, 11]  (optional: an auxiliary training loss)
 
 In decode mode (`decode=True` on the module) the decoder takes one token per call and keeps
 self-attention keys/values and the projected memory in the 'cache' collection, so reading
@@ -46,6 +47,7 @@ class ModelConfig:
   decoder_position: str = "learned"
   class_token: bool = False
   num_classes: int = 10
+  ctc_head: bool = False
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
   attention_impl: str = "custom_vjp"
@@ -96,6 +98,11 @@ class ModelConfig:
   def num_patches(self) -> int:
     rows, cols = self.grid
     return rows * cols
+
+  @property
+  def ctc_frames(self) -> int:
+    """Frames the CTC head emits: one per column of patches, read left to right."""
+    return self.grid[1]
 
 
 class Encoder(nn.Module):
@@ -177,6 +184,30 @@ class Decoder(nn.Module):
     return (logits, all_weights) if return_weights else logits
 
 
+class CTCHead(nn.Module):
+  """Per-column digit logits over the encoder's output, for an auxiliary CTC loss.
+
+  The patches of each column are averaged into one frame, so a line is a left-to-right
+  sequence of `grid[1]` frames, each scored over the 10 digits and the CTC blank
+  (`tokens.CTC_BLANK`, the last of `tokens.CTC_CLASSES`).
+  Training the encoder to emit the digits in order from its own output (joint CTC-attention,
+  Kim, Hori and Watanabe 2017) asks each column to say which digit it holds, which the
+  decoder's cross-entropy only asks through its attention.
+  """
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, memory):
+    """memory: [batch, patches (+1 with class token), width] -> float32 [batch, columns, 11]."""
+    cfg = self.config
+    if cfg.class_token:
+      memory = memory[:, 1:]
+    rows, cols = cfg.grid
+    frames = memory.reshape(memory.shape[0], rows, cols, memory.shape[-1]).mean(axis=1)
+    logits = layers.Dense(tokens.CTC_CLASSES, dtype=cfg.compute_dtype, name="logits")(frames)
+    return logits.astype(jnp.float32)
+
+
 class DigitReader(nn.Module):
   """Encoder-decoder that reads a line of digits.
 
@@ -190,6 +221,8 @@ class DigitReader(nn.Module):
   def setup(self):
     self.encoder = Encoder(self.config)
     self.decoder = Decoder(self.config, decode=self.decode)
+    if self.config.ctc_head:
+      self.ctc_head = CTCHead(self.config)
 
   def encode(self, images, *, train: bool = False):
     """images: [batch, H, W, C] -> memory [batch, patches, width]."""
@@ -206,14 +239,24 @@ class DigitReader(nn.Module):
     dummy = jnp.full((memory.shape[0], self.config.max_length), tokens.SOS, jnp.int32)
     return self.decoder(dummy, memory)
 
-  def __call__(self, images, decoder_inputs, *, train: bool = False):
+  def __call__(self, images, decoder_inputs, *, train: bool = False, return_ctc: bool = False):
     """Teacher-forced pass.
 
     Args:
       images: float [batch, H, W, C].
       decoder_inputs: int32 [batch, t], the target sequence shifted right (starts with <sos>).
+      return_ctc: also return the CTC head's logits (needs `config.ctc_head`).
 
     Returns:
-      logits: float32 [batch, t, vocab].
+      logits: float32 [batch, t, vocab]; with `return_ctc`, also ctc_logits float32
+      [batch, columns, 11] (blank last, `tokens.CTC_BLANK`).
     """
-    return self.decode_tokens(decoder_inputs, self.encode(images, train=train), train=train)
+    if return_ctc and not self.config.ctc_head:
+      raise ValueError("return_ctc needs a model built with model.ctc_head=True")
+    memory = self.encode(images, train=train)
+    logits = self.decode_tokens(decoder_inputs, memory, train=train)
+    if not self.config.ctc_head:
+      return logits
+    # Called on every pass, not only with return_ctc, so that `init` creates the head's params.
+    ctc_logits = self.ctc_head(memory)
+    return (logits, ctc_logits) if return_ctc else logits

@@ -19,6 +19,9 @@ EOS = 11
 PAD = 12
 VOCAB_SIZE = 13
 TOKEN_NAMES = tuple(str(d) for d in range(NUM_DIGITS)) + ("<sos>", "<eos>", "<pad>")
+# The optional CTC head (models/reader.py) scores the digits, keeping their ids, and a blank.
+CTC_BLANK = NUM_DIGITS
+CTC_CLASSES = NUM_DIGITS + 1
 
 
 def sequence_length(max_digits: int) -> int:
