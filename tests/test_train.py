@@ -444,7 +444,7 @@ def test_a_run_with_the_ctc_loss_learns_it_and_reads_from_its_checkpoint(tmp_pat
   ctc = [r["ctc_loss"] for r in history if r["split"] == "train"]
   assert len(ctc) == 12 and ctc[-1] < 0.5 * ctc[0]
   assert "ctc_head" in _params(tmp_path, 60)
-  # The saved config rebuilds the head, so the checkpoint restores and reads as at the end.
+  # The saved config rebuilds the head, so `predict`, `evaluate` and the demo can restore it.
   restored = trained.load_config(tmp_path)
   assert restored.model.ctc_head and restored.loss.ctc_weight == 0.3
   params, step = trained.restore_params(tmp_path, restored, "latest")
