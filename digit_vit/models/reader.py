@@ -255,8 +255,7 @@ class DigitReader(nn.Module):
       raise ValueError("return_ctc needs a model built with model.ctc_head=True")
     memory = self.encode(images, train=train)
     logits = self.decode_tokens(decoder_inputs, memory, train=train)
-    if not self.config.ctc_head:
+    if not (return_ctc or (self.config.ctc_head and self.is_initializing())):
       return logits
-    # Called on every pass, not only with return_ctc, so that `init` creates the head's params.
-    ctc_logits = self.ctc_head(memory)
+    ctc_logits = self.ctc_head(memory)  # Also at `init`, which creates the head's params.
     return (logits, ctc_logits) if return_ctc else logits
