@@ -151,10 +151,11 @@ def check_ctc_weight(config) -> float:
     raise ValueError(f"config.loss.ctc_weight={weight} needs the reader's CTC head: set "
                      "--config.model.ctc_head=True (task 'read'), or ctc_weight=0")
   columns = ModelConfig.from_config(config.model).ctc_frames
-  if columns < 2 * int(config.max_digits) - 1:
+  needed = 2 * int(config.max_digits) - 1
+  if columns < needed:
     raise ValueError(
         f"config.loss.ctc_weight needs at least 2 * max_digits - 1 = "
-        f"{2 * int(config.max_digits) - 1} patch columns to spell every line (a blank between "
+        f"{needed} patch columns to spell every line (a blank between "
         f"repeated digits); model.patch_size={tuple(config.model.patch_size)} gives {columns}: "
         "use narrower patches or ctc_weight=0")
   return weight
