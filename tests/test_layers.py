@@ -9,6 +9,10 @@ import pytest
 
 from digit_vit.models import layers
 
+# The code under test never touches devices (tests/test_device_passes.py checks), so `make test`
+# runs these tests once, on one device, not again on 8 fake ones.
+pytestmark = pytest.mark.any_device_count
+
 
 @pytest.mark.parametrize("shape", [(6, 5), (3, 4, 5)])
 @pytest.mark.parametrize("use_bias", [True, False])

@@ -11,6 +11,10 @@ import pytest
 from digit_vit import losses
 from digit_vit.models import tokens
 
+# The code under test never touches devices (tests/test_device_passes.py checks), so `make test`
+# runs these tests once, on one device, not again on 8 fake ones.
+pytestmark = pytest.mark.any_device_count
+
 V = tokens.VOCAB_SIZE
 # Two targets: "59" and "9", as the decoder sees them (no <sos>): [d.., <eos>, <pad>...].
 TARGETS = np.array([[5, 9, tokens.EOS, tokens.PAD],

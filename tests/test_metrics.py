@@ -9,6 +9,10 @@ import pytest
 from digit_vit import metrics
 from digit_vit.models import tokens
 
+# The code under test never touches devices (tests/test_device_passes.py checks), so `make test`
+# runs these tests once, on one device, not again on 8 fake ones.
+pytestmark = pytest.mark.any_device_count
+
 EOS, PAD = tokens.EOS, tokens.PAD
 
 

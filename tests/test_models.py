@@ -10,6 +10,10 @@ import pytest
 
 from digit_vit.models import DigitReader, ModelConfig, ViTClassifier, blocks, patch, tokens
 
+# The code under test never touches devices (tests/test_device_passes.py checks), so `make test`
+# runs these tests once, on one device, not again on 8 fake ones.
+pytestmark = pytest.mark.any_device_count
+
 SMALL = dict(width=32, num_heads=2, mlp_dim=64, encoder_layers=1, decoder_layers=2)
 CONFIGS = {
     "linear-learned": ModelConfig(**SMALL),

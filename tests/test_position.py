@@ -8,6 +8,10 @@ import pytest
 
 from digit_vit.models import position
 
+# The code under test never touches devices (tests/test_device_passes.py checks), so `make test`
+# runs these tests once, on one device, not again on 8 fake ones.
+pytestmark = pytest.mark.any_device_count
+
 
 def test_sinusoidal_table_is_the_seeds_formula():
   length, dim = 12, 8

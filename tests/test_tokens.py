@@ -3,6 +3,10 @@ import pytest
 
 from digit_vit.models import tokens
 
+# The code under test never touches devices (tests/test_device_passes.py checks), so `make test`
+# runs these tests once, on one device, not again on 8 fake ones.
+pytestmark = pytest.mark.any_device_count
+
 
 def test_vocabulary_contract():
   assert (tokens.SOS, tokens.EOS, tokens.PAD, tokens.VOCAB_SIZE) == (10, 11, 12, 13)

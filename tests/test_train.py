@@ -95,6 +95,7 @@ def test_indivisible_batch_is_a_clear_error(monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.any_device_count  # Its JAX runs in subprocesses that set their own device count.
 def test_jit_and_pmap_on_8_devices_match_1_device(tmp_path, one_device_run):
   run = _run_worker(tmp_path / "run8.npz", "--parallelism=jit,pmap", devices=8)
   assert one_device_run["loss_jit"][-1] < one_device_run["loss_jit"][0] - 0.3  # It learns.
@@ -103,6 +104,7 @@ def test_jit_and_pmap_on_8_devices_match_1_device(tmp_path, one_device_run):
 
 
 @pytest.mark.slow
+@pytest.mark.any_device_count  # Its JAX runs in subprocesses that set their own device count.
 def test_two_processes_match_one_process(tmp_path, one_device_run):
   with socket.socket() as s:
     s.bind(("localhost", 0))
@@ -239,6 +241,7 @@ def _main_command(workdir, steps):
 
 
 @pytest.mark.slow
+@pytest.mark.any_device_count  # Its JAX runs in subprocesses that set their own device count.
 def test_sigkill_then_rerun_resumes_and_matches_uninterrupted_run(tmp_path):
   steps = 600  # About 15 s of training here, compilation included.
   reference, killed = tmp_path / "reference", tmp_path / "killed"
