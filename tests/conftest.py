@@ -1,4 +1,5 @@
-"""Shared test setup: quiet TensorFlow, and the repo root importable for `configs/`."""
+"""Shared test setup: quiet TensorFlow, the repo root importable for `configs/`, and one
+persistent JAX compilation cache for every test process."""
 
 import os
 import pathlib
@@ -6,6 +7,18 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+# Many tests compile the same programs (the tiny config's train step, its evaluation, the CLIs'
+# subprocesses), each in a fresh closure or process; a compilation cache on disk, shared by the
+# xdist workers, their subprocesses (they inherit the environment) and both passes of `make
+# test`, compiles each once. Set here, before any test imports jax. The cache is keyed by the
+# program, the compile options and the jax version, so stale entries are never hit; it lives in
+# pytest's own ignored cache folder, at most 2 GB (least recently used entries go first).
+# JAX_ENABLE_COMPILATION_CACHE=false turns it off.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      str(ROOT / ".pytest_cache" / "jax_compilation_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2 * 1024 ** 3))
 if str(ROOT) not in sys.path:
   sys.path.insert(0, str(ROOT))
 

@@ -66,20 +66,39 @@ def test_cached_greedy_equals_uncached(seed):
   _assert_contract(cached)
 
 
-def test_greedy_matches_a_python_loop_over_teacher_forcing():
-  params = _params(0)
-  images = _images(3)
-  model = DigitReader(CFG)
-  prefix = np.full((3, 1), tokens.SOS, np.int32)
-  for _ in range(CFG.max_length):
-    logits = model.apply({"params": params}, images, jnp.asarray(prefix))
-    best = np.asarray(decode.next_token_log_probs(logits[:, -1]).argmax(-1))
-    prefix = np.concatenate([prefix, best[:, None]], axis=1)
-  expected = prefix[:, 1:]
-  for row in expected:  # the contract: <pad> after the first <eos>
+@functools.lru_cache(maxsize=None)
+def _teacher_forced_log_probs(cfg):
+  """The model run teacher-forced, jitted once per config (eager dispatch of the model at every
+  step took most of these tests' time): params, images, decoder inputs [batch, max_length] ->
+  next-token log-probabilities [batch, max_length, vocab]."""
+  return jax.jit(lambda params, images, inputs: decode.next_token_log_probs(
+      DigitReader(cfg).apply({"params": params}, images, inputs)))
+
+
+def _read_by_python_loop(next_token_probs, batch):
+  """Greedy reading without a cache or a while loop: `next_token_probs(inputs, t)` gives the
+  probabilities [batch, vocab] of the token after position t of `inputs` [batch, max_length]
+  (<sos>, the tokens chosen so far, then <pad>: the decoder is causal, so what follows position
+  t cannot change them; test_models.py checks that). Returns the tokens, <pad> after <eos>."""
+  inputs = np.full((batch, CFG.max_length), tokens.PAD, np.int32)
+  inputs[:, 0] = tokens.SOS
+  chosen = np.zeros((batch, CFG.max_length), np.int32)
+  for t in range(CFG.max_length):
+    chosen[:, t] = np.asarray(next_token_probs(jnp.asarray(inputs), t)).argmax(-1)
+    if t + 1 < CFG.max_length:
+      inputs[:, t + 1] = chosen[:, t]
+  for row in chosen:  # the contract: <pad> after the first <eos>
     eos = np.flatnonzero(row == tokens.EOS)
     if eos.size:
       row[eos[0] + 1:] = tokens.PAD
+  return chosen
+
+
+def test_greedy_matches_a_python_loop_over_teacher_forcing():
+  params = _params(0)
+  images = _images(3)
+  forward = _teacher_forced_log_probs(CFG)
+  expected = _read_by_python_loop(lambda inputs, t: forward(params, images, inputs)[:, t], 3)
   out, _ = decode.greedy_decode(CFG, params, images)
   np.testing.assert_array_equal(out, expected)
 
@@ -161,18 +180,12 @@ def _read_by_mean_probability(members, images, views):
   """
   batch = images.shape[0]
   shifted = decode.shifted_views(images, views).reshape((views, batch) + images.shape[1:])
-  prefix = np.full((batch, 1), tokens.SOS, np.int32)
-  for _ in range(CFG.max_length):
-    probs = np.mean([np.exp(decode.next_token_log_probs(
-        DigitReader(cfg).apply({"params": params}, shifted[v], jnp.asarray(prefix))[:, -1]))
-                     for cfg, params in members for v in range(views)], axis=0)
-    prefix = np.concatenate([prefix, probs.argmax(-1)[:, None]], axis=1)
-  expected = prefix[:, 1:]
-  for row in expected:
-    eos = np.flatnonzero(row == tokens.EOS)
-    if eos.size:
-      row[eos[0] + 1:] = tokens.PAD
-  return expected
+
+  def mean_probs(inputs, t):
+    return np.mean([np.exp(_teacher_forced_log_probs(cfg)(params, shifted[v], inputs)[:, t])
+                    for cfg, params in members for v in range(views)], axis=0)
+
+  return _read_by_python_loop(mean_probs, batch)
 
 
 @pytest.mark.parametrize("views", [3, 5])

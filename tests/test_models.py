@@ -115,10 +115,12 @@ def test_cached_decoding_equals_teacher_forcing(name):
   _, state = cached_model.apply(variables, memory, method=DigitReader.init_cache,
                                 mutable=["cache"])
   cache = state["cache"]
+  # Jitted once: eager dispatch of every step took most of the test's time.
+  decode_step = jax.jit(lambda cache, token: cached_model.apply(
+      {"params": variables["params"], "cache": cache}, token, memory,
+      method=DigitReader.decode_tokens, mutable=["cache"]))
   for t in range(steps):
-    logits, state = cached_model.apply(
-        {"params": variables["params"], "cache": cache}, decoder_inputs[:, t:t + 1], memory,
-        method=DigitReader.decode_tokens, mutable=["cache"])
+    logits, state = decode_step(cache, decoder_inputs[:, t:t + 1])
     cache = state["cache"]
     chex.assert_shape(logits, (4, 1, tokens.VOCAB_SIZE))
     np.testing.assert_allclose(logits[:, 0], full[:, t], rtol=1e-4, atol=1e-5)
@@ -369,8 +371,10 @@ def test_attention_impl_switch_changes_speed_not_the_model():
 
   def logits_and_grads(impl):
     model = DigitReader(dataclasses.replace(cfg, attention_impl=impl))
-    loss = lambda p: jnp.sum(model.apply({"params": p}, images, decoder_inputs) ** 2)  # noqa: E731
-    return model.apply({"params": params}, images, decoder_inputs), jax.grad(loss)(params)
+    forward = lambda p: model.apply({"params": p}, images, decoder_inputs)  # noqa: E731
+    # Jitted: eager dispatch of the model and its gradient took most of the test's time.
+    return jax.jit(lambda p: (forward(p), jax.grad(lambda q: jnp.sum(forward(q) ** 2))(p)))(
+        params)
 
   logits, grads = logits_and_grads("xla")
   for impl in ("einsum", "custom_vjp"):

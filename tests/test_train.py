@@ -406,6 +406,7 @@ def test_ctc_loss_joins_the_objective_at_its_weight(parallelism):
   model = train.build_model(config)
   decoder_inputs, targets = batch["tokens"][:, :-1], batch["tokens"][:, 1:]
 
+  @jax.jit  # Eager op-by-op dispatch of the model and its gradient took most of the test.
   def sums(p):
     logits, ctc_logits = model.apply({"params": p}, batch["image"], decoder_inputs,
                                      return_ctc=True)
