@@ -14,8 +14,9 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 # test`, compiles each once. Set here, before any test imports jax. The cache is keyed by the
 # program, the compile options and the jax version, so stale entries are never hit; it lives in
 # pytest's own ignored cache folder, at most 2 GB (least recently used entries go first). Only
-# programs that took JAX's default 1 s to compile are kept, about a hundred: with a size bound,
-# every write lists the whole folder, and caching every eager op (thousands) made that slow.
+# programs that took JAX's default 1 s to compile are kept (135 entries, 25 MB after a fresh
+# clone's `make test` on 2026-12-06): with a size bound, every write lists the whole folder, and
+# caching every eager op (thousands) made that slow.
 # JAX_ENABLE_COMPILATION_CACHE=false turns it off.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       str(ROOT / ".pytest_cache" / "jax_compilation_cache"))
