@@ -197,6 +197,37 @@ def test_patch_embedding_linear_is_a_projection_of_flattened_patches():
   np.testing.assert_allclose(out[1, 1], second_patch @ kernel + bias, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("stride", [(1, 1), (2, 2), (2, 1)])
+def test_conv3x3_is_a_dense_layer_on_the_neighbourhoods(channels, stride):
+  # One channel runs as that matmul; more run lax.conv with the same parameters.
+  x = jax.random.normal(jax.random.key(0), (2, 8, 12, channels))
+  layer = patch.Conv3x3(5, stride)
+  params = layer.init(jax.random.key(1), x)["params"]
+  chex.assert_shape(params["kernel"], (9 * channels, 5))
+  chex.assert_shape(params["bias"], (5,))
+  params = dict(params, bias=jnp.arange(5.0))
+
+  def reference(params, x):
+    return patch._neighbourhoods(x, stride) @ params["kernel"] + params["bias"]
+
+  out = layer.apply({"params": params}, x)
+  chex.assert_shape(out, (2, 8 // stride[0], 12 // stride[1], 5))
+  np.testing.assert_allclose(out, reference(params, x), rtol=1e-5, atol=1e-5)
+  # Element (row 1, col 0) of a stride-1 output sums its 3x3 window, zeros past the edge.
+  window = np.zeros((3, 3, channels))
+  window[:, 1:] = x[0, 0:3, 0:2]
+  kernel = np.asarray(params["kernel"]).reshape(3, 3, channels, 5)
+  if stride == (1, 1):
+    np.testing.assert_allclose(out[0, 1, 0], np.einsum("hwc,hwcf->f", window, kernel)
+                               + np.arange(5.0), rtol=1e-5, atol=1e-5)
+  # Training sees the same gradients, for the parameters and the input.
+  loss = lambda fn: lambda p, x: jnp.sum(jnp.sin(fn(p, x)))  # noqa: E731
+  got = jax.grad(loss(lambda p, x: layer.apply({"params": p}, x)), argnums=(0, 1))(params, x)
+  want = jax.grad(loss(reference), argnums=(0, 1))(params, x)
+  chex.assert_trees_all_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_stem_depth_adds_residual_stride_one_convs():
   images = jax.random.uniform(jax.random.key(0), (2, 32, 16, 1))
   plain = patch.PatchEmbedding((8, 4), width=12, kind="conv", stem_channels=4)

@@ -71,8 +71,7 @@ def _neighbourhoods(x, stride):
   """The 3x3 neighbourhood of every output pixel of a stride-`stride` convolution, stacked on
   the channel axis: [b, h, w, c] -> [b, h/sh, w/sw, 9c] (zero padding of 1).
 
-  A Dense layer on this is a 3x3 convolution. XLA's CPU backend runs these small-channel
-  strided convolutions several times slower than the equivalent slices and one matmul.
+  A Dense layer on this is a 3x3 convolution; `Conv3x3` computes it so for one input channel.
   """
   b, h, w, c = x.shape
   sh, sw = stride
@@ -81,6 +80,36 @@ def _neighbourhoods(x, stride):
   return jnp.concatenate(
       [padded[:, i:i + sh * rows:sh, j:j + sw * cols:sw, :] for i in range(3) for j in range(3)],
       axis=-1)
+
+
+class Conv3x3(nn.Module):
+  """A 3x3 convolution with zero padding of 1: [b, h, w, c] -> [b, h/sh, w/sw, features].
+
+  Its parameters are a Dense layer's on `_neighbourhoods(x, stride)`: kernel [9 * c, features],
+  whose rows run in (row, column, channel) order so that it reshapes to HWIO, and bias
+  [features]. Checkpoints of the stem from before it ran `lax.conv` therefore load unchanged.
+
+  On XLA's CPU backend `lax.conv` ran `configs/long.py`'s stem (two residual convs a stage, up
+  to 128 channels) 1.6x as fast as the neighbourhoods and one matmul, forward and backward, but
+  a one-channel image's conv 5% slower: that one keeps the matmul (docs/performance.md, "The
+  stem's convolutions").
+  """
+  features: int
+  stride: tuple[int, int] = (1, 1)
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (9 * c, self.features))
+    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    if c == 1:
+      return layers.affine(_neighbourhoods(x, self.stride), kernel, bias)
+    y = jax.lax.conv_general_dilated(
+        x, kernel.reshape(3, 3, c, self.features), self.stride, ((1, 1), (1, 1)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y + bias
 
 
 class PatchEmbedding(nn.Module):
