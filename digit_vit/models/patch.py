@@ -5,8 +5,9 @@ patch with one matrix (the ViT paper's "linear projection of flattened patches")
 small convolutional stem: 3x3 convolutions of stride 2 until the patch size is reached, which
 gives each token a view slightly wider than its patch. `stem_depth` adds residual 3x3
 convolutions of stride 1 after each of them: more of a CNN's feature extraction before the
-transformer (+0.5-0.9 points of single-digit accuracy in `configs/digit_probe.py`), at 2-2.6x
-the default reader's train step on a CPU, since they run at every resolution.
+transformer (+0.5-0.9 points of single-digit accuracy in `configs/digit_probe.py`), at a cost
+to the train step on a CPU, since they run at every resolution (docs/performance.md, "The
+stem's convolutions").
 `stem_full_res_depth` puts 3x3 convolutions of stride 1 before the first strided one, at the
 image's own resolution, as a plain CNN's first layers are, so that thin strokes are seen before
 any subsampling (measured: no gain in `configs/digit_probe.py`, 97.9-98.0% against 98.3%).
