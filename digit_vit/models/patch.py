@@ -91,9 +91,9 @@ class Conv3x3(nn.Module):
   [features]. Checkpoints of the stem from before it ran `lax.conv` therefore load unchanged.
 
   On XLA's CPU backend `lax.conv` ran `configs/long.py`'s stem (two residual convs a stage, up
-  to 128 channels) 1.6x as fast as the neighbourhoods and one matmul, forward and backward, but
-  a one-channel image's conv 5% slower: that one keeps the matmul (docs/performance.md, "The
-  stem's convolutions").
+  to 128 channels) twice as fast as the neighbourhoods and one matmul, forward and backward, and
+  its train step 1.68x as fast. The image's one-channel conv keeps the matmul, with which that
+  step ran 5% faster than with `lax.conv` there (docs/performance.md, "The stem's convolutions").
   """
   features: int
   stride: tuple[int, int] = (1, 1)
