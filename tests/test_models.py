@@ -214,11 +214,11 @@ def test_conv3x3_is_a_dense_layer_on_the_neighbourhoods(channels, stride):
   out = layer.apply({"params": params}, x)
   chex.assert_shape(out, (2, 8 // stride[0], 12 // stride[1], 5))
   np.testing.assert_allclose(out, reference(params, x), rtol=1e-5, atol=1e-5)
-  # Element (row 1, col 0) of a stride-1 output sums its 3x3 window, zeros past the edge.
-  window = np.zeros((3, 3, channels))
-  window[:, 1:] = x[0, 0:3, 0:2]
-  kernel = np.asarray(params["kernel"]).reshape(3, 3, channels, 5)
   if stride == (1, 1):
+    # Element (row 1, col 0) sums its 3x3 window, zeros past the edge.
+    window = np.zeros((3, 3, channels))
+    window[:, 1:] = x[0, 0:3, 0:2]
+    kernel = np.asarray(params["kernel"]).reshape(3, 3, channels, 5)
     np.testing.assert_allclose(out[0, 1, 0], np.einsum("hwc,hwcf->f", window, kernel)
                                + np.arange(5.0), rtol=1e-5, atol=1e-5)
   # Training sees the same gradients, for the parameters and the input.
