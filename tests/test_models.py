@@ -228,6 +228,29 @@ def test_conv3x3_is_a_dense_layer_on_the_neighbourhoods(channels, stride):
   chex.assert_trees_all_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+def test_conv_stem_runs_its_convs_through_conv3x3():
+  # Conv3x3 once existed beside a stem that still ran every conv as slices and a matmul: the
+  # same numbers, 1.5x the train step of configs/long.py. So count what the stem compiles to.
+  images = jax.random.uniform(jax.random.key(0), (2, 32, 16, 1))
+  layer = patch.PatchEmbedding((8, 4), width=12, kind="conv", stem_channels=4, stem_depth=1)
+  params = layer.init(jax.random.key(1), images)["params"]
+  # Strides (2, 2), (2, 2), (2, 1), a residual conv after each; names and shapes as before.
+  assert set(params) == {"conv0", "conv0_0", "conv1", "conv1_0", "conv2", "conv2_0",
+                         "projection"}
+  chex.assert_shape([params["conv0"]["kernel"], params["conv1"]["kernel"],
+                     params["conv2_0"]["kernel"]], [(9, 4), (36, 8), (144, 16)])
+  jaxpr = jax.make_jaxpr(lambda p: layer.apply({"params": p}, images))(params)
+  convs = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
+  assert len(convs) == 5  # All but the one-channel image's conv0, which keeps the matmul.
+  # The stem's output is still each conv computed on the neighbourhoods.
+  _, state = layer.apply({"params": params}, images, capture_intermediates=True)
+  conv = lambda name: state["intermediates"][name]["__call__"][0]  # noqa: E731
+  x0 = jax.nn.gelu(conv("conv0"))
+  expected = (patch._neighbourhoods(x0, (1, 1)) @ params["conv0_0"]["kernel"]
+              + params["conv0_0"]["bias"])
+  np.testing.assert_allclose(conv("conv0_0"), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_stem_depth_adds_residual_stride_one_convs():
   images = jax.random.uniform(jax.random.key(0), (2, 32, 16, 1))
   plain = patch.PatchEmbedding((8, 4), width=12, kind="conv", stem_channels=4)

@@ -164,8 +164,7 @@ class PatchEmbedding(nn.Module):
       return layers.Dense(self.width, dtype=self.dtype, name="projection")(x)
 
     def conv(x, channels, stride, name):  # A 3x3 convolution and gelu.
-      return nn.gelu(layers.Dense(channels, dtype=self.dtype, name=name)(
-          _neighbourhoods(x, stride)))
+      return nn.gelu(Conv3x3(channels, stride, dtype=self.dtype, name=name)(x))
 
     for j in range(self.stem_full_res_depth):
       y = conv(x, self.stem_channels, (1, 1), f"full_res{j}")
