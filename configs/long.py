@@ -5,13 +5,11 @@ token accuracy near 0.96: what is left is generalisation from 3,600 training dig
 held-out writers. So this config draws twice as many training lines, augments them on the fly
 (affine and elastic distortions, off for the last 1,500 steps), adds dropout and weight decay,
 gives the patches a CNN's stem (twice the channels, two residual convs a stage: the digit_probe
-evidence in docs/results.md, "A CNN's stem"), trains on 390 digits a class instead of 360, 1.4x
-longer, and reads each line in 25 shifted views. It took 1 h 51 min and 1 h 57 min here (two
-seeds, 2026-12-05 and 06) before the stem ran on lax.conv, whose train step is 1.68x as fast
-(seed 0 then read 94.10%; docs/results.md, "The stem on `lax.conv`"). On a slower machine lower
-`num_train_steps` to stay in 2 hours, or set `model.stem_channels=16` with
-`num_train_steps=9500`: 93.88% in 1 h 32 min here (one seed; docs/results.md, "A cheaper CNN
-stem in more steps").
+evidence in docs/results.md, "A CNN's stem"), trains on 390 digits a class instead of 360, for
+9,000 steps, and reads each line in 25 shifted views: 94.65% test exact match (CER 1.33%) in
+1 h 34 min here (one seed, 2026-12-06; docs/results.md, "The stem on `lax.conv`, wired"). On a
+slower machine lower `num_train_steps` to stay in 2 hours: 7,000 steps read 94.00% and 93.98%
+(two seeds) with the stem's convs run as slices and a matmul, before d58d499.
 
   python -m digit_vit.main --config=configs/long.py --workdir=runs/long
 """
@@ -47,14 +45,14 @@ def get_config(arg=None):
   # loss 0.044, against 98.8% and 0.053 with one conv a stage capped at 64 channels; the reader:
   # 94.00% and 93.98% test exact match over two seeds, against 93.43% and 93.63% with that stem
   # in 15,000 steps (docs/results.md, "A CNN's stem"). 2.71 M parameters against 1.56 M; the
-  # train step took 2.4x as long, and since its convs run on lax.conv it is 1.68x as fast as then
-  # (docs/performance.md, "The stem's convolutions").
+  # train step took 2.4x as long, and since its convs run on lax.conv (d58d499) it is 1.4-1.7x
+  # as fast as then (docs/performance.md, "The stem's convolutions").
   config.model.stem_channels = 32
   config.model.stem_depth = 2
   config.model.stem_max_channels = 128
 
   # ---- Training ----
-  config.num_train_steps = 9_000          # 576k lines of 64 (105-113 images/s here on 2026-12-06).
+  config.num_train_steps = 9_000          # 576k lines of 64 (median 110 images/s here, 2026-12-06).
   config.warmup_steps = 400
   # AdamW's decoupled decay at the strength ViTs train with (the default's 1e-4 is next to none):
   # single held-out digits 98.3% against 97.9% in configs/digit_probe.py.

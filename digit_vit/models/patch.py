@@ -92,8 +92,9 @@ class Conv3x3(nn.Module):
 
   On XLA's CPU backend `lax.conv` ran `configs/long.py`'s stem (two residual convs a stage, up
   to 128 channels) twice as fast as the neighbourhoods and one matmul, forward and backward, and
-  its train step 1.68x as fast. The image's one-channel conv keeps the matmul, with which that
-  step ran 5% faster than with `lax.conv` there (docs/performance.md, "The stem's convolutions").
+  its train step 1.4-1.7x as fast in the bench. The image's one-channel conv keeps the matmul,
+  with which that step ran 5% faster than with `lax.conv` there (docs/performance.md, "The stem's
+  convolutions").
   """
   features: int
   stride: tuple[int, int] = (1, 1)
