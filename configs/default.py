@@ -148,6 +148,9 @@ def get_config(arg=None):
   config.eval_splits = ("validation", "test")  # Splits evaluated in full at the end (in report.json).
   config.checkpoint_every_steps = 1_000  # Checkpoint every this many steps (and at the end).
   config.keep_checkpoints = 2          # Latest checkpoints kept (the best by validation is kept too).
+  # Best checkpoints by validation (exact match; accuracy for 'classify') kept besides the latest,
+  # with their metrics, so --checkpoint=best finds the best in any later process; 0 = latest only.
+  config.keep_best_checkpoints = 1
   config.progress_bar = True           # tqdm bar with step, loss, images/s and ETA.
 
   if arg == "quick":

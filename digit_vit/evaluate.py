@@ -21,12 +21,13 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-from typing import Any, Sequence
+import sys
+from typing import Any, NoReturn, Sequence
 
 import tensorflow as tf
 from absl import app, flags
 
-from digit_vit import logs, trained
+from digit_vit import logs, predict, trained
 from digit_vit.data import input_pipeline
 from digit_vit.models import build_model
 
@@ -172,30 +173,46 @@ def define_flags():
                       "workdir/evaluation_<checkpoints>_beam<k>.json).")
 
 
+def usage_error(message: str) -> NoReturn:
+  """Ends a command on a mistake in its command line: the one line on stderr, exit status 2
+  (absl's app.UsageError would print every flag's help before it)."""
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
 def start_reading_command(argv) -> list[trained.Checkpoint]:
-  """The start of a command with `define_reading_flags`: checks the command line, quiets the
-  libraries and keeps TensorFlow off accelerators. Returns the parsed --checkpoint."""
+  """The start of a command with `define_reading_flags`: checks the command line (a mistake
+  ends it, `usage_error`), quiets the libraries and keeps TensorFlow off accelerators. Returns
+  the parsed --checkpoint."""
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    usage_error(f"unexpected arguments {argv[1:]}")
   if not FLAGS.workdir:
-    raise app.UsageError("--workdir is required: a training run's directory")
+    usage_error("--workdir is required: a training run's directory")
   logs.quiet_libraries()
   tf.config.set_visible_devices([], "GPU")
   try:
     return [trained.parse_checkpoint(c) for c in FLAGS.checkpoint]
   except ValueError as e:
-    raise app.UsageError(f"--checkpoint: {e}") from None
+    usage_error(f"--checkpoint: {e}")
 
 
 def main(argv):
   checkpoints = start_reading_command(argv)
+  # Checked before the evaluation, which can take minutes, rather than when writing its result.
+  if FLAGS.output:
+    problem = predict.check_output_file("--output", FLAGS.output)
+    if problem:
+      usage_error(problem)
+  elif os.path.isdir(FLAGS.workdir) and not os.access(FLAGS.workdir, os.W_OK):
+    usage_error(f"--workdir={FLAGS.workdir} cannot take the metrics file (no permission): give "
+                f"--output")
   try:
     result = evaluate(FLAGS.workdir, checkpoints=checkpoints, splits=FLAGS.splits,
                       beam_size=FLAGS.beam_size, alpha=FLAGS.alpha,
                       num_examples=FLAGS.num_examples, data_dir=FLAGS.data_dir, ema=FLAGS.ema,
                       views=FLAGS.views, ensemble=FLAGS.ensemble)
-  except (ValueError, FileNotFoundError) as e:
-    raise app.UsageError(str(e)) from None
+  except (ValueError, FileNotFoundError) as e:  # A wrong run, checkpoint, split or setting.
+    usage_error(str(e))
   path = pathlib.Path(FLAGS.output or output_path(FLAGS.workdir, checkpoints,
                                                   result["beam_size"], FLAGS.ema,
                                                   result["views"], 1 + len(FLAGS.ensemble)))

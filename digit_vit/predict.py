@@ -7,10 +7,20 @@ r"""Reads digits from image files with a trained model.
 Any image Pillow opens (PNG, JPEG, BMP, ...) of any size, grey or colour, light ink on a dark
 background or dark ink on light paper: `to_canvas` detects the polarity, crops to the ink and
 fits it into the model's canvas, keeping its aspect ratio, at the height the training lines
-have. Each file prints its raw tokens, its digits and the confidence (the probability of the
-reading under the model). A file that cannot be read is reported by name on stderr, the others
-are still read, and the exit status is 1. All images go through one compiled decoder at a
-fixed batch shape, whatever their number or size.
+have. Each image costs bounded work: one that is too large (`MAX_PIXELS`) or too elongated to
+hold a readable line (`MAX_ASPECT_RATIO`) is refused before it is decoded, and a line far larger
+than the canvas is measured and thickened at a working resolution (`WORKING_SCALE`).
+
+Each file prints its raw tokens, its digits and the confidence (the probability of the reading
+under the model); a reading that reached the decoder's maximum length without `<eos>` is marked
+`(truncated: ...)`, with a warning on stderr, since the line may hold more digits. A file that
+cannot be read is reported by name on stderr, the others are still read, and the exit status is
+1. Files are loaded one at a time and read a batch at a time, so memory holds one image and the
+small canvases, whatever the number of files. All images go through one compiled decoder at a
+fixed batch shape, whatever their number or size. `--output` writes the CSV
+`filename,digits,confidence,truncated`. A mistake on the command line (a missing or wrong
+`--workdir`, an `--output` or `--attention` that cannot be written) is one line on stderr and
+exit status 2, found before the model is loaded or any image read.
 
 The same from Python:
 
@@ -27,7 +37,7 @@ import io
 import os
 import pathlib
 import sys
-from typing import BinaryIO, Iterable, Sequence
+from typing import BinaryIO, Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +56,16 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 # Larger images are refused before decoding (a 50-megapixel photo is far more than a line of
 # digits needs, and decoding one costs a few hundred MB).
 MAX_PIXELS = 50_000_000
+# More elongated images are refused before any per-pixel work: even a line that spans one would
+# be less than a pixel high on a canvas of ordinary proportions, and fitting one (a 2 x 1.6M-pixel
+# strip) costs far more than its size suggests.
+MAX_ASPECT_RATIO = 200
+# A line whose crop is at least twice this many times its size on the canvas is first pooled to
+# between this many and twice as many (by whole blocks of pixels), so that measuring and
+# thickening its strokes costs the same for a 49-megapixel photo as for a small scan. The
+# lines of the evaluation splits (digits 14-110 pixels high) stay below it and are prepared
+# exactly as without it.
+WORKING_SCALE = 8
 
 # Where the training lines put their ink (digit_vit/data/compose.py): line heights are drawn
 # from 0.55-0.9 of the canvas height, so an input line is fitted to the middle of that range.
@@ -72,7 +92,7 @@ class Prediction:
   Attributes:
     filename: the name it was given under ('' for in-memory images).
     tokens: raw decoder outputs without `<sos>`, e.g. [1, 0, 1, 11, 12, ...] for "101";
-      max_digits + 1 of them.
+      the decoder's maximum length (`ModelConfig.max_length`) of them.
     digits: the digits read; '' for an image with no ink.
     confidence: the probability of the reading under the model, exp(log_prob), in [0, 1].
     log_prob: the sum of the log-probabilities of the tokens up to `<eos>`.
@@ -80,6 +100,8 @@ class Prediction:
     canvas: float32 [H, W] the model input in [0, 1], ink bright (None on error).
     attention: float32 [n, H, W] for the n tokens up to and including `<eos>`: the decoder's
       cross-attention over the image while it wrote each one (when asked for).
+    truncated: the decoder reached its maximum length without writing `<eos>`, so the line
+      may hold more digits than `digits` has.
     error: why the file could not be read (then the other fields are empty).
   """
   filename: str = ""
@@ -90,6 +112,7 @@ class Prediction:
   no_ink: bool = False
   canvas: np.ndarray | None = None
   attention: np.ndarray | None = None
+  truncated: bool = False
   error: str | None = None
 
 
@@ -112,7 +135,8 @@ def load_image(source: str | os.PathLike | bytes | BinaryIO, *,
     uint8 [H, W].
 
   Raises:
-    ImageError: missing file, not an image, or too large; the message names the source.
+    ImageError: missing file, not an image, too large or too elongated (`MAX_ASPECT_RATIO`);
+      the message names the source.
   """
   name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "upload"
   data = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
@@ -121,6 +145,7 @@ def load_image(source: str | os.PathLike | bytes | BinaryIO, *,
       if image.width * image.height > max_pixels:
         raise ImageError(f"{name}: {image.width}x{image.height} pixels is more than the "
                          f"{max_pixels:,} accepted; crop or downscale it")
+      _check_aspect_ratio(image.height, image.width, name)
       image = ImageOps.exif_transpose(image)
       return _to_grey(image)
   except FileNotFoundError:
@@ -133,6 +158,13 @@ def load_image(source: str | os.PathLike | bytes | BinaryIO, *,
     raise ImageError(f"{name}: {e}") from None
   except OSError as e:  # Truncated or corrupt files.
     raise ImageError(f"{name}: cannot decode the image: {e}") from None
+
+
+def _check_aspect_ratio(height: int, width: int, name: str = "image") -> None:
+  if min(height, width) > 0 and max(height, width) > MAX_ASPECT_RATIO * min(height, width):
+    raise ImageError(f"{name}: {width}x{height} pixels is more elongated than "
+                     f"{MAX_ASPECT_RATIO}:1, too thin for a readable line of digits; crop it "
+                     f"to the line")
 
 
 def _to_grey(image: Image.Image) -> np.ndarray:
@@ -154,16 +186,18 @@ def _to_grey(image: Image.Image) -> np.ndarray:
 
 def as_grey_array(image: np.ndarray | Image.Image) -> np.ndarray:
   """A PIL image, or an array [H, W], [H, W, 1|3|4] (uint8, or float in [0, 1]) -> [H, W]
-  float32 in [0, 1]."""
+  float32 in [0, 1], always a new array (never the caller's)."""
   if isinstance(image, Image.Image):
-    return _to_grey(image).astype(np.float32) / 255
+    image = _to_grey(image)
   x = np.asarray(image)
   if x.ndim == 3 and x.shape[-1] in (1, 3, 4):
     x = x[..., 0] if x.shape[-1] == 1 else x[..., :3] @ np.array([0.299, 0.587, 0.114])
   if x.ndim != 2:
     raise ImageError(f"an image array must be [H, W] or [H, W, 1|3|4], got shape {x.shape}")
-  x = x.astype(np.float32)
-  return x / 255 if np.issubdtype(np.asarray(image).dtype, np.integer) or x.max() > 1 else x
+  x = x.astype(np.float32)  # A copy, even of float32: the callers work on it in place.
+  if np.issubdtype(np.asarray(image).dtype, np.integer) or x.max() > 1:
+    x /= 255
+  return x
 
 
 def to_canvas(image: np.ndarray | Image.Image, height: int, width: int) -> np.ndarray | None:
@@ -173,6 +207,8 @@ def to_canvas(image: np.ndarray | Image.Image, height: int, width: int) -> np.nd
   covers a minority of the image), stretched to peak 1, cropped to its bounding box, thickened
   if its strokes would end up thinner than the training digits', and scaled to the training
   lines' height (narrower if the line would not fit the width, never distorted), centred.
+  Beyond a few passes over the pixels, the work is bounded by the canvas, not the image: a crop
+  much larger than the canvas is measured and thickened at a working resolution (`_working_ink`).
 
   Args:
     image: see `as_grey_array`.
@@ -180,25 +216,40 @@ def to_canvas(image: np.ndarray | Image.Image, height: int, width: int) -> np.nd
 
   Returns:
     float32 [height, width] in [0, 1], or None when the image has no ink.
+
+  Raises:
+    ImageError: not an image array, or more elongated than `MAX_ASPECT_RATIO` (checked before
+      any per-pixel work).
   """
+  shape = (image.height, image.width) if isinstance(image, Image.Image) else np.shape(image)
+  if len(shape) == 2 or (len(shape) == 3 and shape[-1] in (1, 3, 4)):
+    _check_aspect_ratio(shape[0], shape[1])
+  # `x` is a new array, so the steps below work in place: a 49-megapixel image is 196 MB a copy.
   x = as_grey_array(image)
-  background = float(np.median(x))
+  background = float(np.median(x)) if x.size else 0.0
   if background > 0.5:
-    x, background = 1.0 - x, 1.0 - background
-  x = x - background
+    np.subtract(1.0, x, out=x)
+    background = 1.0 - background
+  x -= background
   peak = float(x.max()) if x.size else 0.0
   if peak < MIN_INK_CONTRAST:
     return None
-  x = np.clip(x / peak, 0.0, 1.0)
+  x /= peak
+  np.clip(x, 0.0, 1.0, out=x)
   x[x < INK_FLOOR] = 0.0
-  rows, cols = np.nonzero(x >= INK_THRESHOLD)
-  x = x[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
-  scale = min(LINE_HEIGHT * height / x.shape[0], (width - 2) / x.shape[1])
-  x = _thicken(x, scale)
-  out_h = max(1, min(height, round(x.shape[0] * scale)))
-  out_w = max(1, min(width, round(x.shape[1] * scale)))
-  # Pillow's bilinear resize is antialiased when shrinking, like the training composition.
-  fitted = Image.fromarray(np.uint8(np.round(x * 255))).resize((out_w, out_h), Image.BILINEAR)
+  ink = x >= INK_THRESHOLD
+  rows, cols = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
+  x = x[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+  crop_h, crop_w = x.shape
+  scale = min(LINE_HEIGHT * height / crop_h, (width - 2) / crop_w)
+  out_h = max(1, min(height, round(crop_h * scale)))
+  out_w = max(1, min(width, round(crop_w * scale)))
+  x, factor = _working_ink(x, scale)
+  # Pillow's bilinear resize is antialiased when shrinking, like the training composition. The
+  # box is the crop's extent in working pixels (a last partial block is not stretched over a
+  # whole pixel); for an unpooled crop it is the whole image, Pillow's default.
+  fitted = Image.fromarray(np.uint8(np.round(x * 255))).resize(
+      (out_w, out_h), Image.BILINEAR, box=(0, 0, crop_w / factor, crop_h / factor))
   canvas = np.zeros((height, width), np.float32)
   top, left = (height - out_h) // 2, (width - out_w) // 2
   canvas[top:top + out_h, left:left + out_w] = np.asarray(fitted, np.float32) / 255
@@ -213,12 +264,52 @@ def stroke_width(ink: np.ndarray) -> float:
   return 2.0 * mask.sum() / max(int(boundary.sum()), 1)
 
 
-def _thicken(ink: np.ndarray, scale: float) -> np.ndarray:
-  width = stroke_width(ink)
+def _working_ink(ink: np.ndarray, scale: float) -> tuple[np.ndarray, int]:
+  """The cropped ink at a bounded working resolution, thickened if its strokes would end up
+  thinner than the training digits' (`STROKE_WIDTH` canvas pixels).
+
+  A crop 2 * WORKING_SCALE times its size on the canvas or more is pooled over blocks of `factor`
+  x `factor` pixels to between WORKING_SCALE and 2 * WORKING_SCALE times that size: by their
+  maximum to measure the strokes, and to thicken them (pooling by maximum is a dilation too,
+  and keeps a hairline bright where a mean would fade it below the ink threshold), by their
+  mean otherwise (what the antialiased resize averages anyway). So the stroke measurement and
+  the dilation see at most (2 * WORKING_SCALE)^2 times the canvas's pixels, and the dilation's
+  window is under 5 * WORKING_SCALE pixels (the stroke width measured is at least 2), whatever
+  the image; a smaller crop is not pooled (factor 1) and comes back as before.
+
+  Args:
+    ink: float32 [h, w] in [0, 1], cropped to the ink.
+    scale: canvas pixels per `ink` pixel.
+
+  Returns:
+    (float32 [ceil(h / factor), ceil(w / factor)] in [0, 1], factor).
+  """
+  factor = max(1, int(1 / (WORKING_SCALE * scale)))
+  pooled = ink if factor == 1 else _pool(ink, factor, np.maximum)
+  scale *= factor
+  width = stroke_width(pooled)
   if width * scale >= STROKE_WIDTH - 0.5:
-    return ink
+    return (ink if factor == 1 else _block_mean(ink, factor)), factor
   grow = int(np.ceil(STROKE_WIDTH / scale - width))
-  return ndimage.grey_dilation(ink, size=(grow + 1, grow + 1))
+  # A window over twice an axis's length covers all of it from every pixel (the edges
+  # reflect), so capping it there changes nothing, and a strip of ink one pixel high costs its
+  # length, not its length times the window.
+  size = tuple(min(grow + 1, 2 * n + 1) for n in pooled.shape)
+  return ndimage.grey_dilation(pooled, size=size), factor
+
+
+def _pool(x: np.ndarray, factor: int, reduce: np.ufunc) -> np.ndarray:
+  """`reduce` (np.maximum, np.add) over blocks of factor x factor pixels of x [h, w], the last
+  ones partial: [ceil(h / factor), ceil(w / factor)]."""
+  for axis in (0, 1):
+    x = reduce.reduceat(x, np.arange(0, x.shape[axis], factor), axis=axis)
+  return x
+
+
+def _block_mean(x: np.ndarray, factor: int) -> np.ndarray:
+  """The mean over blocks of factor x factor pixels (see `_pool`), float32."""
+  counts = [np.diff(np.append(np.arange(0, n, factor), n)) for n in x.shape]
+  return (_pool(x, factor, np.add) / np.outer(*counts)).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -273,6 +364,12 @@ class Reader:
                                       views=self.views)
     return outputs, log_prob, cross_attention(self.model_config, params, images, outputs)
 
+  def prepare(self, images: Sequence[np.ndarray | Image.Image]) -> list[np.ndarray | None]:
+    """The model inputs of `images` (see `to_canvas`): float32 [H, W] each, None for no ink.
+
+    Pure numpy and Pillow: a server runs it outside the lock that guards the model."""
+    return [to_canvas(image, self.height, self.width) for image in images]
+
   def read(self, images: Sequence[np.ndarray | Image.Image], *, attention: bool = False,
            filenames: Sequence[str] | None = None) -> list[Prediction]:
     """Reads each image (see `to_canvas` for what is accepted).
@@ -282,8 +379,12 @@ class Reader:
       attention: fill `Prediction.attention`.
       filenames: names to put in the predictions.
     """
-    filenames = list(filenames) if filenames is not None else [""] * len(images)
-    canvases = [to_canvas(image, self.height, self.width) for image in images]
+    return self.read_prepared(self.prepare(images), attention=attention, filenames=filenames)
+
+  def read_prepared(self, canvases: Sequence[np.ndarray | None], *, attention: bool = False,
+                    filenames: Sequence[str] | None = None) -> list[Prediction]:
+    """Reads what `prepare` made (None: an image with no ink); see `read`."""
+    filenames = list(filenames) if filenames is not None else [""] * len(canvases)
     inked = [i for i, c in enumerate(canvases) if c is not None]
     predictions = [_no_ink(name, self.height, self.width, self.model_config.max_length)
                    for name in filenames]
@@ -295,7 +396,7 @@ class Reader:
           self._read_batch(self.params, self._ensemble_params, batch))
       for j, i in enumerate(rows):
         predictions[i] = _prediction(filenames[i], outputs[j], float(log_prob[j]), canvases[i],
-                                     weights[j] if attention else None, self.model_config)
+                                     weights[j] if attention else None)
     return predictions
 
 
@@ -325,13 +426,16 @@ def cross_attention(model_config: ModelConfig, params, images, outputs):
   return jnp.repeat(jnp.repeat(grid, patch_h, axis=2), patch_w, axis=3)
 
 
-def _prediction(filename, outputs, log_prob, canvas, attention, model_config) -> Prediction:
+def _prediction(filename, outputs, log_prob, canvas, attention) -> Prediction:
+  """The Prediction of one image from its raw outputs [max_length] (no `<sos>`), the sum of
+  their log-probabilities, its canvas and its maps [max_length, H, W] (or None)."""
   reading = tokens.read_output(outputs)
   # The map of each token up to and including <eos> (or all, for an output that never ended).
-  shown = len(reading.digits) + 1 if reading.ended else model_config.max_length
+  shown = len(reading.digits) + 1 if reading.ended else len(outputs)
   return Prediction(filename=filename, tokens=[int(t) for t in outputs], digits=reading.digits,
                     confidence=float(np.exp(log_prob)), log_prob=log_prob, canvas=canvas,
-                    attention=None if attention is None else np.asarray(attention[:shown]))
+                    attention=None if attention is None else np.asarray(attention[:shown]),
+                    truncated=not reading.ended)
 
 
 def _no_ink(filename: str, height: int, width: int, max_length: int) -> Prediction:
@@ -359,31 +463,59 @@ def expand_paths(arguments: Iterable[str]) -> list[tuple[str, pathlib.Path]]:
   return found
 
 
-def read_files(reader: Reader, arguments: Iterable[str], *,
-               attention: bool = False) -> list[Prediction]:
-  """Reads files and directories (see `expand_paths`); a file that cannot be read gets a
-  Prediction with `error` set, and the others are still read."""
-  names, images, failed = [], [], {}
+def iter_read_files(reader: Reader, arguments: Iterable[str], *,
+                    attention: bool = False) -> Iterator[Prediction]:
+  """Reads files and directories (see `expand_paths`), yielding a Prediction a file in their
+  order as each batch is read; a file that cannot be read gets one with `error` set, and the
+  others are still read.
+
+  Each file is loaded and prepared (`Reader.prepare`) alone, so memory holds one image and the
+  canvases of at most a batch (`reader.batch_size`) of files with ink, not every image at once
+  (20 files of 49 megapixels are 1.9 GB).
+  """
+  pending = []  # (name, canvas or None, error or None) of the files not yet yielded, in order.
+  inked = 0
+
+  def flush():
+    read = iter(reader.read_prepared([c for _, c, e in pending if e is None],
+                                     attention=attention,
+                                     filenames=[n for n, _, e in pending if e is None]))
+    done = [Prediction(filename=n, error=e) if e is not None else next(read)
+            for n, _, e in pending]
+    pending.clear()
+    return done
+
   for name, path in expand_paths(arguments):
     try:
-      images.append(load_image(path))
-      names.append(name)
+      canvas = reader.prepare([load_image(path)])[0]
     except ImageError as e:
-      failed[name] = str(e)
-  read = iter(reader.read(images, attention=attention, filenames=names))
-  # Keep the order of the arguments, failures in their place.
-  return [Prediction(filename=name, error=failed[name]) if name in failed else next(read)
-          for name, _ in expand_paths(arguments)]
+      pending.append((name, None, str(e)))
+      continue
+    pending.append((name, canvas, None))
+    inked += canvas is not None
+    if inked == reader.batch_size:  # A full batch for the compiled decoder.
+      yield from flush()
+      inked = 0
+  yield from flush()
 
 
-def write_csv(predictions: Sequence[Prediction], path: str | os.PathLike) -> None:
-  """Rows `filename,digits,confidence` (with that header) for the files that were read."""
+def read_files(reader: Reader, arguments: Iterable[str], *,
+               attention: bool = False) -> list[Prediction]:
+  """`iter_read_files` as a list."""
+  return list(iter_read_files(reader, arguments, attention=attention))
+
+
+def write_csv(predictions: Iterable[Prediction], path: str | os.PathLike) -> None:
+  """Rows `filename,digits,confidence,truncated` (with that header; truncated: `true` for a
+  reading that reached the decoder's maximum length without `<eos>`, else `false`) for the
+  files that were read."""
   with open(path, "w", newline="") as f:
     writer = csv.writer(f)
-    writer.writerow(["filename", "digits", "confidence"])
+    writer.writerow(["filename", "digits", "confidence", "truncated"])
     for p in predictions:
       if p.error is None:
-        writer.writerow([p.filename, p.digits, f"{p.confidence:.6f}"])
+        writer.writerow([p.filename, p.digits, f"{p.confidence:.6f}",
+                         "true" if p.truncated else "false"])
 
 
 def attention_overlay(prediction: Prediction, *, scale: int = 4) -> Image.Image:
@@ -432,9 +564,10 @@ def define_flags():
   `main` and `evaluate` define --workdir too."""
   flags.DEFINE_string("workdir", None, "A training run's directory (config.json, checkpoints/).")
   flags.DEFINE_string("checkpoint", "best", "'best' (by validation), 'latest', or a step.")
-  flags.DEFINE_string("output", None, "Write rows filename,digits,confidence to this CSV file.")
+  flags.DEFINE_string("output", None, "Write rows filename,digits,confidence,truncated to this "
+                      "CSV file (its directory must exist).")
   flags.DEFINE_string("attention", None, "Write each image's attention maps as PNG under this "
-                      "directory.")
+                      "directory (made if missing).")
   flags.DEFINE_integer("beam_size", None, "Beam size (default: the run's config.decode; 1 = "
                        "greedy).")
   flags.DEFINE_float("alpha", None, "Beam length normalisation (default: the run's config).")
@@ -448,46 +581,100 @@ def define_flags():
 
 
 def format_prediction(p: Prediction) -> str:
-  """`name  digits=101  confidence=0.9873  tokens=[1, 0, 1, 11, 12, ...]`."""
+  """`name  digits=101  confidence=0.9873  tokens=[1, 0, 1, 11, 12, ...]`, then `(no ink)`, or
+  `(truncated: no <eos> within N tokens)` for a reading that reached the decoder's maximum."""
   note = "  (no ink)" if p.no_ink else ""
+  if p.truncated:
+    note = f"  (truncated: no <eos> within {len(p.tokens)} tokens)"
   return (f"{p.filename}  digits={p.digits or '-'}  confidence={p.confidence:.4f}  "
           f"tokens={p.tokens}{note}")
 
 
+def check_output_file(flag: str, value: str) -> str | None:
+  """Why the file `value` that `flag` names cannot be written, or None (see
+  `check_output_paths`)."""
+  path = pathlib.Path(value)
+  if path.is_dir():
+    return f"{flag}={value} is a directory: give a file's path in it"
+  if not path.parent.is_dir():
+    return f"{flag}={value}: there is no directory {path.parent}; create it first"
+  if not os.access(path if path.exists() else path.parent, os.W_OK):
+    return f"{flag}={value} cannot be written: no permission"
+  return None
+
+
+def check_output_paths(output: str | None, attention_dir: str | None) -> str | None:
+  """Why `--output` (a CSV file) or `--attention` (a directory, made if missing) cannot be
+  written, or None. The command checks them before it loads the model and reads, so that a
+  typo costs a second rather than the whole run."""
+  if output:
+    problem = check_output_file("--output", output)
+    if problem:
+      return problem
+  if attention_dir:
+    path = pathlib.Path(attention_dir)
+    existing = next(p for p in (path, *path.parents) if p.exists())  # '/' or '.' at the latest.
+    if not existing.is_dir():
+      return (f"--attention={attention_dir}: {existing} is a file; give a directory for the "
+              f"maps")
+    if not os.access(existing, os.W_OK | os.X_OK):
+      return f"--attention={attention_dir}: cannot write in {existing}: no permission"
+  return None
+
+
 def run(reader: Reader, arguments: Sequence[str], *, output: str | None = None,
         attention_dir: str | None = None) -> list[Prediction]:
-  """The command: reads, prints, writes the CSV and the maps; returns the predictions."""
-  predictions = read_files(reader, arguments, attention=attention_dir is not None)
-  for p in predictions:
+  """The command: reads, printing each file's reading as its batch is read (and a warning on
+  stderr for a truncated one), writes the maps and then the CSV; returns the predictions,
+  without the attention maps it wrote."""
+  predictions = []
+  for p in iter_read_files(reader, arguments, attention=attention_dir is not None):
+    predictions.append(p)
     if p.error is not None:
       print(f"error: {p.error}", file=sys.stderr)
       continue
-    print(format_prediction(p))
+    print(format_prediction(p), flush=True)
+    if p.truncated:
+      print(f"warning: {p.filename}: the reading reached the decoder's maximum of "
+            f"{len(p.tokens)} tokens without <eos>; the line may hold more digits than the "
+            f"{len(p.digits)} read", file=sys.stderr)
     if attention_dir is not None and not p.no_ink:
       path = attention_path(attention_dir, p.filename)
       path.parent.mkdir(parents=True, exist_ok=True)
       attention_overlay(p).save(path)
+      p.attention = None  # Written: kept, the maps of many files would fill the memory.
   if output:
     write_csv(predictions, output)
   return predictions
 
 
+def _usage_error(message: str) -> int:
+  """A mistake on the command line: its one line on stderr, and exit status 2 (absl's
+  app.UsageError would print every flag's help before it)."""
+  print(f"error: {message}", file=sys.stderr)
+  return 2
+
+
 def main(argv):
   if len(argv) < 2:
-    raise app.UsageError("give one or more image files or directories to read")
+    return _usage_error("give one or more image files or directories to read (--helpshort "
+                        "lists the flags)")
   if not FLAGS.workdir:
-    raise app.UsageError("--workdir is required: a training run's directory")
+    return _usage_error("--workdir is required: a training run's directory")
+  problem = check_output_paths(FLAGS.output, FLAGS.attention)
+  if problem:
+    return _usage_error(problem)
   logs.quiet_libraries()
   try:
     checkpoint = trained.parse_checkpoint(FLAGS.checkpoint)
   except ValueError as e:
-    raise app.UsageError(f"--checkpoint={e}") from None
+    return _usage_error(f"--checkpoint={e}")
   try:
     reader = Reader(FLAGS.workdir, checkpoint=checkpoint, beam_size=FLAGS.beam_size,
                     alpha=FLAGS.alpha, views=FLAGS.views, batch_size=FLAGS.batch_size,
                     ensemble=FLAGS.ensemble)
   except (ValueError, FileNotFoundError) as e:  # A wrong run, checkpoint or decoding setting.
-    raise app.UsageError(str(e)) from None
+    return _usage_error(str(e))
   predictions = run(reader, argv[1:], output=FLAGS.output, attention_dir=FLAGS.attention)
   failures = sum(p.error is not None for p in predictions)
   if failures:

@@ -50,8 +50,8 @@ from flax.training import train_state
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from digit_vit import (checkpointing, decode, environment, losses, metrics, reporting, trained,
-                       xla_options)
+from digit_vit import (checkpointing, config_lib, decode, environment, losses, metrics, reporting,
+                       trained, xla_options)
 from digit_vit.models import ModelConfig, ViTClassifier, build_model, tokens
 
 PARALLELISM = ("jit", "pmap")
@@ -74,22 +74,154 @@ class TrainState(train_state.TrainState):
 # Set-up
 
 
+TASKS = ("read", "classify")
+EVAL_SPLITS = ("train", "validation", "test")
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+  return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+# Ranges of the numeric fields (a dotted name, a test, the rule in words). Fields a config does
+# not have are skipped (the classifier's configs lack some data fields).
+_NUMBER_RULES = (
+    ("num_train_steps", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    ("learning_rate", lambda v: _is_number(v) and math.isfinite(v) and v > 0,
+     "a number > 0 (the peak learning rate, e.g. 1.5e-3)"),
+    ("warmup_steps", lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    ("end_learning_rate", lambda v: _is_number(v) and 0 <= v <= 1,
+     "in [0, 1] (a fraction of learning_rate)"),
+    ("b1", lambda v: _is_number(v) and 0 <= v < 1, "in [0, 1)"),
+    ("b2", lambda v: _is_number(v) and 0 <= v < 1, "in [0, 1)"),
+    ("weight_decay", lambda v: _is_number(v) and v >= 0, ">= 0"),
+    ("grad_clip_norm", lambda v: _is_number(v) and v >= 0, ">= 0 (0 = no clipping)"),
+    ("loss.label_smoothing", lambda v: _is_number(v) and 0 <= v < 1, "in [0, 1)"),
+    ("log_every_steps", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    ("eval_every_steps", lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0 = none)"),
+    ("num_eval_examples", lambda v: _is_int(v) and (v == -1 or v >= 1), "-1 (all) or >= 1"),
+    ("checkpoint_every_steps", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    ("keep_checkpoints", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    ("keep_best_checkpoints", lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    ("model.width", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    ("model.num_heads", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    ("model.mlp_dim", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    ("model.encoder_layers", lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    ("model.dropout_rate", lambda v: _is_number(v) and 0 <= v < 1, "in [0, 1)"),
+    ("model.attention_dropout_rate", lambda v: _is_number(v) and 0 <= v < 1, "in [0, 1)"),
+    ("data.curriculum_examples", lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0 = off)"),
+    ("data.prefetch", lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    ("data.threads", lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0 = TF default)"),
+) + tuple(
+    (f"data.augment.{name}", lambda v: _is_number(v) and 0 <= v <= 1, "in [0, 1]")
+    for name in ("affine_prob", "elastic_prob", "noise_prob", "contrast_prob", "invert_prob"))
+
+
+def _field(config, dotted: str, missing=None):
+  """config['a']['b'] for 'a.b', or `missing` when the config lacks it."""
+  value = config
+  for key in dotted.split("."):
+    if not hasattr(value, "get") or key not in value:
+      return missing
+    value = value[key]
+  return value
+
+
 def check_config(config) -> None:
-  """Fails early, saying what to change, on settings the step cannot run with."""
+  """Checks every setting a run needs before anything is created or computed.
+
+  Numbers in range (`_NUMBER_RULES`), names among the allowed ones (task, parallelism, data
+  name and source, schedule, optimizer, the model's, decoding), and the checks of the modules
+  that use them: `ModelConfig` (names, width and heads, patches that tile the canvas), the
+  dataset's `MultiDigitMnistConfig.validate` (source, composition, `compose.check_canvas`, split
+  sizes), the input pipeline's (train_max_digits, clean_final_steps), the loss's class
+  weights, the moving average, SAM and CTC, the batch split over the devices and
+  `trained.decoding`.
+
+  Raises:
+    config_lib.ConfigError (a ValueError) saying which field to change and how.
+  """
+  try:
+    _check_config(config)
+  except config_lib.ConfigError:
+    raise
+  except (ValueError, TypeError, KeyError, AttributeError, ZeroDivisionError) as error:
+    message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+    raise config_lib.ConfigError(str(message)) from error
+
+
+def _check_config(config) -> None:
+  """check_config's checks; they raise ValueError (or TypeError, KeyError...) on a bad field."""
+  if config.task not in TASKS:
+    raise ValueError(f"config.task={config.task!r} is not one of {TASKS}")
   if config.parallelism not in PARALLELISM:
     raise ValueError(f"config.parallelism={config.parallelism!r} is not one of {PARALLELISM}")
+  missing = object()
+  for name, ok, rule in _NUMBER_RULES:
+    value = _field(config, name, missing)
+    if value is not missing and not ok(value):
+      raise ValueError(f"config.{name}={value!r} must be {rule}")
+  if config.task == "read" and not (_is_int(config.model.decoder_layers)
+                                    and config.model.decoder_layers >= 1):
+    raise ValueError(f"config.model.decoder_layers={config.model.decoder_layers!r} must be an "
+                     "integer >= 1 (the reader writes with its decoder)")
+  bad_splits = [s for s in config.eval_splits if s not in EVAL_SPLITS]
+  if bad_splits:
+    raise ValueError(f"config.eval_splits has {bad_splits}, not among {EVAL_SPLITS}")
+  _check_data(config)
+  model_config = ModelConfig.from_config(config.model)
+  if config.task == "read":
+    if model_config.max_length < int(config.max_digits) + 1:
+      raise ValueError(f"config.model.max_length={model_config.max_length} must be at least "
+                       f"max_digits + 1 = {int(config.max_digits) + 1} (<sos> and the digits)")
+    if config.loss.get("class_weights"):
+      losses.class_weight_vector(config.loss.class_weights, tokens.VOCAB_SIZE)
   check_ema_decay(config)
   check_sam_rho(config)
   check_ctc_weight(config)
   devices, processes = jax.device_count(), jax.process_count()
   for name in ("batch_size", "eval_batch_size"):
-    size = int(config[name])
-    if size < 1 or size % devices:
+    size = config[name]
+    if not _is_int(size) or size < 1:
+      raise ValueError(f"config.{name}={size!r} must be an integer >= 1")
+    if size % devices:
       multiple = max(devices, devices * round(size / devices))
       raise ValueError(
           f"config.{name}={size} cannot be split evenly over the {devices} devices "
           f"({processes} process(es) x {jax.local_device_count()} local devices); set "
           f"--config.{name} to a multiple of {devices}, e.g. {multiple}")
+  create_optimizer(config, create_learning_rate_fn(config))  # Schedule and optimizer names.
+  trained.decoding(config)
+
+
+def _check_data(config) -> None:
+  """The data section, by the checks of the task's data module."""
+  name = config.data.get("name")
+  if config.task == "read":
+    if name != "multi_digit_mnist":
+      raise ValueError(f"config.data.name={name!r}: the 'read' task reads lines of "
+                       "'multi_digit_mnist' (single-image datasets are for task 'classify')")
+    from digit_vit.data import input_pipeline  # pylint: disable=import-outside-toplevel
+    input_pipeline.builder_config_from(config)  # Source, composition, canvas, split sizes.
+    input_pipeline.train_max_digits(config)
+    start = config.data.get("curriculum_start_digits", 1)
+    if config.data.get("curriculum_examples", 0) and not 1 <= start <= int(config.max_digits):
+      raise ValueError(f"config.data.curriculum_start_digits={start} must be in "
+                       f"1..max_digits={int(config.max_digits)}")
+    input_pipeline.clean_from_position(config, 1)
+  else:
+    from digit_vit.data import classification, sources  # pylint: disable=import-outside-toplevel
+    if name not in classification.NAMES:
+      raise ValueError(f"config.data.name={name!r} is not one of {classification.NAMES} "
+                       "(the 'classify' task's datasets)")
+    if name == "mnist_digits":
+      sources.check_source(config.data.get("source", "embedded"))
+    if int(config.data.get("canvas_padding", 0)) < 0:
+      raise ValueError(f"config.data.canvas_padding must be >= 0, got "
+                       f"{config.data.canvas_padding}")
 
 
 def create_mesh() -> jax.sharding.Mesh:
@@ -533,6 +665,30 @@ def _check_finite(step: int, step_metrics: dict[str, float], latest_checkpoint):
         "config.learning_rate, raise config.warmup_steps or set config.grad_clip_norm.")
 
 
+def _has_checkpoints(directory: str) -> bool:
+  """Whether a checkpoint directory holds a step (intact or not)."""
+  return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+
+
+def _write_config(workdir: str, config) -> None:
+  """Writes `workdir/config.json` (creating the workdir) through a temporary file renamed into
+  place, so a kill mid-write never leaves a run without a readable config.
+
+  Raises:
+    OSError: the workdir cannot be created or written, saying which.
+  """
+  path = os.path.join(workdir, "config.json")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+    os.replace(path + ".tmp", path)
+  except OSError as error:
+    # The same OSError subclass, with a message that names the workdir once.
+    raise type(error)(f"cannot write to --workdir {workdir}: "
+                      f"{error.strerror or error}") from error
+
+
 # ----------------------------------------------------------------------------------------------
 # The loop
 
@@ -544,6 +700,19 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   end `report.json`, `curves_loss.png`, `curves_accuracy.png`, `curves_epochs.png` and
   `readings.png`;
   checkpoints go to `workdir/checkpoints`.
+
+  Before anything is written: the whole config is checked (`check_config`), and a rerun in a
+  workdir that holds checkpoints must keep the saved config but for the fields of
+  `config_lib.RESUMABLE_FIELDS` (`config_lib.check_resume`); either raises
+  `config_lib.ConfigError` and leaves the workdir as it was. A damaged newest checkpoint is
+  moved to `workdir/damaged_checkpoints/` and the run resumes from the newest intact one, with
+  a warning (`checkpointing.Checkpoints.restore_newest`).
+
+  Raises:
+    config_lib.ConfigError: a bad config, or one the run in `workdir` cannot resume.
+    OSError: the workdir cannot be written.
+    checkpointing.CorruptCheckpointError: there are checkpoints but none restores.
+    FloatingPointError: the training loss became non-finite (training stopped).
 
   Returns:
     the report: final metrics of every split in `config.eval_splits` prefixed by the split
@@ -558,18 +727,22 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     (`environment.describe()` at the start of this process: commit, packages, CPU).
   """
   workdir = os.path.abspath(workdir)
+  # Every check comes before anything is written, so a refused config leaves no workdir (or the
+  # run in it untouched).
   check_config(config)
   # How the final report reads (config.decode), checked now rather than after hours of training.
   reading = trained.decoding(config)
+  checkpoint_dir = os.path.join(workdir, "checkpoints")
+  config_lib.check_resume(workdir, config, has_checkpoints=_has_checkpoints(checkpoint_dir))
+  is_chief = jax.process_index() == 0
+  if is_chief:
+    _write_config(workdir, config)
+  logging.info("JAX process %d of %d, local devices %s", jax.process_index(),
+               jax.process_count(), jax.local_devices())
   # Taken at the start: the code may be edited while the run trains.
   ran_on = environment.describe()
   logging.info("Environment: %s", json.dumps(ran_on, sort_keys=True))
-  is_chief = jax.process_index() == 0
   num_steps = int(config.num_train_steps)
-  if is_chief:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
   mesh = create_mesh()
   model = build_model(config)
   data = input_module(config)
@@ -577,13 +750,19 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   state = create_train_state(config, model, create_optimizer(config, learning_rate_fn), mesh)
   num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
   best = main_metric(config)
+  # Damaged steps are moved aside (with a warning) as long as an intact one remains.
   checkpoints = checkpointing.Checkpoints(
-      os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
-      best_metric=f"validation_{best}")
+      checkpoint_dir, keep=config.keep_checkpoints, best_metric=f"validation_{best}",
+      keep_best=config.get("keep_best_checkpoints", 1), set_aside_damaged=True)
 
   start_step, train_seconds = 0, 0.0
-  if checkpoints.latest_step() is not None:
-    state, meta = checkpoints.restore(jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
+  try:
+    restored = checkpoints.restore_newest(jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
+  except BaseException:
+    checkpoints.close()  # Else orbax's background threads fail noisily at exit.
+    raise
+  if restored is not None:
+    state, meta, _ = restored
     start_step, train_seconds = int(meta["input_position"]), float(meta["train_seconds"])
     logging.info("Resumed from the checkpoint of step %d in %s.", start_step, workdir)
   if int(state.step) != start_step:

@@ -99,16 +99,41 @@ def restore_params(workdir: str | os.PathLike, config, checkpoint: Checkpoint = 
   """The parameters of a checkpoint of `workdir`.
 
   Args:
-    checkpoint: 'best' (by the validation metric the run kept its best checkpoint by),
-      'latest', or a step number.
+    checkpoint: 'best' (the step with the highest validation metric the run ranked its
+      checkpoints by, `train.main_metric`: the metrics saved with each checkpoint, or for runs
+      whose checkpoints predate that, the validation records of its history.jsonl; ties go to
+      the later step; the latest when no kept step was evaluated), 'latest', or a step number.
     ema: the moving average of the parameters where the run kept one (`config.ema_decay` >
       0), as its evaluations used; False: the optimiser's last iterate.
 
   Returns:
     (params, step).
+
+  Raises:
+    FileNotFoundError: the run has no checkpoint yet.
+    ValueError: no checkpoint of that step; `checkpointing.CorruptCheckpointError` (a
+      ValueError) when the checkpoint asked for is damaged: its message names the damaged step
+      and the intact ones to read instead (`--checkpoint=STEP`).
   """
   params, steps = restore_average(workdir, config, [checkpoint], ema=ema)
   return params, steps[0]
+
+
+def validation_scores(workdir: str | os.PathLike, metric: str) -> dict[int, float]:
+  """{step: validation `metric`} from the run's history.jsonl ({} if it has none or cannot be
+  read): how 'best' ranks checkpoints saved before checkpoints held their metrics. The
+  validation records are the evaluations the run ranked its checkpoints by."""
+  path = pathlib.Path(workdir) / "history.jsonl"
+  scores = {}
+  try:
+    with open(path) as f:
+      for line in f:
+        record = json.loads(line) if line.strip() else {}
+        if record.get("split") == "validation" and metric in record:
+          scores[int(record["step"])] = float(record[metric])
+  except (OSError, ValueError):
+    return {}
+  return scores
 
 
 def restore_average(workdir: str | os.PathLike, config, checkpoints: Sequence[Checkpoint], *,
@@ -116,7 +141,8 @@ def restore_average(workdir: str | os.PathLike, config, checkpoints: Sequence[Ch
   """The mean of the parameters of several checkpoints of `workdir` (one: just its params).
 
   Averaging the last checkpoints of a run is a cheap ensemble of one model's late iterates.
-  `ema` as in `restore_params`.
+  `ema`, 'best' and the errors as in `restore_params`. The checkpoint directory is opened
+  read-only: reading never deletes or writes a checkpoint, even of a run still training.
 
   Returns:
     (params, steps): the steps the checkpoints named, in order.
@@ -126,17 +152,20 @@ def restore_average(workdir: str | os.PathLike, config, checkpoints: Sequence[Ch
   if not checkpoints:
     raise ValueError("give at least one checkpoint")
   directory = pathlib.Path(workdir) / "checkpoints"
+  metric = train.main_metric(config)
   manager = checkpointing.Checkpoints(str(directory), keep=config.keep_checkpoints,
-                                      best_metric=f"validation_{train.main_metric(config)}")
+                                      best_metric=f"validation_{metric}",
+                                      keep_best=config.get("keep_best_checkpoints", 1),
+                                      read_only=True)
   try:
-    available = manager.manager.all_steps()
+    available = manager.all_steps()
     if not available:
       raise FileNotFoundError(f"no checkpoint in {directory}: train first, or wait for the "
                               "first checkpoint")
     steps = []
     for checkpoint in checkpoints:
       if checkpoint == "best":
-        steps.append(manager.best_step())
+        steps.append(manager.best_step(validation_scores(workdir, metric)))
       elif checkpoint == "latest":
         steps.append(manager.latest_step())
       else:
@@ -155,14 +184,36 @@ def restore_average(workdir: str | os.PathLike, config, checkpoints: Sequence[Ch
     abstract = jax.tree.map(
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), abstract)
     total = None
-    for step in steps:
-      state = manager.restore(abstract, step)[0]
+    for step, checkpoint in zip(steps, checkpoints):
+      try:
+        state = manager.restore(abstract, step)[0]
+      except checkpointing.CorruptCheckpointError as error:
+        raise _damaged(manager, abstract, error, checkpoint, step) from None
       params = state.eval_params() if ema else state.params
       total = params if total is None else jax.tree.map(lambda a, b: a + b, total, params)
   finally:
     manager.close()
   params = jax.tree.map(lambda p: p / len(steps), total) if len(steps) > 1 else total
   return params, steps
+
+
+def _damaged(manager, abstract, error, checkpoint, step) -> checkpointing.CorruptCheckpointError:
+  """The error for a damaged checkpoint asked for: which steps still restore, and how to read
+  one of them."""
+  others = [s for s in manager.all_steps() if s not in error.damaged]
+  intact, also_damaged = manager.check_steps(abstract, others)
+  damaged = {**error.damaged, **also_damaged}
+  asked = f"--checkpoint={checkpoint}" + (f" (step {step})" if checkpoint in ("best", "latest")
+                                          else "")
+  if intact:
+    way = ("read an intact one instead: "
+           + " or ".join(f"--checkpoint={s}" for s in sorted(intact, reverse=True)))
+  else:
+    way = "nothing in this run can be read: train it again"
+  return checkpointing.CorruptCheckpointError(
+      f"{asked} cannot be read: "
+      f"{checkpointing.describe_damage(manager.directory, damaged, intact)}; {way}",
+      damaged, intact)
 
 
 # What members of a classifier ensemble must share: the same images (canvas and normalisation)

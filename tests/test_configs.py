@@ -1,5 +1,7 @@
-"""Config files: all load and build their model; overrides follow references; typos are errors."""
+"""Config files: all load and build their model; overrides follow references; typos are errors;
+a rerun may change only the fields a resume can follow."""
 
+import json
 import pathlib
 
 import pytest
@@ -81,3 +83,47 @@ def test_override_typo_is_an_error():
 def test_missing_config_file_names_the_place():
   with pytest.raises(FileNotFoundError, match="configs"):
     config_lib.load(pathlib.Path("no_such_config.py"))
+
+
+# ---- What a rerun in an existing run's workdir may change
+
+
+def test_a_resume_may_change_only_the_resumable_fields():
+  saved = json.loads(config_lib.load("tiny").to_json_best_effort())
+  config = config_lib.load("tiny")
+  config.num_train_steps, config.progress_bar, config.eval_splits = 600, True, ("test",)
+  config.parallelism, config.keep_best_checkpoints = "pmap", 3
+  config.decode.beam_size, config.data.data_dir = 4, "/elsewhere/tfds"
+  assert config_lib.resume_differences(saved, config) == []
+  config.model.width, config.learning_rate, config.image_width = 64, 0.01, 96
+  assert config_lib.resume_differences(saved, config) == [
+      "data.image_width: 48 -> 96", "image_width: 48 -> 96", "learning_rate: 0.0015 -> 0.01",
+      "model.image_width: 48 -> 96", "model.width: 32 -> 64"]
+
+
+def test_fields_added_or_removed_since_a_run_was_saved():
+  config = config_lib.load("tiny")
+  saved = json.loads(config.to_json_best_effort())
+  del saved["sam_rho"], saved["model"]["stem_depth"]  # Fields the code gained since.
+  saved["retired_field"] = 1  # A field the code lost since.
+  # At their default values, the new fields keep the behaviour from before they existed.
+  assert config_lib.resume_differences(saved, config) == ["retired_field: 1 -> (none)"]
+  config.sam_rho = 0.05
+  assert config_lib.resume_differences(saved, config) == [
+      "retired_field: 1 -> (none)", "sam_rho: (none) -> 0.05"]
+
+
+def test_check_resume_refuses_another_config_only_where_there_are_checkpoints(tmp_path):
+  (tmp_path / "config.json").write_text(config_lib.load("tiny").to_json_best_effort(indent=2))
+  before = (tmp_path / "config.json").read_bytes()
+  config = config_lib.load("tiny")
+  config.model.num_heads = 4
+  with pytest.raises(config_lib.ConfigMismatchError) as error:
+    config_lib.check_resume(tmp_path, config, has_checkpoints=True)
+  message = str(error.value)
+  assert "model.num_heads: 2 -> 4" in message and "new --workdir" in message
+  assert "\n" not in message and isinstance(error.value, ValueError)
+  assert (tmp_path / "config.json").read_bytes() == before
+  # Nothing to keep consistent: a run stopped before its first checkpoint, or a new workdir.
+  config_lib.check_resume(tmp_path, config, has_checkpoints=False)
+  config_lib.check_resume(tmp_path / "new", config, has_checkpoints=True)

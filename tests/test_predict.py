@@ -4,6 +4,7 @@ decoder for many files, attention maps, and the command line."""
 import csv
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -17,6 +18,8 @@ from digit_vit.models import tokens
 
 H, W = 32, 192
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+# What TensorFlow's C++ logging writes to stderr on import, before any of the program's lines.
+TF_NATIVE_LOG = re.compile(r"[IWEF]\d{4} |WARNING: All log messages before absl::InitializeLog")
 
 
 def _line(height=300, width=900, ink=255, paper=0, box=(100, 150, 700, 260), pen=12):
@@ -84,6 +87,80 @@ def test_thin_strokes_are_thickened_to_training_width():
   assert (canvas >= 0.9).sum() >= 100
 
 
+def test_an_elongated_strip_is_refused_before_any_per_pixel_work(tmp_path):
+  # 2 x 1.6M pixels, 6 KB as PNG: fitting it dilated every column with a window of 21k pixels
+  # (80 s); it cannot hold a readable line, so it is refused from its size alone.
+  strip = np.zeros((2, 1_600_000), np.uint8)
+  strip[:, ::5000] = 255
+  Image.fromarray(strip).save(tmp_path / "strip.png")
+  assert (tmp_path / "strip.png").stat().st_size < 20_000
+  with pytest.raises(predict.ImageError, match=r"strip.png: 1600000x2 pixels is more elongated "
+                     r"than 200:1, too thin for a readable line of digits; crop it"):
+    predict.load_image(tmp_path / "strip.png")
+  with pytest.raises(predict.ImageError, match="more elongated than 200:1"):
+    predict.to_canvas(strip.T, H, W)
+  # At the limit an image is read (a 120 x 24000 one here).
+  assert predict.to_canvas(_hairline(), H, W) is not None
+
+
+def _hairline():
+  """A 1-pixel line of ink across a 120 x 24000 image: a crop 24000 times as wide as high."""
+  return np.pad(np.full((1, 24000), 255, np.uint8), ((60, 59), (0, 0)))
+
+
+@pytest.fixture
+def dilation_and_erosion_sizes(monkeypatch):
+  """Records (pixels, window) of every grey dilation and (pixels, None) of every binary erosion
+  that `to_canvas` runs, and fails at once on one beyond the canvas-bound limit rather than
+  running it: for a 16 x 48 canvas, at most (2 * 8)^2 times its 768 pixels (pooled to at most
+  twice predict.WORKING_SCALE = 8 times the canvas), a window under 5 * 8."""
+  limit, seen = (2 * 8) ** 2 * 16 * 48, []
+  dilation, erosion = predict.ndimage.grey_dilation, predict.ndimage.binary_erosion
+
+  def grey_dilation(x, size):
+    seen.append((x.size, max(size)))
+    assert x.size <= limit and max(size) < 5 * 8, (x.shape, size)
+    return dilation(x, size=size)
+
+  def binary_erosion(mask):
+    seen.append((mask.size, None))
+    assert mask.size <= limit, mask.shape
+    return erosion(mask)
+
+  monkeypatch.setattr(predict.ndimage, "grey_dilation", grey_dilation)
+  monkeypatch.setattr(predict.ndimage, "binary_erosion", binary_erosion)
+  return seen
+
+
+def test_strokes_are_measured_and_thickened_at_a_working_resolution(dilation_and_erosion_sizes):
+  thin = _line(height=1200, width=3600, box=(400, 600, 2800, 1040), pen=2)
+  # The crop, 441 x 2401, is 52 times its 9 x 46 on the canvas: pooled by 6 to 74 x 401 (it
+  # used to be measured and dilated whole, 1.06M pixels with a window of 130).
+  canvas = predict.to_canvas(thin, 16, 48)
+  assert dilation_and_erosion_sizes == [(74 * 401, None), (74 * 401, 21)]
+  assert predict.stroke_width(canvas) >= predict.STROKE_WIDTH - 0.5
+  top, bottom, left, right = _ink_box(canvas)
+  assert (right - left) / (bottom - top) == pytest.approx(2401 / 441, rel=0.1)
+  # The hairline, 1 x 24000: a window of 20 over 1 x 370 pooled pixels (it was 1,304 over
+  # 24,000), and still a bright line across the canvas.
+  dilation_and_erosion_sizes.clear()
+  canvas = predict.to_canvas(_hairline(), 16, 48)
+  assert dilation_and_erosion_sizes == [(370, None), (370, 20)]
+  top, bottom, left, right = _ink_box(canvas)
+  assert right - left == 46 and canvas.max() == pytest.approx(1)
+
+
+@pytest.mark.parametrize("pen", [2, 48])
+def test_pooling_to_the_working_resolution_keeps_the_canvas(monkeypatch, pen):
+  line = _line(height=1200, width=3600, box=(400, 600, 2800, 1040), pen=pen)
+  pooled = predict.to_canvas(line, 16, 48)
+  monkeypatch.setattr(predict, "WORKING_SCALE", 10 ** 6)  # Never pool: the full-size reference.
+  full = predict.to_canvas(line, 16, 48)
+  assert _ink_box(pooled) == _ink_box(full)
+  np.testing.assert_allclose(pooled, full, atol=0.1)
+  assert np.abs(pooled - full).mean() < 0.01
+
+
 # ---- Files
 
 
@@ -114,6 +191,132 @@ def test_bad_files_raise_errors_naming_them(tmp_path):
     assert name in str(error.value)
   with pytest.raises(predict.ImageError, match="more than the 1,000 accepted"):
     predict.load_image(tmp_path / "whole.png", max_pixels=1000)
+
+
+class _ScriptedReader:
+  """Stands in for `predict.Reader` where the model does not matter: prepares images as the
+  reader does (on a 16 x 48 canvas), reads every canvas with ink as `outputs` (5 tokens), and
+  logs each call."""
+  height, width, batch_size = 16, 48, 2
+
+  def __init__(self, outputs=(1, 0, 1, tokens.EOS, tokens.PAD)):
+    self.outputs, self.log = np.array(outputs), []
+
+  def prepare(self, images):
+    self.log.append(("prepare", len(images)))
+    return [predict.to_canvas(i, self.height, self.width) for i in images]
+
+  def read(self, images, *, attention=False, filenames=None):
+    return self.read_prepared(self.prepare(images), attention=attention, filenames=filenames)
+
+  def read_prepared(self, canvases, *, attention=False, filenames=None):
+    assert not attention
+    self.log.append(("read", list(filenames)))
+    reading = tokens.read_output(self.outputs)
+    return [predict._no_ink(n, self.height, self.width, len(self.outputs)) if c is None else
+            predict.Prediction(filename=n, tokens=self.outputs.tolist(), digits=reading.digits,
+                               confidence=float(np.exp(-0.25)), log_prob=-0.25, canvas=c,
+                               truncated=not reading.ended)
+            for n, c in zip(filenames, canvases)]
+
+
+def test_read_files_loads_one_image_at_a_time_and_reads_a_batch_at_a_time(tmp_path,
+                                                                          monkeypatch):
+  for name, image in [("a.png", _line()), ("blank.png", np.zeros((30, 60), np.uint8)),
+                      ("c.png", _line(ink=0, paper=255)), ("d.png", _line(pen=4))]:
+    Image.fromarray(image).save(tmp_path / name)
+  (tmp_path / "b.png").write_text("not a png")
+  reader, load_image = _ScriptedReader(), predict.load_image
+
+  def logged_load_image(path):
+    reader.log.append(("load", path.name))
+    return load_image(path)
+
+  monkeypatch.setattr(predict, "load_image", logged_load_image)
+  predictions = predict.read_files(reader, [str(tmp_path)])
+  assert [(p.filename, p.error is None, p.no_ink, p.digits) for p in predictions] == [
+      ("a.png", True, False, "101"), ("b.png", False, False, ""),
+      ("blank.png", True, True, ""), ("c.png", True, False, "101"),
+      ("d.png", True, False, "101")]
+  assert "b.png: not a readable image" in predictions[1].error
+  # Each image is prepared as soon as it is loaded (only its canvas is kept), and a batch is
+  # read once it holds batch_size = 2 canvases with ink.
+  assert reader.log == [
+      ("load", "a.png"), ("prepare", 1), ("load", "b.png"), ("load", "blank.png"),
+      ("prepare", 1), ("load", "c.png"), ("prepare", 1), ("read", ["a.png", "blank.png", "c.png"]),
+      ("load", "d.png"), ("prepare", 1), ("read", ["d.png"])]
+
+
+def test_a_reading_that_never_ends_is_flagged_as_truncated(tmp_path, capsys):
+  # The command prints it, warns on stderr and says so in the CSV.
+  Image.fromarray(_line()).save(tmp_path / "line.png")
+  out = tmp_path / "readings.csv"
+  predict.run(_ScriptedReader(outputs=[4, 2, 4, 2, 4]), [str(tmp_path / "line.png")],
+              output=str(out))
+  printed = capsys.readouterr()
+  assert printed.out.endswith(
+      "digits=42424  confidence=0.7788  tokens=[4, 2, 4, 2, 4]  (truncated: no <eos> within 5 "
+      "tokens)\n")
+  assert printed.err == (f"warning: {tmp_path / 'line.png'}: the reading reached the decoder's "
+                         f"maximum of 5 tokens without <eos>; the line may hold more digits "
+                         f"than the 5 read\n")
+  predict.run(_ScriptedReader(), [str(tmp_path / "line.png")], output=str(tmp_path / "ok.csv"))
+  printed = capsys.readouterr()
+  assert printed.err == "" and printed.out.endswith("tokens=[1, 0, 1, 11, 12]\n")
+  for path, digits, truncated in [(out, "42424", "true"), (tmp_path / "ok.csv", "101", "false")]:
+    with open(path) as f:
+      assert list(csv.reader(f)) == [["filename", "digits", "confidence", "truncated"],
+                                     [str(tmp_path / "line.png"), digits, "0.778801", truncated]]
+  # The reader's own Prediction says so from the raw outputs.
+  never_ends = predict._prediction("x.png", np.array([4, 2, 4, 2, 4]), -3.0, None, None)
+  assert never_ends.truncated and never_ends.digits == "42424"
+  ended = predict._prediction("y.png", np.array([4, 2, tokens.EOS, tokens.PAD, tokens.PAD]),
+                              -1.0, None, None)
+  assert not ended.truncated and ended.digits == "42"
+
+
+def test_unwritable_outputs_are_found_before_reading(tmp_path):
+  (tmp_path / "file.txt").write_text("")
+  check = predict.check_output_paths
+  assert check(str(tmp_path / "new.csv"), str(tmp_path / "maps" / "deeper")) is None
+  assert check(str(tmp_path / "file.txt"), str(tmp_path)) is None
+  assert check(None, None) is None
+  assert check(str(tmp_path), None) == (
+      f"--output={tmp_path} is a directory: give a file's path in it")
+  assert check(str(tmp_path / "no" / "x.csv"), None) == (
+      f"--output={tmp_path / 'no' / 'x.csv'}: there is no directory {tmp_path / 'no'}; create "
+      f"it first")
+  for maps in (tmp_path / "file.txt", tmp_path / "file.txt" / "maps"):
+    assert check(None, str(maps)) == (
+        f"--attention={maps}: {tmp_path / 'file.txt'} is a file; give a directory for the maps")
+
+
+@pytest.mark.slow
+def test_command_line_mistakes_are_one_line_and_exit_status_2(tiny_workdir, tmp_path):
+  Image.fromarray(_line()).save(tmp_path / "line.png")
+  (tmp_path / "file.txt").write_text("")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  image = str(tmp_path / "line.png")
+  # A wrong run; and unwritable outputs beside a good run, found before it loads and reads
+  # (they used to fail after reading every image); evaluate shares the convention.
+  cases = [
+      (["digit_vit.predict", f"--workdir={tmp_path / 'no_run'}", image],
+       f"error: {tmp_path / 'no_run' / 'config.json'} not found"),
+      (["digit_vit.predict", f"--workdir={tiny_workdir}", image, "--output=/nonexistent/x.csv"],
+       "error: --output=/nonexistent/x.csv: there is no directory /nonexistent"),
+      (["digit_vit.predict", f"--workdir={tiny_workdir}", image,
+        f"--attention={tmp_path / 'file.txt'}"], f"error: --attention={tmp_path / 'file.txt'}"),
+      (["digit_vit.evaluate", f"--workdir={tmp_path / 'no_run'}"],
+       f"error: {tmp_path / 'no_run' / 'config.json'} not found"),
+  ]
+  for args, start in cases:
+    result = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
+                            cwd=ROOT, env=env, timeout=120)
+    assert result.returncode == 2, (args, result.stderr[-2000:])
+    # Importing TensorFlow (evaluate) logs a few lines of its own from C++ first.
+    lines = [line for line in result.stderr.splitlines() if not TF_NATIVE_LOG.match(line)]
+    assert result.stdout == "" and len(lines) == 1, (args, result.stderr)
+    assert lines[0].startswith(start), (args, result.stderr)
 
 
 # ---- Reading with a trained model
@@ -213,6 +416,7 @@ def test_command_line_prints_writes_csv_and_maps_and_fails_on_bad_files(tiny_wor
   for row in rows:
     assert f"digits={row['digits'] or '-'} " in lines[row["filename"]]
     assert 0 < float(row["confidence"]) <= 1
+    assert row["truncated"] == ("true" if "(truncated: " in lines[row["filename"]] else "false")
   assert (maps / "one.png.attention.png").is_file()
   assert (maps / "sub" / "two.bmp.attention.png").is_file()
   assert not (maps / "blank.png.attention.png").exists()

@@ -91,6 +91,39 @@ def test_indivisible_batch_is_a_clear_error(monkeypatch):
     train.check_config(config)
 
 
+@pytest.mark.parametrize("name", sorted(
+    p.stem for p in config_lib.CONFIG_DIR.glob("*.py") if p.stem != "__init__"))
+def test_every_config_file_passes_check_config(name):
+  train.check_config(config_lib.load(name))
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("learning_rate", -1.0, r"config.learning_rate=-1.0 must be a number > 0"),
+    ("num_train_steps", 0, r"config.num_train_steps=0 must be an integer >= 1"),
+    ("task", "segment", r"config.task='segment' is not one of \('read', 'classify'\)"),
+    ("data.name", "bogus", r"config.data.name='bogus'"),
+    ("data.source", "nist", r"unknown digit source 'nist'"),
+    ("data.min_scale", 0.0, r"config.data.min_scale"),
+    ("data.augment.noise_prob", 1.5, r"config.data.augment.noise_prob=1.5 must be in \[0, 1\]"),
+    ("batch_size", 0, r"config.batch_size=0 must be an integer >= 1"),
+    ("max_digits", 0, r"max_digits must be an integer >= 1"),
+    ("image_width", 3, r"set config.image_width >= 15"),
+    ("model.num_heads", 0, r"config.model.num_heads=0 must be an integer >= 1"),
+    ("model.num_heads", 3, r"model.width=32 must be divisible by model.num_heads=3"),
+    ("model.norm", "mid", r"model.norm='mid' is not one of"),
+    ("eval_splits", ("wild",), r"config.eval_splits has \['wild'\]"),
+    ("keep_checkpoints", 0, r"config.keep_checkpoints=0 must be an integer >= 1"),
+    ("loss.class_weights", "13:2", r"class_weights key '13'"),
+    ("optimizer", "adam", r"config.optimizer='adam' is not one of"),
+    ("decode.beam_size", 0, r"beam_size must be >= 1"),
+])
+def test_check_config_names_the_field_to_change(field, value, expected):
+  config = config_lib.load("tiny")
+  config.update_from_flattened_dict({field: value})
+  with pytest.raises(config_lib.ConfigError, match=expected):
+    train.check_config(config)
+
+
 # ---- Data parallelism
 
 

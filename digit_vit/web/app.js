@@ -93,6 +93,8 @@ function showReading(reading) {
     if (name.startsWith('<')) item.className = 'special';
     return item;
   }));
+  // The model stopped at its length limit, not at <eos>: the digits may be only the start.
+  $('truncated').hidden = !reading.truncated;
   $('canvas-image').src = reading.canvas;
   $('attention').src = reading.attention;
   $('result').hidden = false;
