@@ -16,6 +16,7 @@ def get_config(arg=None):
   config.max_digits = 8               # Target sequences of 10 tokens.
   config.image_height = 32
   config.image_width = 192
+  config.width_buckets = (192,)       # One width: the reference model's fixed 32x192 input.
   config.batch_size = 128
   config.model.patch_size = (8, 8)
   config.model.patch_embedding = "linear"
@@ -29,4 +30,6 @@ def get_config(arg=None):
   config.model.encoder_position = "learned"
   config.model.decoder_position = "learned"
   config.model.dtype = "float32"
+  config.model.max_length = 9         # <sos> + 8 digits, as the reference's decoder.
+  config.decode.max_length = 8
   return config

@@ -18,8 +18,13 @@ def get_config(arg=None):
   config.seed = 0                   # Seeds parameters, dropout and the input order.
   # Shared by data and model through references: overriding one updates both.
   config.max_digits = 8             # Longest line, in digits; sequences are max_digits + 2 tokens.
-  config.image_height = 32          # Canvas height in pixels.
-  config.image_width = 192          # Canvas width in pixels.
+  config.image_height = 32          # Line height in pixels: every image is scaled to it.
+  # Lines keep their natural width; a batch is padded on the right to the narrowest of these
+  # widths (pixels, ascending, multiples of 8 and of the patch width) that holds its lines, so
+  # each step compiles once a bucket. Training lines of 1-8 digits fill the first three;
+  # reading goes up to the widest (about 40 digits at the training lines' size).
+  config.width_buckets = (64, 128, 256, 512, 1024)
+  config.image_width = 1024         # The widest line: max(width_buckets).
   config.batch_size = 64            # Global training batch, split over all devices and hosts.
   config.eval_batch_size = 256      # Global evaluation batch (last batch padded and masked).
 
@@ -37,16 +42,33 @@ def get_config(arg=None):
   config.data.test_size = 4_000     # Lines in the test split (int >= 1); digits from test-only sources.
   config.data.validation_per_class = 40  # Train-part digits of each class held out for validation (embedded: rows 360-399).
   config.data.seed = 0              # Dataset generation seed (changing it builds a new dataset; config.seed orders the input).
-  # Composition of a line (fractions of the canvas height unless said otherwise).
-  config.data.min_scale = 0.55      # Smallest digit height, fraction of canvas height, in (0, max_scale].
-  config.data.max_scale = 0.9       # Largest digit height, fraction of canvas height, in [min_scale, 1].
-  config.data.scale_jitter = 0.1    # Per-digit relative height variation within a line, >= 0.
-  config.data.min_gap = -0.15       # Narrowest gap, fraction of digit height; < 0 overlaps (>= -0.5).
+  # Composition of a line, as people write them (fractions of the line height unless said
+  # otherwise; data/compose.py).
+  config.data.min_scale = 0.55      # Smallest digit height, fraction of the line height, in (0, max_scale].
+  config.data.max_scale = 0.9       # Largest digit height, fraction of the line height, in [min_scale, 1].
+  config.data.scale_jitter = 0.25   # Per-digit relative height variation within a line (+-), >= 0.
+  config.data.min_gap = -0.2        # Narrowest gap, fraction of digit height; < 0 touches or overlaps (>= -0.5).
   config.data.max_gap = 0.6         # Widest gap, fraction of digit height, >= min_gap.
-  config.data.vertical_jitter = 0.08  # Per-digit vertical offset, fraction of canvas height, >= 0.
+  config.data.max_overlap = 0.25    # Most two neighbours overlap, fraction of the narrower one's width.
+  config.data.vertical_jitter = 0.08  # Per-digit vertical offset on jittered lines, fraction of height, >= 0.
+  config.data.bottom_prob = 0.35    # Lines whose digits sit on one baseline, in [0, 1].
+  config.data.centre_prob = 0.35    # Lines whose digits are centred (the rest are jittered), in [0, 1].
   config.data.max_rotation = 10.0   # Per-digit rotation in degrees, uniform in +-max_rotation, >= 0.
-  config.data.thicken_prob = 0.25   # Per-digit probability of thicker strokes (3x3 dilation), in [0, 1].
-  config.data.thin_prob = 0.1       # Per-digit probability of thinner strokes (3x3 erosion), thicken+thin <= 1.
+  config.data.max_slant = 0.3       # A line's slant (shear), uniform in +-max_slant, >= 0.
+  # A line's pen: hairline (erosion), thick (3x3 dilation) or heavy (3x3 then 2x2); the rest
+  # as the digits are. The three probabilities sum to <= 1.
+  config.data.thin_prob = 0.15
+  config.data.thicken_prob = 0.2
+  config.data.heavy_prob = 0.1
+  # Rendered as predict hands a photographed line to the reader (polarity and contrast
+  # normalised): blurred, unevenly inked or noisy lines, each with its probability.
+  config.data.blur_prob = 0.25      # Gaussian blur of the line, in [0, 1].
+  config.data.max_blur = 1.2        # Blur radius uniform in [0.3, max_blur] pixels.
+  config.data.faint_prob = 0.2      # Digits inked unevenly, in [0, 1].
+  config.data.min_ink = 0.5         # Faintest digit's peak ink, in (0, 1].
+  config.data.noise_prob = 0.25     # Gaussian pixel noise, in [0, 1].
+  config.data.max_noise = 0.08      # Noise std uniform in [0.01, max_noise].
+  config.data.max_margin = 0.5      # Background before and after the digits, each up to this fraction of the height.
   # Length curriculum: the first curriculum_examples training lines (per host) are drawn with at
   # most L digits, L growing linearly from curriculum_start_digits to max_digits; then plain epochs.
   config.data.curriculum_examples = 64_000  # Lines under the curriculum (int >= 0); 0 = off.
@@ -97,8 +119,15 @@ def get_config(arg=None):
   config.model.encoder_layers = 4        # Encoder blocks.
   config.model.decoder_layers = 2        # Decoder blocks.
   config.model.norm = "pre"              # 'pre'-LN (stable) or 'post'-LN (the original Transformer).
-  config.model.encoder_position = "learned"  # 'learned', 'learned_2d', 'sinusoidal', 'sinusoidal_2d', 'rope', 'none'.
+  # Rotary positions in the encoder: attention sees only how far apart two columns are, so a
+  # line reads the same wherever it sits and however wide it is.
+  config.model.encoder_position = "rope"  # 'learned', 'learned_2d', 'sinusoidal', 'sinusoidal_2d', 'rope', 'none'.
   config.model.decoder_position = "learned"  # 'learned', 'sinusoidal', 'rope', 'none'.
+  # Randomized positions (Ruoss et al. 2023): in training, a line's t tokens take t sorted
+  # positions drawn from all max_length, so positions past the training lines' length are
+  # trained too; evaluation and reading use 0..t-1.
+  config.model.random_positions = True
+  config.model.random_encoder_positions = False  # The same for the encoder's columns (not RoPE's need).
   config.model.class_token = False       # Prepend a class token to the patches (classifier only).
   config.model.num_classes = 10          # Classifier outputs (unused by the reader).
   config.model.ctc_head = False          # Per-column digit logits for loss.ctc_weight (reader only).
@@ -106,13 +135,18 @@ def get_config(arg=None):
   config.model.attention_dropout_rate = 0.0  # Dropout on attention weights (einsum path only).
   config.model.attention_impl = "custom_vjp"  # 'custom_vjp' (fastest on CPU), 'xla' (jax.nn.dot_product_attention), 'einsum' (attention dropout), 'cudnn' (GPU, bfloat16).
   config.model.dtype = "float32"         # Compute dtype: 'float32' or 'bfloat16' (params stay float32).
-  config.model.max_length = config.get_ref("max_digits") + 1  # Decoder positions: <sos> + digits.
+  # Decoder positions, <sos> + digits: room for decode.max_length digits, far more than the
+  # training lines hold (randomized positions train them all).
+  config.model.max_length = 33
 
   # ---- Reading (digit_vit/decode.py; used by predict, the demo and evaluate) ----
   # Evaluation during training always decodes greedily; these pick how a trained model reads.
   config.decode = ml_collections.ConfigDict()
   config.decode.beam_size = 1            # 1 = cached greedy decoding; > 1 = beam search.
   config.decode.alpha = 0.6              # Beam length normalisation ((5 + len) / 6) ** alpha; 0 = none.
+  # The most digits a reading may hold, whatever max_digits the training lines had (<=
+  # model.max_length - 1); a reading that reaches it without <eos> is flagged as truncated.
+  config.decode.max_length = 32
   # Test-time augmentation: read this many copies of each image shifted by one or two pixels
   # (decode.VIEW_SHIFTS, 1..25) and pick each token by their mean probability; 1 = the image alone.
   config.decode.views = 1
@@ -145,7 +179,10 @@ def get_config(arg=None):
   config.log_every_steps = 50          # Train summaries (and the NaN check) every this many steps.
   config.eval_every_steps = 1_000      # Validation every this many steps and at the end; 0 = none.
   config.num_eval_examples = 1_024     # Validation examples of the periodic evaluations; -1 = all.
-  config.eval_splits = ("validation", "test")  # Splits evaluated in full at the end (in report.json).
+  # Splits evaluated in full at the end (report.json): the TFDS splits, and the image files of
+  # 'wild' (1-8 digits composed apart from training) and 'long' (9-16 digits), read through
+  # predict's preprocessing (digit_vit/file_evaluation.py).
+  config.eval_splits = ("validation", "test", "wild", "long")
   config.checkpoint_every_steps = 1_000  # Checkpoint every this many steps (and at the end).
   config.keep_checkpoints = 2          # Latest checkpoints kept (the best by validation is kept too).
   # Best checkpoints by validation (exact match; accuracy for 'classify') kept besides the latest,

@@ -3,8 +3,13 @@ all lengths 1-8 (the validation and test splits keep every length), so the per-l
 match (`test_exact_match_length_7`, `_8`) and the digits read (`test_read_length_7`, `_8`) show
 what the model does on lines longer than any it has seen.
 
-The model itself still covers 8 digits (max_digits = 8: canvas, decoder positions and
-sequences are those of the default); only training stops at 6.
+Only training stops at 6: the dataset is the default's (max_digits = 8, lines of 1-8 digits
+at their natural width in the default's width buckets, so the 7- and 8-digit lines are
+evaluated), `data.train_max_digits = 6` keeps the 7- and 8-digit lines out of the training
+lines alone, and the model is the default's, whose decoder reads up to decode.max_length = 32
+digits (model.max_length = 33 positions, <sos> included; with randomized positions, training
+on 1-6 digits trains all of them). Evaluation during training decodes up to max_digits + 1
+digits; the `long` split (9-16 digits) is read as far as decode.max_length.
 
   python -m digit_vit.main --config=configs/length_generalization.py --workdir=runs/lengthgen
   python -m experiments.run experiments/sweeps/length_generalization.py   # with position variants

@@ -5,7 +5,9 @@ is to the machine's float32 matmul peak.
   python -m digit_vit.bench --config=configs/default.py --only=pipeline   # vs. the train step
   python -m digit_vit.bench --config=configs/bench.py --json=bench.json
 
-Throughputs are images per second over repeated calls after a warm-up (min / median / max
+Images are one width bucket wide (`bench_width`: the bucket of the config's longest training
+lines; configs/bench.py has the one, 192). Throughputs are images per second over repeated
+calls after a warm-up (min / median / max
 are printed); FLOPs per image come from XLA's cost analysis of the compiled functions, so
 "fraction of peak" compares like with like: model FLOPs actually executed per second over the
 FLOP/s of a 2048^3 float32 matmul measured in the same run: numpy's (the issue's yardstick),
@@ -31,6 +33,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from digit_vit import environment, profiling, xla_options
+from digit_vit.data import compose
 from digit_vit.models import tokens
 
 FLAGS = flags.FLAGS
@@ -174,6 +177,19 @@ class _Recorder:
               hlo_text=compiled.as_text())
 
 
+def bench_width(config) -> int:
+  """The width the benchmark's images have: the narrowest width bucket that holds a line of
+  `max_digits` digits of the mean training size (a config with one bucket: that width), the
+  bucket the longest training lines mostly train in."""
+  from digit_vit.data import buckets, input_pipeline  # pylint: disable=import-outside-toplevel
+  widths = buckets.width_buckets(config)
+  if len(widths) == 1 or config.task != "read":
+    return widths[-1]
+  comp = input_pipeline.builder_config_from(config).composition()
+  longest = compose.expected_width(int(config.max_digits), comp)
+  return next((w for w in widths if w >= longest), widths[-1])
+
+
 def _fake_batch(config, batch_size):
   """Random images and token rows of random lengths: speed does not depend on content."""
   rng = np.random.default_rng(0)
@@ -181,7 +197,7 @@ def _fake_batch(config, batch_size):
   lengths = rng.integers(1, config.max_digits + 1, batch_size)
   digits = ["".join(map(str, rng.integers(0, 10, n))) for n in lengths]
   return {
-      "image": rng.random((batch_size, m.image_height, m.image_width, m.image_channels),
+      "image": rng.random((batch_size, m.image_height, bench_width(config), m.image_channels),
                           np.float32),
       "tokens": tokens.encode_batch(digits, config.max_digits),
       "mask": np.ones((batch_size,), bool),

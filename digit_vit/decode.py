@@ -12,6 +12,13 @@ mean probability over the models and the views.
 
 Outputs are raw token rows without `<sos>` (the contract's `[1, 0, 1, 11, 12, 12]` for "101"):
 `<pad>` after the first `<eos>`; a row with no `<eos>` ran to `max_length` without stopping.
+
+Images may be a batch padded on the right to a width bucket, with `widths` int32 [batch] the
+valid width of each in pixels (see models/reader.py). The memory's mask is built once, from
+the widths, by `encode_and_init_cache` and kept in each cross-attention layer's cache, so every
+step (and every beam, which shares its image's cache rows) attends only to valid patches;
+`decode_step` needs no widths. Test-time views shift each image inside its bucket and keep its
+valid width (`shifted_widths`), so a line reads the same in any bucket that holds it.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from digit_vit.models import tokens
-from digit_vit.models.reader import DigitReader, ModelConfig
+from digit_vit.models.reader import DigitReader, ModelConfig, patch_mask
 
 
 def _max_length(model_config: ModelConfig, max_length: int | None) -> int:
@@ -68,19 +75,38 @@ def _members(model_config, params) -> tuple[tuple[ModelConfig, ...], tuple[Any, 
   return model_configs, tuple(params)
 
 
-def encode_and_init_cache(model_config: ModelConfig, params, images, views: int = 1):
+def encode_and_init_cache(model_config: ModelConfig, params, images, views: int = 1, *,
+                          widths=None, max_length: int | None = None):
   """Runs the encoder (over each of the `views` of `images`, `map_over_views`) and builds the
   decode cache.
+
+  Args:
+    images: float [batch, H, W, C].
+    views: test-time views (`shifted_views`).
+    widths: int [batch] valid widths of the images in pixels, or None (all valid). The memory
+      mask they give (`patch_mask`, for each view's `shifted_widths`) goes into the cache.
+    max_length: decode steps the cache holds (default and limit: `ModelConfig.max_length`).
 
   Returns:
     memory [views * batch, patches, width] (view-major) and the 'cache' collection sized for
     `max_length` steps.
   """
-  memory = map_over_views(
-      lambda x: DigitReader(model_config).apply({"params": params}, x,
-                                                method=DigitReader.encode), images, views)
+  length = _max_length(model_config, max_length)
+
+  def encode(x, w=None):
+    return DigitReader(model_config).apply({"params": params}, x, widths=w,
+                                           method=DigitReader.encode)
+
+  memory_mask = None
+  if widths is None:
+    memory = map_over_views(encode, images, views)
+  else:
+    memory = map_over_views(encode, images, views, widths=widths)
+    memory_mask = patch_mask(model_config, shifted_widths(widths, views, images.shape[2]),
+                             images.shape[2])
   _, variables = DigitReader(model_config, decode=True).apply(
-      {"params": params}, memory, method=DigitReader.init_cache, mutable=["cache"])
+      {"params": params}, memory, memory_mask, length, method=DigitReader.init_cache,
+      mutable=["cache"])
   return memory, variables["cache"]
 
 
@@ -98,17 +124,24 @@ def next_token_log_probs(logits):
   return jax.nn.log_softmax(jnp.where(allowed, logits.astype(jnp.float32), -jnp.inf))
 
 
-def decode_step(model_config: ModelConfig, params, cache, token, memory):
+def decode_step(model_config: ModelConfig, params, cache, token, memory, *, widths=None):
   """One cached decoder step.
 
   Args:
     token: int32 [batch] the previous token.
+    memory: [batch, patches, width].
+    widths: normally None: the cache holds the memory mask of `encode_and_init_cache`'s widths.
+      Else int [batch] valid widths in pixels (of the images whose `memory` this is), whose
+      mask is ANDed with the cached one.
 
   Returns:
     log-probabilities float32 [batch, vocab] of the next token, and the updated cache.
   """
+  memory_mask = None
+  if widths is not None:
+    memory_mask = patch_mask(model_config, widths, _memory_width(model_config, memory))
   logits, variables = DigitReader(model_config, decode=True).apply(
-      {"params": params, "cache": cache}, token[:, None], memory,
+      {"params": params, "cache": cache}, token[:, None], memory, memory_mask=memory_mask,
       method=DigitReader.decode_tokens, mutable=["cache"])
   return next_token_log_probs(logits[:, 0]), variables["cache"]
 
@@ -125,6 +158,32 @@ def check_views(views: int) -> int:
   if not 1 <= views <= len(VIEW_SHIFTS):
     raise ValueError(f"views must be in 1..{len(VIEW_SHIFTS)} (1 = the image alone), got {views}")
   return views
+
+
+def _memory_width(model_config: ModelConfig, memory) -> int:
+  """The image width, in pixels, whose encoding is `memory` [batch, patches (+1), width]."""
+  rows = model_config.grid[0]
+  patches = memory.shape[1] - int(model_config.class_token)
+  return patches // rows * model_config.patch_size[1]
+
+
+def shifted_widths(widths, views: int, width: int):
+  """The valid widths of `shifted_views`: each view keeps its image's widths.
+
+  A view shifted right by dx pushes the last dx pixels of the line past its width; they are the
+  line's margin (`predict.MARGIN`, the training lines' random margins). Growing the width
+  instead would make a view's mask depend on the bucket (the growth is cut at the bucket's
+  edge), and so the reading on which bucket holds the line.
+
+  Args:
+    widths: int [batch] valid widths in pixels.
+    width: the bucket's width (the widths are at most this).
+
+  Returns:
+    int32 [views * batch], view-major as `shifted_views`.
+  """
+  widths = jnp.minimum(jnp.asarray(widths, jnp.int32), width)
+  return jnp.tile(widths, check_views(views))
 
 
 def shifted_views(images, views: int):
@@ -144,7 +203,7 @@ def shifted_views(images, views: int):
                          axis=0)
 
 
-def map_over_views(fn, images, views: int):
+def map_over_views(fn, images, views: int, *, widths=None):
   """`fn` over the first `views` of VIEW_SHIFTS of `images`, one view after another.
 
   The same result as `fn(shifted_views(images, views))` for a per-image `fn`, but the views
@@ -153,17 +212,25 @@ def map_over_views(fn, images, views: int):
   stem's full-resolution feature maps), against 1.8 GB for one view.
 
   Args:
-    fn: [batch, H, W, C] -> an array [batch, ...].
+    fn: [batch, H, W, C] -> an array [batch, ...]; with `widths`, (images [batch, H, W, C],
+      widths int32 [batch]) -> an array [batch, ...], called with each view's widths
+      (`shifted_widths`).
     images: [batch, H, W, C].
+    widths: int [batch] valid widths in pixels, or None.
 
   Returns:
     [views * batch, ...], view-major as `shifted_views`.
   """
+  if widths is not None:
+    view_widths = shifted_widths(widths, views, images.shape[2]).reshape(views, -1)
   if check_views(views) == 1:
-    return fn(images)
+    return fn(images) if widths is None else fn(images, view_widths[0])
   batch = images.shape[0]
   per_view = shifted_views(images, views).reshape((views, batch) + images.shape[1:])
-  out = jax.lax.map(fn, per_view)
+  if widths is None:
+    out = jax.lax.map(fn, per_view)
+  else:
+    out = jax.lax.map(lambda xs: fn(*xs), (per_view, view_widths))
   return out.reshape((views * batch,) + out.shape[2:])
 
 
@@ -188,9 +255,11 @@ def mean_over_models_and_views(log_probs: Sequence[jax.Array], views: int):
   return jax.nn.logsumexp(per_reading, axis=0) - jnp.log(float(per_reading.shape[0]))
 
 
-def _encode_all(model_configs, params, images, views: int):
-  """Every member's memory and cache over the `views` of `images` (tuples, one per member)."""
-  started = [encode_and_init_cache(c, p, images, views) for c, p in zip(model_configs, params)]
+def _encode_all(model_configs, params, images, views: int, widths, length: int):
+  """Every member's memory and cache for `length` steps over the `views` of `images` (tuples,
+  one per member)."""
+  started = [encode_and_init_cache(c, p, images, views, widths=widths, max_length=length)
+             for c, p in zip(model_configs, params)]
   return tuple(m for m, _ in started), tuple(c for _, c in started)
 
 
@@ -204,14 +273,16 @@ def _step_all(model_configs, params, caches, token, memories, views: int):
 
 
 def greedy_decode(model_config: ModelConfig | Sequence[ModelConfig], params, images, *,
-                  max_length: int | None = None, views: int = 1):
+                  widths=None, max_length: int | None = None, views: int = 1):
   """Greedy reading with the cache.
 
   Args:
     model_config, params: one model, or an ensemble: a tuple of configs (`check_ensemble`) and
       the tuple of their params, whose mean probability picks each token.
-    images: float [batch, H, W, C].
-    max_length: steps at most (default: all decoder positions, max_digits + 1).
+    images: float [batch, H, W, C], W a multiple of the patch width up to image_width.
+    widths: int [batch] valid width of each image in pixels (the rest is padding), or None.
+    max_length: tokens written at most, <eos> included (default and limit:
+      `ModelConfig.max_length`, the decoder's positions).
     views: test-time augmentation: read this many shifted copies of each image
       (`shifted_views`) and pick each token by its mean probability over them; 1 = none.
 
@@ -223,7 +294,7 @@ def greedy_decode(model_config: ModelConfig | Sequence[ModelConfig], params, ima
   model_configs, params = _members(model_config, params)
   length = _max_length(model_configs[0], max_length)
   batch = images.shape[0]
-  memories, caches = _encode_all(model_configs, params, images, views)
+  memories, caches = _encode_all(model_configs, params, images, views, widths, length)
 
   def cond(state):
     step, _, _, _, _, done = state
@@ -247,7 +318,7 @@ def greedy_decode(model_config: ModelConfig | Sequence[ModelConfig], params, ima
   return out, log_prob
 
 
-def greedy_decode_uncached(model_config: ModelConfig, params, images, *,
+def greedy_decode_uncached(model_config: ModelConfig, params, images, *, widths=None,
                            max_length: int | None = None):
   """Greedy reading that re-runs the decoder over the whole prefix at every step (no cache).
 
@@ -256,7 +327,8 @@ def greedy_decode_uncached(model_config: ModelConfig, params, images, *,
   """
   length = _max_length(model_config, max_length)
   model = DigitReader(model_config)
-  memory = model.apply({"params": params}, images, method=DigitReader.encode)
+  memory = model.apply({"params": params}, images, widths=widths, method=DigitReader.encode)
+  memory_mask = None if widths is None else patch_mask(model_config, widths, images.shape[2])
   batch = images.shape[0]
 
   def cond(state):
@@ -266,7 +338,7 @@ def greedy_decode_uncached(model_config: ModelConfig, params, images, *,
   def body(state):
     step, buffer, log_prob, done = state
     logits = model.apply({"params": params}, buffer[:, :length], memory,
-                         method=DigitReader.decode_tokens)
+                         memory_mask=memory_mask, method=DigitReader.decode_tokens)
     step_log_probs = next_token_log_probs(jax.lax.dynamic_index_in_dim(logits, step, 1, False))
     best = jnp.where(done, tokens.PAD, jnp.argmax(step_log_probs, -1).astype(jnp.int32))
     chosen = jnp.take_along_axis(step_log_probs, best[:, None], axis=-1)[:, 0]
@@ -287,8 +359,8 @@ def length_penalty(length, alpha: float):
 
 
 def beam_search(model_config: ModelConfig | Sequence[ModelConfig], params, images, *,
-                beam_size: int = 4, alpha: float = 0.6, max_length: int | None = None,
-                views: int = 1):
+                widths=None, beam_size: int = 4, alpha: float = 0.6,
+                max_length: int | None = None, views: int = 1):
   """Beam search with the cache.
 
   Keeps the `beam_size` most likely hypotheses by log-prob. A hypothesis that emitted
@@ -296,9 +368,9 @@ def beam_search(model_config: ModelConfig | Sequence[ModelConfig], params, image
   with the unfinished ones; the loop stops once every hypothesis of every image has finished,
   since unfinished log-probs only fall. The answer is the finished hypothesis with the best
   log-prob / length_penalty(tokens, alpha) (unfinished ones only where none finished). With
-  `beam_size=1` this is exactly greedy decoding. `model_config`, `params` and `views` as in
-  `greedy_decode`: each hypothesis is scored by the mean probability over the models and the
-  views of its image.
+  `beam_size=1` this is exactly greedy decoding. `model_config`, `params`, `widths`,
+  `max_length` and `views` as in `greedy_decode`: each hypothesis is scored by the mean
+  probability over the models and the views of its image.
 
   Returns:
     tokens: int32 [batch, max_length] the chosen hypothesis (raw outputs, as greedy).
@@ -312,9 +384,9 @@ def beam_search(model_config: ModelConfig | Sequence[ModelConfig], params, image
   if k > vocab:
     raise ValueError(f"beam_size={k} exceeds the vocabulary of {vocab} tokens")
   neg_inf = jnp.float32(-1e9)
-  memories, caches = _encode_all(model_configs, params, images, views)
-  # Every beam of an image (view) shares its memory and cross-attention cache: rows
-  # (view * batch + image) * k + beam, in every member.
+  memories, caches = _encode_all(model_configs, params, images, views, widths, length)
+  # Every beam of an image (view) shares its memory and cross-attention cache (and memory
+  # mask): rows (view * batch + image) * k + beam, in every member.
   expand = functools.partial(_expand_beams, batch=views * batch, beam_size=k)
   memories, caches = jax.tree.map(expand, memories), jax.tree.map(expand, caches)
   pad_only = jnp.where(jnp.arange(vocab) == tokens.PAD, 0.0, neg_inf)
@@ -368,11 +440,14 @@ def _gather_beams(x, flat_source, rows):
 
 
 def decode(model_config: ModelConfig | Sequence[ModelConfig], params, images, *,
-           beam_size: int = 1, alpha: float = 0.6, max_length: int | None = None,
+           widths=None, beam_size: int = 1, alpha: float = 0.6, max_length: int | None = None,
            views: int = 1):
   """Greedy for beam_size 1, else beam search; over `views` shifted copies of each image and,
-  for an ensemble (tuples of configs and params), over its models. Returns (tokens, log_prob)."""
+  for an ensemble (tuples of configs and params), over its models; `widths` int [batch] the
+  images' valid widths in pixels (None: all valid). Returns (tokens [batch, max_length],
+  log_prob [batch])."""
   if beam_size == 1:
-    return greedy_decode(model_config, params, images, max_length=max_length, views=views)
-  return beam_search(model_config, params, images, beam_size=beam_size, alpha=alpha,
-                     max_length=max_length, views=views)
+    return greedy_decode(model_config, params, images, widths=widths, max_length=max_length,
+                         views=views)
+  return beam_search(model_config, params, images, widths=widths, beam_size=beam_size,
+                     alpha=alpha, max_length=max_length, views=views)

@@ -350,6 +350,7 @@ class DemoServer(HTTPServer):
   def info(self) -> dict[str, Any]:
     r = self.reader
     return {"height": r.height, "width": r.width, "max_digits": int(r.config.max_digits),
+            "max_length": r.max_length - 1, "buckets": list(r.buckets),
             "beam_size": r.beam_size, "views": r.views, "step": int(r.step),
             "ensemble": len(r.ensemble),
             "max_request_bytes": self.max_request_bytes, "max_pixels": self.max_pixels}

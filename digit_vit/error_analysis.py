@@ -190,12 +190,12 @@ OVERLAP_BINS = (-np.inf, -4.0, -2.0, 0.0, 2.0, 4.0, np.inf)
 
 
 def digit_geometry(bboxes: np.ndarray, lengths: np.ndarray, *,
-                   width: int) -> tuple[np.ndarray, np.ndarray]:
+                   width: int | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """Each digit's height (share of the canvas) and overlap with its neighbours (pixels).
 
   Args:
     bboxes: float [n, max_digits, 4], (ymin, xmin, ymax, xmax) normalised to [0, 1].
-    lengths: int [n]; width: the canvas width in pixels.
+    lengths: int [n]; width: each line's width in pixels, int [n, 1] (or one for all lines).
 
   Returns:
     (height, overlap): float [n, max_digits] each; overlap is how far the digit's box runs into
@@ -242,9 +242,10 @@ def lines_without(source_ids: np.ndarray, lengths: np.ndarray, ids) -> np.ndarra
 
 
 def summarize_lines(errors: LineErrors, *, top: int, bboxes: np.ndarray | None = None,
-                    lengths: np.ndarray | None = None, width: int = 0) -> dict[str, Any]:
+                    lengths: np.ndarray | None = None,
+                    width: int | np.ndarray = 0) -> dict[str, Any]:
   """The JSON-ready analysis of a reader's lines; given the lines' `bboxes` and `lengths` (and
-  the canvas `width`), also the share of digits misread by height and by overlap."""
+  the lines' `width`, see `digit_geometry`), also the share of digits misread by height and by overlap."""
   ranked = errors.ranked()
   n = len(errors.right)
   geometry = {}
@@ -405,7 +406,8 @@ def analyze(workdir: str | os.PathLike, *, checkpoints: Sequence[trained.Checkpo
   if task == "read":
     errors = charge_lines(line_info["digits"], predictions, line_info["source_ids"])
     result.update(summarize_lines(errors, top=top, bboxes=line_info["bboxes"],
-                                  lengths=line_info["length"], width=int(config.image_width)))
+                                  lengths=line_info["length"],
+                                  width=line_info["width"][:, None]))
     return result, images
 
   ids, labels = digits.ids, digits.labels  # The classifier reads its split in this order.

@@ -27,7 +27,7 @@ from typing import Any, NoReturn, Sequence
 import tensorflow as tf
 from absl import app, flags
 
-from digit_vit import logs, predict, trained
+from digit_vit import file_evaluation, logs, predict, trained
 from digit_vit.data import input_pipeline
 from digit_vit.models import build_model
 
@@ -107,18 +107,28 @@ def evaluate(workdir: str | os.PathLike, *, checkpoints: Sequence[trained.Checkp
   config = trained.load_config(workdir)
   beam_size, alpha, views = trained.decoding(config, beam_size, alpha, views)
   splits = list(config.eval_splits if splits is None else splits)
-  unknown = [s for s in splits if s not in input_pipeline.SPLITS]
+  known = input_pipeline.SPLITS + (file_evaluation.SPLITS if config.task == "read" else ())
+  unknown = [s for s in splits if s not in known]
   if unknown or not splits:
-    raise ValueError(f"--splits={','.join(splits)}: choose among "
-                     f"{', '.join(input_pipeline.SPLITS)}")
+    raise ValueError(f"--splits={','.join(splits)}: choose among {', '.join(known)}")
   if data_dir is not None:
     config.data.data_dir = data_dir
   evaluator, params, reading = reading_evaluator(
       workdir, config, checkpoints=checkpoints, beam_size=beam_size, alpha=alpha, views=views,
       ema=ema, ensemble=ensemble)
   result: dict[str, Any] = {**reading, "splits": splits}
+  file_reader = None
   for split in splits:
-    split_metrics, _ = evaluator(params, split, num_examples)
+    if split in file_evaluation.SPLITS:  # Image files, read as `predict` reads them.
+      if file_reader is None:
+        members, described = trained.restore_ensemble(config, ensemble, ema=ema)
+        file_reader = predict.Reader.from_params(
+            config, params, step=max(reading["steps"]), beam_size=beam_size, alpha=alpha, views=views,
+            batch_size=64, ensemble=members, described=described)
+      split_metrics = file_evaluation.evaluate(file_reader, config, split,
+                                               num_examples=num_examples)
+    else:
+      split_metrics, _ = evaluator(params, split, num_examples)
     result.update({f"{split}_{k}": v for k, v in split_metrics.items()})
   return result
 

@@ -126,13 +126,15 @@ def weighted_cross_entropy(logits, targets, weights, *, label_smoothing: float =
   return jnp.sum(loss * weights), jnp.sum(weights)
 
 
-def ctc_loss(ctc_logits, tokens, *, mask=None):
+def ctc_loss(ctc_logits, tokens, *, mask=None, frame_mask=None):
   """Summed CTC loss of per-frame digit logits against each line's digits.
 
   Args:
     ctc_logits: float [batch, frames, CTC_CLASSES]: the digits, then the blank (`tokens.py`).
     tokens: int [batch, L], full sequences `<sos> d1 .. dn <eos> <pad> ..` (`tokens.py`).
     mask: optional bool [batch]; False rows count for nothing.
+    frame_mask: optional bool [batch, frames]: False on the frames of a line's width padding
+      (`reader.ctc_frame_mask`), which the alignment then never reaches.
 
   Returns:
     (loss_sum, line_count): float32 scalars; loss_sum is the summed negative log-likelihood of
@@ -144,7 +146,8 @@ def ctc_loss(ctc_logits, tokens, *, mask=None):
   labels = jnp.asarray(tokens)[:, 1:]  # Digits, then <eos> and <pad>: padding is a suffix.
   label_paddings = (labels >= tokens_lib.NUM_DIGITS).astype(jnp.float32)
   labels = jnp.where(label_paddings > 0, 0, labels)
-  logit_paddings = jnp.zeros(ctc_logits.shape[:2], jnp.float32)
+  logit_paddings = (jnp.zeros(ctc_logits.shape[:2], jnp.float32) if frame_mask is None
+                    else 1.0 - jnp.asarray(frame_mask, jnp.float32))
   per_line = optax.ctc_loss(ctc_logits.astype(jnp.float32), logit_paddings, labels,
                             label_paddings, blank_id=tokens_lib.CTC_BLANK)
   rows = (jnp.ones(per_line.shape, jnp.float32) if mask is None

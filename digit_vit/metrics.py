@@ -94,7 +94,7 @@ def reading_sums(outputs, targets, mask=None, *, max_digits: int):
   """Sums of the digit-reader metrics over a batch (see the module docstring).
 
   Args:
-    outputs: int [batch, Lo] free-running raw outputs (no `<sos>`); Lo <= L is padded.
+    outputs: int [batch, Lo] free-running raw outputs (no `<sos>`), of any length Lo.
     targets: int [batch, L] targets (the full sequence without `<sos>`).
     mask: optional bool [batch]; False rows are left out.
     max_digits: the longest line (sizes the per-length sums).
@@ -105,10 +105,11 @@ def reading_sums(outputs, targets, mask=None, *, max_digits: int):
     length_count, length_exact, length_read_digits (index n = targets of n digits).
   """
   outputs, targets = jnp.asarray(outputs), jnp.asarray(targets)
-  if outputs.shape[1] < targets.shape[1]:
-    outputs = jnp.pad(outputs, ((0, 0), (0, targets.shape[1] - outputs.shape[1])),
-                      constant_values=tokens_lib.PAD)
-  outputs = outputs[:, :targets.shape[1]]
+  # Both to the longer length, with <pad>: a reading longer than the target is compared (and
+  # its extra digits counted) in full.
+  length = max(outputs.shape[1], targets.shape[1])
+  outputs, targets = (jnp.pad(x, ((0, 0), (0, length - x.shape[1])),
+                              constant_values=tokens_lib.PAD) for x in (outputs, targets))
   m = _mask(mask, targets.shape[0])
   scored = targets != tokens_lib.PAD  # The digits and the <eos>.
   right = (outputs == targets) & scored

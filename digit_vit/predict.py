@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import io
+import math
 import os
 import pathlib
 import sys
@@ -48,8 +50,9 @@ from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 from scipy import ndimage
 
 from digit_vit import decode, logs, trained, xla_options
+from digit_vit.data import buckets
 from digit_vit.models import tokens
-from digit_vit.models.reader import DigitReader, ModelConfig
+from digit_vit.models.reader import DigitReader, ModelConfig, patch_mask
 
 # Files a directory argument contributes (others in it are ignored).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -70,6 +73,11 @@ WORKING_SCALE = 8
 # Where the training lines put their ink (digit_vit/data/compose.py): line heights are drawn
 # from 0.55-0.9 of the canvas height, so an input line is fitted to the middle of that range.
 LINE_HEIGHT = 0.72
+# Background left and right of the ink, as a fraction of the height: the middle of the training
+# lines' margins (0 to `config.data.max_margin` = 0.5 of the height a side).
+MARGIN = 0.25
+# Line widths are multiples of this (the patch width), as the training lines' are.
+WIDTH_MULTIPLE = 8
 # Training strokes (MNIST at this scale) are about 2.5 canvas pixels wide; thinner input
 # strokes (a fine pen photographed large) are thickened to that before downscaling.
 STROKE_WIDTH = 2.5
@@ -201,21 +209,27 @@ def as_grey_array(image: np.ndarray | Image.Image) -> np.ndarray:
 
 
 def to_canvas(image: np.ndarray | Image.Image, height: int, width: int) -> np.ndarray | None:
-  """Normalises an image of a line of digits into the model's canvas.
+  """Normalises an image of a line of digits into a line as the model reads it.
 
   Ink is made bright on black (the polarity is the opposite of the median pixel, since ink
   covers a minority of the image), stretched to peak 1, cropped to its bounding box, thickened
   if its strokes would end up thinner than the training digits', and scaled to the training
-  lines' height (narrower if the line would not fit the width, never distorted), centred.
-  Beyond a few passes over the pixels, the work is bounded by the canvas, not the image: a crop
-  much larger than the canvas is measured and thickened at a working resolution (`_working_ink`).
+  lines' digit height (`LINE_HEIGHT` of `height`), never distorted. The line keeps its natural
+  width: the ink plus a margin of `MARGIN` of the height on each side, rounded up to a multiple
+  of `WIDTH_MULTIPLE`, as the training lines are (`data/compose.py`). A line wider than `width`
+  (the widest bucket) is shrunk to fit it: its digits then come out smaller than the training
+  lines', which reads worse, so `width` should hold the longest line a reader is meant for.
+  Beyond a few passes over the pixels, the work is bounded by the output, not the image: a crop
+  much larger than it is measured and thickened at a working resolution (`_working_ink`).
 
   Args:
     image: see `as_grey_array`.
-    height, width: the canvas.
+    height: the model's image height.
+    width: the widest line (the widest width bucket).
 
   Returns:
-    float32 [height, width] in [0, 1], or None when the image has no ink.
+    float32 [height, w] in [0, 1], w a multiple of WIDTH_MULTIPLE in [WIDTH_MULTIPLE, width],
+    or None when the image has no ink.
 
   Raises:
     ImageError: not an image array, or more elongated than `MAX_ASPECT_RATIO` (checked before
@@ -241,7 +255,8 @@ def to_canvas(image: np.ndarray | Image.Image, height: int, width: int) -> np.nd
   rows, cols = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
   x = x[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
   crop_h, crop_w = x.shape
-  scale = min(LINE_HEIGHT * height / crop_h, (width - 2) / crop_w)
+  margin = MARGIN * height
+  scale = min(LINE_HEIGHT * height / crop_h, (width - 2 * margin) / crop_w)
   out_h = max(1, min(height, round(crop_h * scale)))
   out_w = max(1, min(width, round(crop_w * scale)))
   x, factor = _working_ink(x, scale)
@@ -250,8 +265,9 @@ def to_canvas(image: np.ndarray | Image.Image, height: int, width: int) -> np.nd
   # whole pixel); for an unpooled crop it is the whole image, Pillow's default.
   fitted = Image.fromarray(np.uint8(np.round(x * 255))).resize(
       (out_w, out_h), Image.BILINEAR, box=(0, 0, crop_w / factor, crop_h / factor))
-  canvas = np.zeros((height, width), np.float32)
-  top, left = (height - out_h) // 2, (width - out_w) // 2
+  line_w = min(width, WIDTH_MULTIPLE * math.ceil((out_w + 2 * margin) / WIDTH_MULTIPLE))
+  canvas = np.zeros((height, line_w), np.float32)
+  top, left = (height - out_h) // 2, (line_w - out_w) // 2
   canvas[top:top + out_h, left:left + out_w] = np.asarray(fitted, np.float32) / 255
   return canvas
 
@@ -340,32 +356,56 @@ class Reader:
                beam_size: int | None = None, alpha: float | None = None,
                views: int | None = None, batch_size: int = 16,
                ensemble: Sequence[str | os.PathLike] = ()):
-    self.config = load_config(workdir)
-    self.model_config = ModelConfig.from_config(self.config.model)
-    readers, self.ensemble = trained.restore_ensemble(self.config, ensemble)
+    config = load_config(workdir)
+    readers, described = trained.restore_ensemble(config, ensemble)
+    params, step = trained.restore_params(workdir, config, checkpoint)
+    self._setup(config, params, step, readers, described, beam_size=beam_size, alpha=alpha,
+                views=views, batch_size=batch_size)
+
+  @classmethod
+  def from_params(cls, config: ml_collections.ConfigDict, params, *, step: int = 0,
+                  beam_size: int | None = None, alpha: float | None = None,
+                  views: int | None = None, batch_size: int = 16, ensemble=(),
+                  described=()) -> "Reader":
+    """A reader of parameters in hand (a run's config and its model's params), as training
+    and `evaluate` read the file splits (`file_evaluation`); `ensemble` and `described` as
+    `trained.restore_ensemble` returns them."""
+    reader = cls.__new__(cls)
+    reader._setup(config, params, step, ensemble, list(described), beam_size=beam_size,
+                  alpha=alpha, views=views, batch_size=batch_size)
+    return reader
+
+  def _setup(self, config, params, step, readers, described, *, beam_size, alpha, views,
+             batch_size):
+    self.config = config
+    self.model_config = ModelConfig.from_config(config.model)
+    self.ensemble = described
     self._ensemble_configs = tuple(c for c, _ in readers)
     self._ensemble_params = tuple(p for _, p in readers)
-    self.params, self.step = trained.restore_params(workdir, self.config, checkpoint)
-    self.beam_size, self.alpha, self.views = trained.decoding(self.config, beam_size, alpha,
-                                                              views)
+    self.params, self.step = params, step
+    self.beam_size, self.alpha, self.views = trained.decoding(config, beam_size, alpha, views)
     if batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     self.batch_size = batch_size
     self.height, self.width = self.model_config.image_height, self.model_config.image_width
-    self.traces = 0  # Compilations of the reading function (tests check there is one).
+    self.buckets = buckets.width_buckets(self.config)
+    self.max_length = trained.read_length(self.config)  # Tokens a reading may write.
+    self.traces = 0  # Compilations of the reading function: one per width bucket used.
     self._read_batch = xla_options.jit(self._read_fn)
+    self._attention_batch = xla_options.jit(functools.partial(cross_attention,
+                                                              self.model_config))
 
-  def _read_fn(self, params, ensemble_params, images):
+  def _read_fn(self, params, ensemble_params, images, widths):
     self.traces += 1
     # A lone model is an ensemble of one to `decode`.
-    outputs, log_prob = decode.decode((self.model_config, *self._ensemble_configs),
-                                      (params, *ensemble_params), images,
-                                      beam_size=self.beam_size, alpha=self.alpha,
-                                      views=self.views)
-    return outputs, log_prob, cross_attention(self.model_config, params, images, outputs)
+    return decode.decode((self.model_config, *self._ensemble_configs),
+                         (params, *ensemble_params), images, widths=widths,
+                         beam_size=self.beam_size, alpha=self.alpha, views=self.views,
+                         max_length=self.max_length)
 
   def prepare(self, images: Sequence[np.ndarray | Image.Image]) -> list[np.ndarray | None]:
-    """The model inputs of `images` (see `to_canvas`): float32 [H, W] each, None for no ink.
+    """The model inputs of `images` (see `to_canvas`): float32 [H, w] each, w a multiple of 8
+    up to the widest bucket, None for no ink.
 
     Pure numpy and Pillow: a server runs it outside the lock that guards the model."""
     return [to_canvas(image, self.height, self.width) for image in images]
@@ -376,51 +416,67 @@ class Reader:
 
     Args:
       images: arrays or PIL images of any size.
-      attention: fill `Prediction.attention`.
+      attention: fill `Prediction.attention` (an extra teacher-forced pass).
       filenames: names to put in the predictions.
     """
     return self.read_prepared(self.prepare(images), attention=attention, filenames=filenames)
 
   def read_prepared(self, canvases: Sequence[np.ndarray | None], *, attention: bool = False,
                     filenames: Sequence[str] | None = None) -> list[Prediction]:
-    """Reads what `prepare` made (None: an image with no ink); see `read`."""
+    """Reads what `prepare` made (None: an image with no ink); see `read`.
+
+    Lines are read in batches of `batch_size` of one width bucket each (the narrowest that
+    holds them), padded on the right with background, so the decoder compiles once a bucket.
+    """
     filenames = list(filenames) if filenames is not None else [""] * len(canvases)
+    predictions = [_no_ink(name, self.height, self.max_length) for name in filenames]
     inked = [i for i, c in enumerate(canvases) if c is not None]
-    predictions = [_no_ink(name, self.height, self.width, self.model_config.max_length)
-                   for name in filenames]
-    for start in range(0, len(inked), self.batch_size):
-      rows = inked[start:start + self.batch_size]
-      batch = np.zeros((self.batch_size, self.height, self.width, 1), np.float32)
-      batch[:len(rows), ..., 0] = [canvases[i] for i in rows]
-      outputs, log_prob, weights = jax.device_get(
-          self._read_batch(self.params, self._ensemble_params, batch))
-      for j, i in enumerate(rows):
-        predictions[i] = _prediction(filenames[i], outputs[j], float(log_prob[j]), canvases[i],
-                                     weights[j] if attention else None)
+    bucket_of = buckets.bucket_index([canvases[i].shape[1] for i in inked], self.buckets)
+    for bucket in sorted(set(int(b) for b in bucket_of)):
+      in_bucket = [i for i, b in zip(inked, bucket_of) if b == bucket]
+      width = self.buckets[bucket]
+      for start in range(0, len(in_bucket), self.batch_size):
+        rows = in_bucket[start:start + self.batch_size]
+        batch = np.zeros((self.batch_size, self.height, width, 1), np.float32)
+        # Padding rows are blank lines of the whole width: every column valid, nothing read.
+        widths = np.full((self.batch_size,), width, np.int32)
+        for j, i in enumerate(rows):
+          batch[j, :, :canvases[i].shape[1], 0] = canvases[i]
+          widths[j] = canvases[i].shape[1]
+        outputs, log_prob = self._read_batch(self.params, self._ensemble_params, batch, widths)
+        weights = (self._attention_batch(self.params, batch, widths, outputs) if attention
+                   else None)
+        outputs, log_prob, weights = jax.device_get((outputs, log_prob, weights))
+        for j, i in enumerate(rows):
+          maps = None if weights is None else weights[j, :, :, :canvases[i].shape[1]]
+          predictions[i] = _prediction(filenames[i], outputs[j], float(log_prob[j]),
+                                       canvases[i], maps)
     return predictions
 
 
-def cross_attention(model_config: ModelConfig, params, images, outputs):
+def cross_attention(model_config: ModelConfig, params, images, widths, outputs):
   """Where the decoder looked while writing each output token.
 
   Re-runs the decoder teacher-forced on its own outputs and averages the cross-attention
   weights over heads and blocks.
 
   Args:
-    images: float [batch, H, W, C].
+    images: float [batch, H, W, C], padded on the right past `widths`.
+    widths: int32 [batch] each image's width in pixels.
     outputs: int32 [batch, length] raw outputs (no `<sos>`).
 
   Returns:
     float32 [batch, length, H, W]: each output token's attention spread over its patches'
-    pixels (a token's map sums to 1 over the patches).
+    pixels (a token's map sums to 1 over the patches; none falls on the padding).
   """
   model = DigitReader(model_config)
   inputs = jnp.concatenate([jnp.full_like(outputs[:, :1], tokens.SOS), outputs[:, :-1]], 1)
-  memory = model.apply({"params": params}, images, method=DigitReader.encode)
-  _, weights = model.apply({"params": params}, inputs, memory, return_weights=True,
-                           method=DigitReader.decode_tokens)
+  memory = model.apply({"params": params}, images, widths=widths, method=DigitReader.encode)
+  memory_mask = patch_mask(model_config, widths, images.shape[2])
+  _, weights = model.apply({"params": params}, inputs, memory, memory_mask=memory_mask,
+                           return_weights=True, method=DigitReader.decode_tokens)
   weights = jnp.mean(jnp.stack(weights), axis=(0, 2))  # [batch, length, patches]
-  rows, cols = model_config.grid
+  rows, cols = model_config.grid_for(images.shape[2])
   patch_h, patch_w = model_config.patch_size
   grid = weights.reshape(weights.shape[:2] + (rows, cols))
   return jnp.repeat(jnp.repeat(grid, patch_h, axis=2), patch_w, axis=3)
@@ -438,10 +494,10 @@ def _prediction(filename, outputs, log_prob, canvas, attention) -> Prediction:
                     truncated=not reading.ended)
 
 
-def _no_ink(filename: str, height: int, width: int, max_length: int) -> Prediction:
+def _no_ink(filename: str, height: int, max_length: int) -> Prediction:
   return Prediction(filename=filename, tokens=[tokens.EOS] + [tokens.PAD] * (max_length - 1),
                     digits="", confidence=1.0, log_prob=0.0, no_ink=True,
-                    canvas=np.zeros((height, width), np.float32))
+                    canvas=np.zeros((height, WIDTH_MULTIPLE), np.float32))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -50,9 +50,10 @@ from flax.training import train_state
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from digit_vit import (checkpointing, config_lib, decode, environment, losses, metrics, reporting,
-                       trained, xla_options)
+from digit_vit import (checkpointing, config_lib, decode, environment, file_evaluation, losses,
+                       metrics, predict, reporting, trained, xla_options)
 from digit_vit.models import ModelConfig, ViTClassifier, build_model, tokens
+from digit_vit.models.reader import ctc_frame_mask
 
 PARALLELISM = ("jit", "pmap")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -168,9 +169,10 @@ def _check_config(config) -> None:
                                     and config.model.decoder_layers >= 1):
     raise ValueError(f"config.model.decoder_layers={config.model.decoder_layers!r} must be an "
                      "integer >= 1 (the reader writes with its decoder)")
-  bad_splits = [s for s in config.eval_splits if s not in EVAL_SPLITS]
+  allowed = EVAL_SPLITS + (file_evaluation.SPLITS if config.task == "read" else ())
+  bad_splits = [s for s in config.eval_splits if s not in allowed]
   if bad_splits:
-    raise ValueError(f"config.eval_splits has {bad_splits}, not among {EVAL_SPLITS}")
+    raise ValueError(f"config.eval_splits has {bad_splits}, not among {allowed}")
   _check_data(config)
   model_config = ModelConfig.from_config(config.model)
   if config.task == "read":
@@ -195,6 +197,8 @@ def _check_config(config) -> None:
           f"--config.{name} to a multiple of {devices}, e.g. {multiple}")
   create_optimizer(config, create_learning_rate_fn(config))  # Schedule and optimizer names.
   trained.decoding(config)
+  if config.task == "read":
+    trained.read_length(config)
 
 
 def _check_data(config) -> None:
@@ -351,8 +355,9 @@ def _logits_and_targets(config, model, params, batch, *, train: bool, dropout_rn
   rngs = {"dropout": dropout_rng} if train else None
   if config.task == "read":
     decoder_inputs, targets = tokens.split_decoder_io(batch["tokens"])
-    outputs = model.apply({"params": params}, batch["image"], decoder_inputs, train=train,
-                          rngs=rngs, return_ctc=return_ctc)
+    outputs = model.apply({"params": params}, batch["image"], decoder_inputs,
+                          widths=batch.get("width"), train=train, rngs=rngs,
+                          return_ctc=return_ctc)
     return (outputs[0], targets, outputs[1]) if return_ctc else (outputs, targets)
   return model.apply({"params": params}, batch["image"], train=train, rngs=rngs), batch["label"]
 
@@ -368,7 +373,8 @@ def loss_fn(params, batch, *, config, model, train: bool, dropout_rng=None,
   Args:
     params: model parameters.
     batch: dict with `image` [b, H, W, C] and `tokens` int32 [b, L] (read) or `label` int32
-      [b] (classify); optional `mask` bool [b].
+      [b] (classify); optional `mask` bool [b], and `width` int32 [b] (read: each line's width
+      in pixels; the image is padded past it to the batch's width bucket).
 
   Returns:
     (objective_sum, sums): sums has `loss` (the cross-entropy sum), `weight` (the sum of token
@@ -393,7 +399,11 @@ def loss_fn(params, batch, *, config, model, train: bool, dropout_rng=None,
   sums = {"loss": loss_sum, "weight": weight_sum, "correct": correct, "count": count}
   if ctc_weight <= 0:
     return loss_sum, sums
-  ctc_sum, lines = losses.ctc_loss(ctc_logits[0], batch["tokens"], mask=batch.get("mask"))
+  frame_mask = None
+  if "width" in batch:  # The frames of the width padding are no part of the line.
+    frame_mask = ctc_frame_mask(model.config, batch["width"], batch["image"].shape[2])
+  ctc_sum, lines = losses.ctc_loss(ctc_logits[0], batch["tokens"], mask=batch.get("mask"),
+                                   frame_mask=frame_mask)
   return loss_sum + ctc_weight * ctc_sum, {**sums, "ctc": ctc_sum, "lines": lines}
 
 
@@ -466,8 +476,12 @@ def eval_step(params, batch, ensemble_params=(), *, config, model, beam_size: in
   loss_sums = {"loss": sums["loss"], "weight": sums["weight"]}
   if config.task == "read":
     # A lone model is an ensemble of one to `decode`.
+    # A line of the split has at most max_digits digits: a reading that has not stopped by
+    # then is wrong already, so decoding further only costs time.
     outputs, _ = decode.decode((model.config, *ensemble_configs), (params, *ensemble_params),
-                               batch["image"], beam_size=beam_size, alpha=alpha, views=views)
+                               batch["image"], widths=batch.get("width"), beam_size=beam_size,
+                               alpha=alpha, views=views,
+                               max_length=min(config.max_digits + 2, model.config.max_length))
     _, targets = tokens.split_decoder_io(batch["tokens"])
     return {**metrics.reading_sums(outputs, targets, batch["mask"],
                                    max_digits=config.max_digits), **loss_sums}, outputs
@@ -587,11 +601,11 @@ class Evaluator:
 
   def _run(self, params, split: str, num_examples: int):
     """Yields (host-local batch, metric sums, host-local predictions) batch by batch."""
+    # The split's first `num_examples` lines (all for <= 0), every one once, bucket by bucket.
     batches = self.input_module.eval_iterator(self.config, split,
                                               process_index=jax.process_index(),
-                                              process_count=jax.process_count())
-    if num_examples > 0:
-      batches = _take(batches, math.ceil(num_examples / self.config.eval_batch_size))
+                                              process_count=jax.process_count(),
+                                              num_examples=num_examples)
     for batch in batches:
       global_batch = jax.tree.map(
           lambda x: jax.make_array_from_process_local_data(self.data_sharding, x), batch)
@@ -625,19 +639,15 @@ class Evaluator:
   def predictions(self, params, split: str, num_examples: int = -1) -> np.ndarray:
     """This process's predictions of `split` in the split's order, padding rows dropped: the
     raw outputs int32 [n, max_digits + 1] (read) or labels int32 [n] (classify)."""
-    rows = [predictions[batch["mask"]]
-            for batch, _, predictions in self._run(params, split, num_examples)]
+    rows, order = [], []
+    for batch, _, predictions in self._run(params, split, num_examples):
+      rows.append(predictions[batch["mask"]])
+      if "index" in batch:  # Lines come bucket by bucket: put them back in the split's order.
+        order.append(batch["index"][batch["mask"]])
     if not rows:
       raise ValueError(f"split {split!r} has no examples")
     out = np.concatenate(rows)
-    return out[:num_examples] if num_examples > 0 else out
-
-
-def _take(iterator, n):
-  for i, item in enumerate(iterator):
-    if i >= n:
-      return
-    yield item
+    return out[np.argsort(np.concatenate(order), kind="stable")] if order else out
 
 
 def input_module(config):
@@ -846,7 +856,21 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     read = Evaluator(config, model, mesh, data, beam_size=reading.beam_size,
                      alpha=reading.alpha, views=reading.views)
   sample = None
+  file_reader = None
   for split in config.eval_splits:
+    if split in file_evaluation.SPLITS:  # Image files, read as `predict` reads them.
+      if file_reader is None:
+        # Every process reads the files whole on its own devices, from its copy of the
+        # (replicated) parameters.
+        params = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), state.eval_params())
+        file_reader = predict.Reader.from_params(
+            config, params, step=num_steps,
+            beam_size=reading.beam_size, alpha=reading.alpha, views=reading.views,
+            batch_size=64)
+      split_metrics = file_evaluation.evaluate(file_reader, config, split)
+      writer.write_scalars(num_steps, {f"final_{split}_{k}": v for k, v in split_metrics.items()})
+      report.update({f"{split}_{k}": v for k, v in split_metrics.items()})
+      continue
     split_metrics, split_sample = read(state.eval_params(), split)
     writer.write_scalars(num_steps, {f"final_{split}_{k}": v for k, v in split_metrics.items()})
     report.update({f"{split}_{k}": v for k, v in split_metrics.items()})

@@ -69,6 +69,17 @@ class Decoding(NamedTuple):
   views: int
 
 
+def read_length(config) -> int:
+  """Tokens a reading may write, `<eos>` included: `config.decode.max_length` digits + 1 (runs
+  saved before that field read as far as the decoder's positions go, `model.max_length`)."""
+  positions = int(config.model.max_length)
+  digits = int(config.get("decode", {}).get("max_length", positions - 1))
+  if not 1 <= digits <= positions - 1:
+    raise ValueError(f"config.decode.max_length={digits} must be in 1..{positions - 1}: the "
+                     f"decoder has model.max_length={positions} positions (<sos> and the digits)")
+  return digits + 1
+
+
 def decoding(config, beam_size: int | None = None, alpha: float | None = None,
              views: int | None = None) -> Decoding:
   """How to read with a run's model: the given values, else the run's `config.decode` (runs

@@ -220,7 +220,26 @@ ADDED_FIELDS = {"model.stem_depth": 0, "model.stem_max_channels": 0, "ema_decay"
                 "decode.views": 1, "model.stem_full_res_depth": 0, "model.stem_antialias": False,
                 "sam_rho": 0.0, "data.augment.keep_inside": False,
                 "data.augment.clean_final_steps": 0, "model.ctc_head": False,
-                "loss.ctc_weight": 0.0}
+                "loss.ctc_weight": 0.0,
+                # 8a83775: best-k checkpoints; 1 keeps the best by validation, as before.
+                "keep_best_checkpoints": 1}
+
+# Results measured by earlier code, kept as the record of those experiments (docs/results.md
+# cites them): `{"code": ..., "description": ..., "points": {sweep: [hash, ...]}}`. Their
+# hashes are of the configs that code resolved (each record's `resolved_config`); a change of
+# the code and its defaults that no ADDED_FIELDS entry can undo (the width buckets: a new
+# dataset, new model defaults) keys every point anew, so these records match no current point
+# and a sweep run now trains its points again. The list is frozen: a record of the current
+# code is keyed by a current point (tests/test_experiments.py checks both).
+EARLIER_CODE_FILE = RESULTS_DIR / "measured_by_earlier_code.json"
+
+
+def earlier_code_points(path: str | os.PathLike = EARLIER_CODE_FILE) -> dict[str, set[str]]:
+  """sweep name -> the hashes of its committed points measured by earlier code."""
+  path = pathlib.Path(path)
+  if not path.exists():
+    return {}
+  return {name: set(hashes) for name, hashes in _read_json(path)["points"].items()}
 
 
 def config_hash(config_json: Mapping | str) -> str:

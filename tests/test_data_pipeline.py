@@ -1,6 +1,7 @@
 """Input pipelines: train/eval iterators (determinism, resume, sharding, padding), augmentation,
 classification (MNIST digits, CIFAR-10 with mock data), the throughput benchmark, and pipelines
-built after their source files were edited."""
+built after their source files were edited. With one width bucket (48), the tiny config's widest;
+several buckets: tests/test_width_buckets.py."""
 
 import hashlib
 import itertools
@@ -33,9 +34,18 @@ def _hash_rows(images):
   return out
 
 
+def _line_hashes(batch):
+  """Hashes of each row's line, cropped to its `width` (the padding dropped), real rows only."""
+  rows = np.flatnonzero(batch.get("mask", np.ones(len(batch["width"]), bool)))
+  return _hash_rows(batch["image"][r, :, :batch["width"][r]] for r in rows)
+
+
 @pytest.fixture(scope="module")
 def config(tmp_path_factory):
-  config = config_lib.load("tiny")  # 512 / 96 / 100 lines of 1-3 digits on 16x48
+  config = config_lib.load("tiny")  # 512 / 96 / 100 lines of 1-3 digits, 16 high, <= 48 wide
+  # One bucket (tiny's are (24, 48)): these tests count batches, epochs and shards as with a
+  # fixed canvas; several buckets: tests/test_width_buckets.py.
+  config.width_buckets = (48,)
   config.batch_size = 32
   config.eval_batch_size = 32
   config.data.data_dir = str(tmp_path_factory.mktemp("tfds"))
@@ -49,13 +59,19 @@ def _take(it, n):
 
 def test_train_batches(config):
   (batch,) = _take(ip.train_iterator(config, seed=0, process_index=0, process_count=1), 1)
-  assert set(batch) == {"image", "tokens", "length"}
+  assert set(batch) == {"image", "tokens", "length", "width"}
   assert batch["image"].shape == (32, 16, 48, 1) and batch["image"].dtype == np.float32
   assert batch["tokens"].shape == (32, 5) and batch["tokens"].dtype == np.int32
   assert batch["length"].shape == (32,) and batch["length"].dtype == np.int32
-  img = batch["image"]
+  assert batch["width"].shape == (32,) and batch["width"].dtype == np.int32
+  img, width = batch["image"], batch["width"]
   assert img.min() == 0.0 and img.max() == 1.0
-  assert np.all(np.median(img.reshape(32, -1), axis=1) == 0.0)  # dark background, bright ink
+  assert np.all((img > 0.5).mean(axis=(1, 2, 3)) < 0.5)  # dark background, bright ink
+  assert np.all(width % 8 == 0) and np.all((8 <= width) & (width <= 48))
+  assert len(set(width.tolist())) > 1  # lines of their own widths, padded to the one bucket
+  beyond = np.arange(48)[None, :] >= width[:, None]  # [32, 48]
+  assert not img.transpose(0, 2, 1, 3)[beyond].any()  # zero beyond each line's width
+  assert all(img[r, :, :width[r]].max() == 1.0 for r in range(32))  # ink within the width
   eos = np.argmax(batch["tokens"] == 11, axis=1)
   np.testing.assert_array_equal(eos, batch["length"] + 1)
 
@@ -76,8 +92,8 @@ def test_an_epoch_is_a_permutation_and_epochs_differ(config):
   builder = ip.get_dataset_builder(config)
   ds = tfds.as_numpy(builder.as_dataset(split="train", shuffle_files=False))
   all_hashes = sorted(_hash_rows(ex["image"] for ex in ds))
-  epoch0 = _hash_rows(np.concatenate([b["image"] for b in batches[:16]]))
-  epoch1 = _hash_rows(np.concatenate([b["image"] for b in batches[16:]]))
+  epoch0 = sum((_line_hashes(b) for b in batches[:16]), [])
+  epoch1 = sum((_line_hashes(b) for b in batches[16:]), [])
   assert sorted(epoch0) == sorted(epoch1) == all_hashes
   assert epoch0 != epoch1
 
@@ -114,9 +130,17 @@ def test_length_curriculum_grows_and_resumes_exactly(config, start_step):
 
 
 def test_curriculum_start_out_of_range_is_an_error():
-  with pytest.raises(ValueError, match="curriculum_start_digits"):
-    ip.curriculum_indices(np.array([1, 2, 3]), num_examples=4, start_digits=0, max_digits=3,
-                          seed=0, process_index=0)
+  lines = ip.host_lines(np.array([1, 2, 3]), np.array([8, 16, 24]), (24,), limit=3,
+                        process_index=0, process_count=1)
+  with pytest.raises(ValueError, match="curriculum_start_digits=0 must be in 1..max_digits=3"):
+    ip.TrainPlan(lines, batch_size=2, seed=0, process_index=0, max_digits=3,
+                 curriculum_examples=4, curriculum_start_digits=0)
+  # Lines of at most 1 digit asked for, none there: said before anything is drawn.
+  lines = ip.host_lines(np.array([2, 2, 3]), np.array([8, 16, 24]), (24,), limit=3,
+                        process_index=0, process_count=1)
+  with pytest.raises(ValueError, match="lines of at most 1 digits but the train split has none"):
+    ip.TrainPlan(lines, batch_size=2, seed=0, process_index=0, max_digits=3,
+                 curriculum_examples=4, curriculum_start_digits=1)
 
 
 def test_augmentation_changes_images_and_keeps_range(config):
@@ -129,10 +153,15 @@ def test_augmentation_changes_images_and_keeps_range(config):
   assert aug["image"].shape == plain["image"].shape and aug["image"].dtype == np.float32
   assert 0 <= aug["image"].min() and aug["image"].max() <= 1
   assert np.abs(aug["image"] - plain["image"]).mean() > 0.01
+  # Distorted at the line's own width: the padding stays background.
+  np.testing.assert_array_equal(aug["width"], plain["width"])
+  beyond = np.arange(48)[None, :] >= aug["width"][:, None]
+  assert not aug["image"].transpose(0, 2, 1, 3)[beyond].any()
   a.affine_prob = a.elastic_prob = a.noise_prob = a.contrast_prob = 0.0
   a.invert_prob = 1.0
   inv = _take(ip.train_iterator(config, seed=0, process_index=0, process_count=1), 1)[0]
-  np.testing.assert_allclose(inv["image"], 1 - plain["image"], atol=1e-6)
+  within = ~beyond[:, None, :, None]  # [32, 1, 48, 1]
+  np.testing.assert_allclose(inv["image"], np.where(within, 1 - plain["image"], 0), atol=1e-6)
 
 
 def test_clean_final_steps_stop_the_distortion_at_their_step(config):
@@ -207,14 +236,16 @@ def test_keep_inside_leaves_a_blank_image_blank_and_finite():
 
 def test_augment_audit_reports_cut_digits_only_without_keep_inside(config):
   config = config.copy_and_resolve_references()
-  config.data.augment.max_translate = 0.2  # The tiny canvas's lines: make cuts common.
+  # Shifts are fractions of each line's own (natural) width, and lines have margins: 0.3 makes
+  # cuts common on tiny's short lines (seed 0: a quarter of the lines lose > 25% of a digit).
+  config.data.augment.max_translate = 0.3
   builder = ip.get_dataset_builder(config)
   examples = list(tfds.as_numpy(builder.as_dataset(split="train[:64]", shuffle_files=False)))
   args = ([ex["image"] for ex in examples], [ex["bboxes"] for ex in examples],
           [int(ex["length"]) for ex in examples])
   config.data.augment.keep_inside = False
   worst = augment_audit.worst_loss_per_line(*args, config.data.augment)
-  assert worst.shape == (64,) and (worst > 0.25).mean() > 0.05
+  assert worst.shape == (64,) and (worst > 0.25).mean() > 0.1
   config.data.augment.keep_inside = True
   np.testing.assert_array_equal(augment_audit.worst_loss_per_line(*args, config.data.augment), 0)
 
@@ -277,18 +308,32 @@ def test_pipelines_built_after_their_source_was_edited(config, tmp_path, pipelin
 
 
 def test_train_shards_per_process_are_disjoint_and_cover(config):
+  # Every host takes an equal share of each length (170-171 lines each here): 255 lines a host.
+  builder = ip.get_dataset_builder(config)
+  split = ip._read_shard(builder, "train", 0, 512, decode=False)  # pylint: disable=protected-access
+  shares = [ip.host_lines(split["length"], split["width"], (48,), limit=3, process_index=p,
+                          process_count=2) for p in range(2)]
+  assert len(shares[0].examples) == len(shares[1].examples)
+  assert 2 * len(shares[0].examples) >= 512 - 3  # at most one line of each length left over
+  assert not set(shares[0].examples) & set(shares[1].examples)
+  np.testing.assert_array_equal(shares[0].length, shares[1].length)
   shards = []
   for p in range(2):
-    bs = _take(ip.train_iterator(config, seed=0, process_index=p, process_count=2), 16)
+    bs = _take(ip.train_iterator(config, seed=0, process_index=p, process_count=2), 15)
     assert bs[0]["image"].shape[0] == 16  # host-local batch = 32 / 2
-    shards.append(_hash_rows(np.concatenate([b["image"] for b in bs])))  # one epoch of 256
-  assert len(set(shards[0])) == len(set(shards[1])) == 256
+    shards.append(sum((_line_hashes(b) for b in bs), []))  # 240 of the host's 255 lines
+  assert len(set(shards[0])) == len(set(shards[1])) == 240
   assert not set(shards[0]) & set(shards[1])
+  want = {p: set(_hash_rows(ex["image"] for i, ex in enumerate(tfds.as_numpy(
+      builder.as_dataset(split="train", shuffle_files=False))) if i in set(shares[p].examples)))
+          for p in range(2)}
+  assert set(shards[0]) <= want[0] and set(shards[1]) <= want[1]
   with pytest.raises(ValueError, match="multiple of the process count 3"):
     ip.train_iterator(config, seed=0, process_index=0, process_count=3)
 
 
 def _dataset_rows(config, split):
+  """(image float32 [16, W_i, 1] at its natural width, tokens) of each line of a split."""
   builder = ip.get_dataset_builder(config)
   ds = tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False))
   return [(ex["image"].astype(np.float32) / 255, ex["tokens"]) for ex in ds]
@@ -302,11 +347,22 @@ def test_eval_covers_every_example_once_with_masks(config):
   for b in batches:
     assert b["image"].shape == (32, 16, 48, 1) and b["mask"].dtype == bool
     assert b["tokens"].shape == (32, 5) and b["length"].shape == (32,)
+    assert b["width"].dtype == b["index"].dtype == np.int32
   np.testing.assert_array_equal([b["mask"].sum() for b in batches], [32, 32, 32, 4])
   assert not batches[-1]["mask"][4:].any() and batches[-1]["mask"][:4].all()
+  last = batches[-1]
+  assert (last["index"][4:] == -1).all() and (last["width"][4:] == 0).all()
+  assert not last["image"][4:].any()
+  # One bucket: the split's order, each line at the left of its row, zeros beyond its width.
+  index = np.concatenate([b["index"][b["mask"]] for b in batches])
+  np.testing.assert_array_equal(index, np.arange(100))
+  widths = np.concatenate([b["width"][b["mask"]] for b in batches])
+  np.testing.assert_array_equal(widths, [r[0].shape[1] for r in rows])
   images = np.concatenate([b["image"][b["mask"]] for b in batches])
+  for image, width, row in zip(images, widths, rows):
+    np.testing.assert_allclose(image[:, :width], row[0], atol=1e-6)
+    assert not image[:, width:].any()
   tokens = np.concatenate([b["tokens"][b["mask"]] for b in batches])
-  np.testing.assert_allclose(images, np.stack([r[0] for r in rows]), atol=1e-6)
   np.testing.assert_array_equal(tokens, np.stack([r[1] for r in rows]))
 
 
@@ -315,8 +371,11 @@ def test_line_sources_follow_the_eval_order(config):
   assert lines["source_ids"].shape == (100, 3) and lines["source_ids"].dtype == np.int64
   batches = list(ip.eval_iterator(config, "test", process_index=0, process_count=1))
   tokens = np.concatenate([b["tokens"][b["mask"]] for b in batches])
-  assert list(lines["digits"]) == [tokens_lib.decode_sequence(t) for t in tokens]
+  index = np.concatenate([b["index"][b["mask"]] for b in batches])
+  assert list(lines["digits"][index]) == [tokens_lib.decode_sequence(t) for t in tokens]
   np.testing.assert_array_equal(lines["length"], [len(d) for d in lines["digits"]])
+  widths = np.concatenate([b["width"][b["mask"]] for b in batches])
+  np.testing.assert_array_equal(lines["width"][index], widths)
   on_line = np.arange(3)[None, :] < lines["length"][:, None]
   assert (lines["source_ids"][~on_line] == -1).all()
   # Each id is a test digit of the embedded source whose label is the digit it stands for.
@@ -334,7 +393,7 @@ def test_eval_shards_per_process_cover_once(config):
                                     process_count=3))
     counts.append(len(batches))
     assert all(b["image"].shape[0] == 10 for b in batches)
-    seen += _hash_rows(np.concatenate([b["image"][b["mask"]] for b in batches]))
+    seen += sum((_line_hashes(b) for b in batches), [])
   assert len(set(counts)) == 1
   assert sorted(seen) == sorted(rows)
 
@@ -382,6 +441,9 @@ def test_mnist_digits_classification(mnist_config):
     np.testing.assert_array_equal(x["image"], y["image"])
     np.testing.assert_array_equal(x["label"], y["label"])
   assert classification.num_examples(mnist_config, "test") == 1000
+  first = list(classification.eval_iterator(mnist_config, "test", process_index=0,
+                                            process_count=1, num_examples=200))
+  assert [int(b["mask"].sum()) for b in first] == [128, 72]
 
 
 def test_mnist_digits_test_split_is_rows_400_to_499(mnist_config):

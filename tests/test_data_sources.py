@@ -166,13 +166,15 @@ def test_compose_line_geometry():
     image, boxes, labels, ids = compose.sample_line(digits, rng, comp)
     n = len(labels)
     lengths.append(n)
-    assert image.shape == (32, 192, 1) and image.dtype == np.uint8
+    # Natural width: a multiple of 8, never wider than the widest bucket (192 here).
+    assert image.shape[0] == 32 and image.shape[1] % 8 == 0 and 8 <= image.shape[1] <= 192
+    assert image.shape[2] == 1 and image.dtype == np.uint8
     assert boxes.shape == (n, 4) and ids.shape == (n,)
     assert np.all(boxes >= 0) and np.all(boxes <= 1)
     assert np.all(boxes[:, 2] > boxes[:, 0]) and np.all(boxes[:, 3] > boxes[:, 1])
     assert np.all(np.diff(boxes[:, 1]) > 0), "digits must go left to right"
     np.testing.assert_array_equal(digits.labels[np.searchsorted(digits.ids, ids)], labels)
-    assert image.max() > 128 and np.median(image) == 0  # bright ink, dark background
+    assert image.max() > 128 and (image > 128).mean() < 0.5  # bright ink, dark background
   assert set(lengths) == set(range(1, 9))
 
 

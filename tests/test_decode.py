@@ -131,6 +131,11 @@ def test_max_length_is_checked():
     decode.greedy_decode(CFG, _params(0), _images(), max_length=CFG.max_length + 1)
   out, _ = decode.greedy_decode(CFG, _params(0), _images(), max_length=2)
   chex.assert_shape(out, (6, 2))
+  # A cache of 2 steps reads the first 2 tokens the full-length one reads.
+  full, _ = decode.greedy_decode(CFG, _params(0), _images())
+  np.testing.assert_array_equal(out, full[:, :2])
+  _, cache = decode.encode_and_init_cache(CFG, _params(0), _images(), max_length=2)
+  chex.assert_shape(cache["decoder"]["block0"]["self_attention"]["cached_key"], (6, 2, 2, 16))
 
 
 # ---- Test-time views
@@ -280,3 +285,112 @@ def test_an_ensemble_must_read_the_same_images_into_the_same_tokens():
     decode.check_ensemble([])
   with pytest.raises(ValueError, match="2 model configs needs as many param trees"):
     decode.greedy_decode((CFG, CFG), _params(0), _images())
+
+
+# ---- Padded batches (width buckets) and reading past the training length
+
+
+def _padded_batch(cfg, widths, seed=3):
+  """Images [len(widths), H, image_width, 1], zero (background) past each one's width."""
+  images = jax.random.uniform(jax.random.key(seed), (len(widths), cfg.image_height,
+                                                     cfg.image_width, 1))
+  columns = jnp.arange(cfg.image_width)[None, None, :, None]
+  return jnp.where(columns < jnp.array(widths)[:, None, None, None], images, 0.0)
+
+
+@pytest.mark.parametrize("kind", ["learned", "sinusoidal", "rope"])
+def test_cached_steps_equal_teacher_forcing_past_the_training_length(kind):
+  """20 cached steps of a decoder with 24 positions (lines of up to 8 digits train 9) give the
+  teacher-forced log-probabilities, on a padded batch with widths. Randomized positions are on:
+  they only act in training, so both sides use positions 0..t-1."""
+  cfg = ModelConfig(width=32, num_heads=2, mlp_dim=64, encoder_layers=1, decoder_layers=2,
+                    image_height=16, image_width=64, patch_size=(8, 8), max_length=24,
+                    decoder_position=kind, random_positions=True)
+  widths = jnp.array([64, 24, 41])
+  images = _padded_batch(cfg, widths)
+  inputs = jax.random.randint(jax.random.key(4), (3, 20), 0, 10).at[:, 0].set(tokens.SOS)
+  params = DigitReader(cfg).init(jax.random.key(0), images, inputs)["params"]
+  memory, cache = jax.jit(functools.partial(decode.encode_and_init_cache, cfg))(
+      params, images, widths=widths)
+  chex.assert_shape(cache["decoder"]["block0"]["cross_attention"]["cross_mask"], (3, 1, 1, 16))
+  step = jax.jit(functools.partial(decode.decode_step, cfg))
+  got = []
+  for t in range(20):
+    if t == 12:  # Widths passed again AND the cached mask with itself: nothing changes.
+      again, _ = step(params, cache, inputs[:, t], memory, widths=widths)
+    log_probs, cache = step(params, cache, inputs[:, t], memory)
+    got.append(log_probs)
+  got = jnp.stack(got, axis=1)
+  np.testing.assert_allclose(again, got[:, 12], rtol=1e-5, atol=1e-5)
+  forced = jax.jit(lambda p, x, w, i: decode.next_token_log_probs(
+      DigitReader(cfg).apply({"params": p}, x, i, widths=w)))
+  np.testing.assert_allclose(got, forced(params, images, widths, inputs), rtol=1e-4, atol=1e-5)
+  assert np.isfinite(np.asarray(got)[..., :tokens.SOS]).all()  # <sos> and <pad> are -inf.
+  # The cache kept the mask: teacher forcing that reads the padding gives other numbers.
+  unmasked = forced(params, images, jnp.full((3,), 64), inputs)
+  assert np.abs(np.asarray(got - unmasked)[..., :tokens.SOS]).max() > 1e-4
+
+
+def test_greedy_and_beam_on_a_padded_batch_read_each_image_as_if_alone():
+  params = _params(1)
+  widths = jnp.array([48, 28, 13])
+  images = _padded_batch(CFG, widths, seed=5)
+  greedy, lp_greedy = decode.greedy_decode(CFG, params, images, widths=widths)
+  beam, lp_beam = decode.decode(CFG, params, images, widths=widths, beam_size=3, alpha=0.0)
+  naive, _ = decode.greedy_decode_uncached(CFG, params, images, widths=widths)
+  np.testing.assert_array_equal(naive, greedy)
+  for i, cut in enumerate((48, 28, 16)):  # 13 pixels hold 4 columns of 4: read 16.
+    alone = images[i:i + 1, :, :cut]
+    out, lp = decode.greedy_decode(CFG, params, alone)
+    np.testing.assert_array_equal(greedy[i], out[0])
+    np.testing.assert_allclose(lp_greedy[i], lp[0], rtol=1e-4, atol=1e-4)
+    out, lp = decode.beam_search(CFG, params, alone, beam_size=3, alpha=0.0)
+    np.testing.assert_array_equal(beam[i], out[0])
+    np.testing.assert_allclose(lp_beam[i], lp[0], rtol=1e-4, atol=1e-4)
+  # The rows' readings differ in log-prob: a mix-up of rows or widths would show.
+  lp = np.asarray(lp_greedy)
+  assert np.abs(lp[:, None] - lp[None, :])[~np.eye(3, dtype=bool)].min() > 1e-2
+
+
+def test_shifted_views_keep_their_widths_so_any_bucket_reads_the_same():
+  widths = jnp.array([40, 47, 48])
+  kept = decode.shifted_widths(widths, len(decode.VIEW_SHIFTS), 48)
+  chex.assert_shape(kept, (3 * len(decode.VIEW_SHIFTS),))
+  np.testing.assert_array_equal(kept, np.tile([40, 47, 48], len(decode.VIEW_SHIFTS)))
+  # The same lines in a bucket twice as wide read the same in every view: the masks and the
+  # ink inside them do not depend on the bucket.
+  images = _padded_batch(CFG, widths)
+  wide = jnp.pad(images, ((0, 0), (0, 0), (0, 48), (0, 0)))
+  views = len(decode.VIEW_SHIFTS)
+  narrow_views = np.asarray(decode.shifted_views(images, views))
+  wide_views = np.asarray(decode.shifted_views(wide, views))
+  for row, wide_row, w in zip(narrow_views, wide_views, np.asarray(kept)):
+    np.testing.assert_array_equal(row[:, :w], wide_row[:, :w])
+
+
+def _read_by_mean_probability_with_widths(cfg, params, images, widths, views):
+  """As `_read_by_mean_probability`, each view teacher-forced with its shifted widths."""
+  batch, width = images.shape[0], images.shape[2]
+  shifted = decode.shifted_views(images, views).reshape((views, batch) + images.shape[1:])
+  view_widths = decode.shifted_widths(widths, views, width).reshape(views, batch)
+  forward = jax.jit(lambda p, x, w, i: decode.next_token_log_probs(
+      DigitReader(cfg).apply({"params": p}, x, i, widths=w)))
+
+  def mean_probs(inputs, t):
+    return np.mean([np.exp(forward(params, shifted[v], view_widths[v], inputs)[:, t])
+                    for v in range(views)], axis=0)
+
+  return _read_by_python_loop(mean_probs, batch)
+
+
+def test_greedy_over_views_with_widths_picks_the_token_of_the_mean_probability():
+  params, views = _params(1), 3
+  widths = jnp.array([48, 30, 21, 46])
+  images = _padded_batch(CFG, widths, seed=6)
+  expected = _read_by_mean_probability_with_widths(CFG, params, images, widths, views)
+  out, _ = jax.jit(functools.partial(decode.greedy_decode, CFG, views=views))(
+      params, images, widths=widths)
+  np.testing.assert_array_equal(out, expected)
+  _assert_contract(out)
+  beam, _ = decode.decode(CFG, params, images, widths=widths, beam_size=1, views=views)
+  np.testing.assert_array_equal(beam, out)

@@ -160,7 +160,8 @@ def test_info(server, reader):
   status, _, body = _request(server, "GET", "/api/info")
   assert status == 200
   assert json.loads(body) == {
-      "height": 16, "width": 48, "max_digits": 3, "beam_size": reader.beam_size,
+      "height": 16, "width": 48, "max_digits": 3, "max_length": 16, "buckets": [24, 48],
+      "beam_size": reader.beam_size,
       "views": reader.views, "step": reader.step, "ensemble": 0,
       "max_request_bytes": demo.MAX_REQUEST_BYTES, "max_pixels": predict.MAX_PIXELS}
 
@@ -172,12 +173,14 @@ def test_read_returns_what_predict_reads(server, reader, test_image):
   status, reading = _post_json(server, _read_request(image_file))
   assert status == 200, reading
   assert reading["digits"] == expected.digits and re.fullmatch(r"[0-9]*", reading["digits"])
-  assert reading["tokens"] == expected.tokens and len(reading["tokens"]) == 3 + 1
+  # Up to decode.max_length digits and the <eos>, far past the 3 of the training lines.
+  assert reading["tokens"] == expected.tokens and len(reading["tokens"]) == 16 + 1
   assert reading["token_names"] == [tokens.TOKEN_NAMES[t] for t in expected.tokens]
   assert reading["confidence"] == pytest.approx(expected.confidence, rel=1e-5)
   assert 0.0 <= reading["confidence"] <= 1.0 and reading["no_ink"] is False
   assert reading["truncated"] is expected.truncated
-  assert _image_from_data_url(reading["canvas"]).size == (48, 16)
+  # The line at its own width, as predict prepared it.
+  assert _image_from_data_url(reading["canvas"]).size == expected.canvas.shape[::-1]
   overlay = _image_from_data_url(reading["attention"])
   assert overlay.size == predict.attention_overlay(expected).size
   assert overlay.height > 16 * 4  # A row per output token, <eos> included: at least two rows.
@@ -220,7 +223,7 @@ def test_bad_input_gets_a_json_error_and_the_server_keeps_serving(server, test_i
   assert message in payload["error"]
   if name == "empty canvas":  # The empty reading comes with the message.
     assert payload["no_ink"] is True and payload["digits"] == ""
-    assert payload["tokens"] == [11, 12, 12, 12]
+    assert payload["tokens"] == [11] + [12] * 16
   status, reading = _post_json(server, _read_request(test_image[0].read_bytes()))
   assert status == 200 and re.fullmatch(r"[0-9]*", reading["digits"])
 
@@ -699,7 +702,8 @@ def test_draw_classify_clear_and_upload_in_chromium(browser, server, reader, tes
   page.goto(server.url)
   page.wait_for_selector("#model-info:has-text('step')")
   assert f"step {reader.step}" in page.inner_text("#model-info")
-  assert "16 × 48" in page.inner_text("#model-info")
+  assert "up to 16 digits on lines 16 pixels high and up to 48 wide" in page.inner_text(
+      "#model-info")
 
   # Classify before drawing: a message, and no reading.
   page.click("#classify")

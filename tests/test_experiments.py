@@ -6,6 +6,7 @@ collecting, failures), every sweep's conclusion on made-up rows, training on sho
 import csv
 import json
 import pathlib
+import shlex
 import subprocess
 import sys
 
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from digit_vit import config_lib, reporting, train
+from digit_vit import config_lib, reporting, train, trained
 from digit_vit.data import classification, input_pipeline as ip
 from digit_vit.models import build_model
 from experiments import sweep as sweep_lib
@@ -76,18 +77,59 @@ def test_added_fields_at_their_neutral_value_keep_the_hash():
   assert sweep_lib.config_hash(deeper.to_json_best_effort()) != digest
 
 
-def test_committed_results_are_still_keyed_by_the_current_configs():
-  """A changed default would orphan the committed full-mode points (a re-run would train
-  them again); new fields must go into sweep.ADDED_FIELDS."""
+def _config_value(config: dict, dotted: str):
+  for part in dotted.split("."):
+    config = config[part]
+  return config
+
+
+def test_committed_results_are_keyed_by_their_configs():
+  """Every committed full-mode point is keyed by the hash of the config it ran (its file
+  name, its `config_hash` and the hash of its `resolved_config` agree, and its overrides are
+  in that config), and is either a point of its sweep now or one of the frozen list of
+  points measured by earlier code (`sweep.EARLIER_CODE_FILE`), whose configs predate the
+  width buckets. A changed default orphans the current points (a re-run would train them
+  again): a new field at a neutral value goes into sweep.ADDED_FIELDS instead."""
   results = ROOT / "experiments" / "results"
-  checked = 0
+  earlier = sweep_lib.earlier_code_points()
+  assert json.loads(sweep_lib.EARLIER_CODE_FILE.read_text())["code"] == "8a83775"
+  checked = earlier_checked = 0
   for points_dir in sorted(results.glob("*/points")):
     sweep = sweep_lib.load_sweep(points_dir.parent.name)
     current = {p.config_hash for p in sweep_lib.points(sweep)}
-    for record in points_dir.glob("*.json"):
-      assert record.stem in current, f"{record} no longer matches a point of {sweep.name}"
+    assert not current & earlier.get(sweep.name, set()), sweep.name
+    for path in sorted(points_dir.glob("*.json")):
+      record = json.loads(path.read_text())
+      config = record["resolved_config"]
+      assert record["config_hash"] == path.stem == sweep_lib.config_hash(config), path
+      assert record["sweep"] == sweep.name and record["mode"] == "full", path
+      assert f"--workdir=runs/sweeps/{path.stem}" in record["command"], path
+      assert record["command"].startswith(f"python -m digit_vit.main --config={record['config']}")
+      for key, value in record["overrides"].items():  # What the point set is what it ran.
+        assert sweep_lib.flag_value(_config_value(config, key)) == sweep_lib.flag_value(value), (
+            path, key)
+        assert shlex.join([f"--config.{key}={sweep_lib.flag_value(value)}"]) in record["command"]
+      assert record["status"] == "ok", path
+      report = record["report"]
+      metric = "test_accuracy" if config["task"] == "classify" else "test_exact_match"
+      assert 0 <= report[metric] <= 1 and report["steps"] == config["num_train_steps"], path
+      if path.stem in current:
+        assert "width_buckets" in config, path
+      else:
+        assert path.stem in earlier.get(sweep.name, set()), (
+            f"{path} matches no point of {sweep.name} and is not listed in "
+            f"{sweep_lib.EARLIER_CODE_FILE.name}")
+        # Measured before the width buckets: a fixed canvas, the old decoder positions.
+        assert "width_buckets" not in config and "random_positions" not in config["model"]
+        if config["task"] == "read":
+          assert config["model"]["max_length"] == config["max_digits"] + 1, path
+        earlier_checked += 1
       checked += 1
-  assert checked >= 10
+  # The frozen list names exactly the committed earlier points: none lost, none invented.
+  on_disk = {name: {p.stem for p in (results / name / "points").glob("*.json")}
+             for name in earlier}
+  assert on_disk == earlier
+  assert checked >= 10 and earlier_checked == sum(map(len, earlier.values())) == 40
 
 
 def test_override_values_survive_the_command_line():
@@ -247,7 +289,8 @@ def test_failed_point_is_recorded_skipped_and_retried(tmp_path):
   args = (str(sweep_file), f"--results_dir={tmp_path / 'results'}",
           f"--workdir_root={tmp_path / 'work'}")
   out = _run(*args)
-  assert "failed (exit 1)" in out and "num_heads" in out
+  # A bad config value is a usage error: digit_vit.main prints one line and exits with 2.
+  assert "failed (exit 2)" in out and "num_heads" in out
   with open(tmp_path / "results" / "broken" / sweep_lib.RESULTS_CSV) as f:
     rows = {r["label"]: r for r in csv.DictReader(f)}
   assert rows["fine"]["status"] == "ok" and rows["three heads"]["status"] == "failed"
@@ -255,7 +298,7 @@ def test_failed_point_is_recorded_skipped_and_retried(tmp_path):
   assert "| three heads | `model.num_heads=3` | failed: " in md
   assert _run(*args).count("skipped") == 2
   retried = _run(*args, "--retry_failed")
-  assert retried.count("skipped") == 1 and retried.count("failed (exit 1)") == 1
+  assert retried.count("skipped") == 1 and retried.count("failed (exit 2)") == 1
 
 
 def test_dry_run_prints_commands_and_writes_nothing(tmp_path, capsys):
@@ -322,10 +365,22 @@ def _split_lengths(config, split):
 
 def test_length_generalization_config():
   config = config_lib.load("length_generalization")
-  assert config.data.train_max_digits == 6 and config.max_digits == 8
-  assert config.model.max_length == 9  # The decoder still covers 8 digits.
   default = config_lib.load("default")
+  # Training lines of 1-6 digits; the splits (and their evaluation) keep 1-8.
+  assert config.data.train_max_digits == 6 and config.max_digits == 8
+  assert ip.train_max_digits(config) == 6 and ip.train_max_digits(default) == 8
   assert default.data.train_max_digits == 0  # Unchanged default: every length.
+  # Only training differs from the default: the same dataset, canvas and model.
+  for key in ("max_digits", "image_height", "image_width", "width_buckets", "model",
+              "decode"):
+    assert config[key] == default[key], key
+  # The decoder reads up to decode.max_length digits, well past the 8 of the longest line,
+  # and randomized positions train all model.max_length positions on the 1-6 digit lines.
+  assert config.decode.max_length == 32 and config.model.max_length == 33
+  assert trained.read_length(config) == 33  # 32 digits and <eos>: every decoder position.
+  assert config.decode.max_length > config.max_digits and config.model.random_positions
+  assert config.image_width == max(config.width_buckets) == 1024
+  build_model(config)
 
 
 # ---- Per-epoch curves and the classifiers

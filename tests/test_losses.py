@@ -189,3 +189,20 @@ def test_ctc_loss_is_low_when_the_frames_spell_the_line():
   right, _ = losses.ctc_loss(jnp.asarray(logits), jnp.asarray(tokens.encode_batch(["42"], 3)))
   wrong, _ = losses.ctc_loss(jnp.asarray(logits), jnp.asarray(tokens.encode_batch(["24"], 3)))
   assert float(right) < 1e-3 < 10.0 < float(wrong)
+
+
+def test_ctc_loss_ignores_the_frames_of_width_padding():
+  """A line read over its 3 valid frames of 5 scores as the 3 frames alone, whatever the two
+  padded frames hold."""
+  rng = np.random.default_rng(1)
+  logits = rng.normal(size=(2, 5, tokens.CTC_CLASSES)).astype(np.float32)
+  logits[1, :3] = logits[0, :3]
+  logits[1, 3:] = 50.0 * rng.normal(size=(2, tokens.CTC_CLASSES))  # Garbage in the padding.
+  frame_mask = np.array([[True] * 3 + [False] * 2] * 2)
+  full_tokens = tokens.encode_batch(["15", "15"], 3)
+  per_row = [float(losses.ctc_loss(jnp.asarray(logits[i:i + 1]), jnp.asarray(full_tokens[:1]),
+                                   frame_mask=jnp.asarray(frame_mask[:1]))[0]) for i in range(2)]
+  expected = _ctc_by_enumeration(logits[0, :3], "15")
+  np.testing.assert_allclose(per_row, [expected, expected], rtol=1e-5)
+  unmasked, _ = losses.ctc_loss(jnp.asarray(logits[1:]), jnp.asarray(full_tokens[:1]))
+  assert abs(float(unmasked) - expected) > 1.0

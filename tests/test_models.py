@@ -435,3 +435,93 @@ def test_attention_impl_switch_changes_speed_not_the_model():
     other_logits, other_grads = logits_and_grads(impl)
     np.testing.assert_allclose(other_logits, logits, rtol=1e-4, atol=1e-5)
     chex.assert_trees_all_close(other_grads, grads, rtol=1e-3, atol=1e-5)
+
+
+# ---- Randomized positions (Ruoss et al. 2023)
+
+# A 2 x 8 grid of patches at the widest width; decoder positions far past training's 9.
+RANDOM = dict(SMALL, image_height=16, image_width=64, patch_size=(8, 8), max_length=24)
+
+
+def _sown(state, module, name):
+  return np.asarray(state["intermediates"][module][name][0])
+
+
+@pytest.mark.parametrize("kind", ["learned", "sinusoidal", "rope"])
+def test_random_decoder_positions_are_drawn_in_training_only(kind):
+  cfg = ModelConfig(**RANDOM, decoder_position=kind, random_positions=True)
+  images = jax.random.uniform(jax.random.key(0), (3, 16, 64, 1))
+  inputs = jax.random.randint(jax.random.key(1), (3, 9), 0, 10).at[:, 0].set(tokens.SOS)
+  model = DigitReader(cfg)
+  params = model.init(jax.random.key(2), images, inputs)["params"]
+  run = jax.jit(lambda params, rngs, train: model.apply(
+      {"params": params}, images, inputs, train=train, rngs=rngs, mutable=["intermediates"]),
+                static_argnums=2)
+  logits, state = run(params, {"positions": jax.random.key(3)}, True)
+  drawn = _sown(state, "decoder", "positions")
+  chex.assert_shape(drawn, (3, 9))
+  assert (np.diff(drawn, axis=1) > 0).all() and drawn.min() >= 0 and drawn.max() < 24
+  assert not (drawn == np.arange(9)).all(axis=1).any()  # P(0..8 drawn) = 1 / C(24, 9).
+  other_logits, other = run(params, {"positions": jax.random.key(4)}, True)
+  assert not np.array_equal(_sown(other, "decoder", "positions"), drawn)
+  assert not np.allclose(other_logits, logits, atol=1e-4)
+  # Without a 'positions' stream they come from 'dropout', which training always passes.
+  _, from_dropout = run(params, {"dropout": jax.random.key(3)}, True)
+  chex.assert_shape(_sown(from_dropout, "decoder", "positions"), (3, 9))
+  # In evaluation they are 0..t-1: the model is the one without the flag.
+  eval_logits, eval_state = run(params, {}, False)
+  np.testing.assert_array_equal(_sown(eval_state, "decoder", "positions"), np.arange(9))
+  plain = DigitReader(dataclasses.replace(cfg, random_positions=False))
+  np.testing.assert_allclose(eval_logits, plain.apply({"params": params}, images, inputs),
+                             rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="rng"):
+    model.apply({"params": params}, images, inputs, train=True)
+  if kind == "learned":
+    # Training logits are the evaluation logits of a table whose rows 0..8 are the drawn ones.
+    for i in range(3):
+      table = params["decoder"]["position"]["embedding"]
+      moved = jax.tree.map(lambda x: x, params)
+      moved["decoder"]["position"]["embedding"] = table.at[:9].set(table[drawn[i]])
+      np.testing.assert_allclose(run(moved, {}, False)[0][i], logits[i], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["learned", "learned_2d", "rope"])
+def test_random_encoder_columns_are_drawn_in_training_only(kind):
+  cfg = ModelConfig(**RANDOM, encoder_position=kind, random_encoder_positions=True)
+  images = jax.random.uniform(jax.random.key(0), (2, 16, 32, 1))  # 4 of the 8 columns.
+  model = DigitReader(cfg)
+  params = model.init(jax.random.key(2), images, jnp.zeros((2, 9), jnp.int32))["params"]
+  run = jax.jit(lambda params, rngs, train: model.apply(
+      {"params": params}, images, train=train, rngs=rngs, mutable=["intermediates"],
+      method=DigitReader.encode), static_argnums=2)
+  memory, state = run(params, {"positions": jax.random.key(3)}, True)
+  drawn = _sown(state, "encoder", "column_positions")
+  chex.assert_shape(drawn, (2, 4))
+  assert (np.diff(drawn, axis=1) > 0).all() and drawn.min() >= 0 and drawn.max() < 8
+  _, other = run(params, {"positions": jax.random.key(4)}, True)
+  assert not np.array_equal(_sown(other, "encoder", "column_positions"), drawn)
+  eval_memory, eval_state = run(params, {}, False)
+  np.testing.assert_array_equal(_sown(eval_state, "encoder", "column_positions"), np.arange(4))
+  plain = DigitReader(dataclasses.replace(cfg, random_encoder_positions=False))
+  np.testing.assert_allclose(
+      eval_memory, plain.apply({"params": params}, images, method=DigitReader.encode),
+      rtol=1e-5, atol=1e-5)
+  assert not np.allclose(memory, eval_memory, atol=1e-4)
+  if kind == "learned":
+    # The raster table's (row, drawn column) entries, moved to (row, column): both rows move.
+    for i in range(2):
+      table = params["encoder"]["position"]["embedding"]
+      rows = np.repeat([0, 1], 4)
+      moved = jax.tree.map(lambda x: x, params)
+      moved["encoder"]["position"]["embedding"] = table.at[rows * 8 + np.tile(np.arange(4), 2)
+                                                           ].set(table[rows * 8 + np.tile(
+                                                               drawn[i], 2)])
+      np.testing.assert_allclose(run(moved, {}, False)[0][i], memory[i], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("field,position_field", [("random_positions", "decoder_position"),
+                                                  ("random_encoder_positions",
+                                                   "encoder_position")])
+def test_random_positions_without_positions_are_an_error(field, position_field):
+  with pytest.raises(ValueError, match=f"model.{field}=True needs"):
+    ModelConfig(**{field: True, position_field: "none"})

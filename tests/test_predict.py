@@ -2,6 +2,7 @@
 decoder for many files, attention maps, and the command line."""
 
 import csv
+import dataclasses
 import os
 import pathlib
 import re
@@ -14,6 +15,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from digit_vit import decode, predict, trained
+from digit_vit.data import buckets, sources, wild
 from digit_vit.models import tokens
 
 H, W = 32, 192
@@ -37,22 +39,29 @@ def _ink_box(canvas, threshold=0.35):
 # ---- Normalisation
 
 
-def test_canvas_fits_the_ink_at_training_height_keeping_aspect_ratio():
+def test_a_line_keeps_its_natural_width_at_the_training_height():
   canvas = predict.to_canvas(_line(), H, W)
-  chex.assert_shape(canvas, (H, W))
+  # The ink, 601 x 111 pixels, scaled to 23 high is 125 wide; with a margin of 8 pixels a side
+  # (MARGIN of the height), 141, rounded up to the multiple of 8: 144 of the widest 192.
+  chex.assert_shape(canvas, (H, 144))
   assert canvas.dtype == np.float32 and canvas.min() == 0.0 and canvas.max() == pytest.approx(1)
   top, bottom, left, right = _ink_box(canvas)
   height, width = bottom - top, right - left
   assert abs(height - predict.LINE_HEIGHT * H) <= 1.5
-  # The box is 601 x 111 pixels of ink: the aspect ratio survives the fit (to a pixel).
+  # The aspect ratio survives the fit (to a pixel).
   assert width / height == pytest.approx(601 / 111, rel=0.08)
-  assert abs((top + bottom) / 2 - H / 2) <= 1 and abs((left + right) / 2 - W / 2) <= 1
+  assert abs((top + bottom) / 2 - H / 2) <= 1 and abs((left + right) / 2 - 144 / 2) <= 1
+  assert left >= predict.MARGIN * H and 144 - right >= predict.MARGIN * H
 
 
-def test_a_line_too_long_for_the_canvas_is_shrunk_to_its_width():
+def test_a_line_too_long_for_the_widest_bucket_is_shrunk_to_it():
+  """The documented strategy for a line wider than every bucket: it is fitted into the widest,
+  margins kept, at a smaller digit height than the training lines'."""
   canvas = predict.to_canvas(_line(height=100, width=4000, box=(10, 20, 3990, 80), pen=6), H, W)
+  chex.assert_shape(canvas, (H, W))
   top, bottom, left, right = _ink_box(canvas)
-  assert right - left >= W - 4 and bottom - top < predict.LINE_HEIGHT * H - 4
+  margin = predict.MARGIN * H
+  assert right - left >= W - 2 * margin - 2 and bottom - top < predict.LINE_HEIGHT * H - 4
 
 
 def test_polarity_is_detected_and_colour_is_accepted():
@@ -134,20 +143,20 @@ def dilation_and_erosion_sizes(monkeypatch):
 
 def test_strokes_are_measured_and_thickened_at_a_working_resolution(dilation_and_erosion_sizes):
   thin = _line(height=1200, width=3600, box=(400, 600, 2800, 1040), pen=2)
-  # The crop, 441 x 2401, is 52 times its 9 x 46 on the canvas: pooled by 6 to 74 x 401 (it
+  # The crop, 441 x 2401, is 60 times its 7 x 40 on the canvas: pooled by 7 to 63 x 343 (it
   # used to be measured and dilated whole, 1.06M pixels with a window of 130).
   canvas = predict.to_canvas(thin, 16, 48)
-  assert dilation_and_erosion_sizes == [(74 * 401, None), (74 * 401, 21)]
+  assert dilation_and_erosion_sizes == [(63 * 343, None), (63 * 343, 21)]
   assert predict.stroke_width(canvas) >= predict.STROKE_WIDTH - 0.5
   top, bottom, left, right = _ink_box(canvas)
   assert (right - left) / (bottom - top) == pytest.approx(2401 / 441, rel=0.1)
-  # The hairline, 1 x 24000: a window of 20 over 1 x 370 pooled pixels (it was 1,304 over
-  # 24,000), and still a bright line across the canvas.
+  # The hairline, 1 x 24000: a window of 19 over 1 x 320 pooled pixels (it was 1,304 over
+  # 24,000), and still a bright line across the line's 40 pixels between its margins.
   dilation_and_erosion_sizes.clear()
   canvas = predict.to_canvas(_hairline(), 16, 48)
-  assert dilation_and_erosion_sizes == [(370, None), (370, 20)]
+  assert dilation_and_erosion_sizes == [(320, None), (320, 19)]
   top, bottom, left, right = _ink_box(canvas)
-  assert right - left == 46 and canvas.max() == pytest.approx(1)
+  assert right - left == 40 and canvas.max() == pytest.approx(1)
 
 
 @pytest.mark.parametrize("pen", [2, 48])
@@ -213,7 +222,7 @@ class _ScriptedReader:
     assert not attention
     self.log.append(("read", list(filenames)))
     reading = tokens.read_output(self.outputs)
-    return [predict._no_ink(n, self.height, self.width, len(self.outputs)) if c is None else
+    return [predict._no_ink(n, self.height, len(self.outputs)) if c is None else
             predict.Prediction(filename=n, tokens=self.outputs.tolist(), digits=reading.digits,
                                confidence=float(np.exp(-0.25)), log_prob=-0.25, canvas=c,
                                truncated=not reading.ended)
@@ -336,34 +345,92 @@ def reader(tiny_workdir):
   return predict.Reader(tiny_workdir, batch_size=8)
 
 
-def test_reader_obeys_the_token_contract_with_one_compilation(reader, tiny_workdir):
+def _padded(reader, images):
+  """The reader's canvases of `images` in one batch padded to the bucket of the widest, and
+  their widths: the input a decoder reference reads."""
+  canvases = reader.prepare(images)
+  widths = np.array([c.shape[1] for c in canvases], np.int32)
+  width = reader.buckets[int(buckets.bucket_index(widths, reader.buckets).max())]
+  batch = np.zeros((len(canvases), reader.height, width, 1), np.float32)
+  for i, c in enumerate(canvases):
+    batch[i, :, :c.shape[1], 0] = c
+  return batch, widths
+
+
+def test_reader_obeys_the_token_contract_with_one_compilation_a_bucket(reader, tiny_workdir):
   images, _ = _test_lines(tiny_workdir, 20)
   predictions = reader.read(list(images), attention=True)
-  assert reader.traces == 1  # 20 images, 3 batches of 8, one compiled function.
-  max_length = reader.config.max_digits + 1
+  widths = [p.canvas.shape[1] for p in predictions]
+  used = set(buckets.bucket_index(widths, reader.buckets).tolist())
+  assert reader.traces == len(used)  # 20 images in batches of 8: one compilation a bucket.
+  max_length = reader.max_length  # decode.max_length digits and the <eos>.
+  assert max_length == reader.config.decode.max_length + 1 > reader.config.max_digits + 1
   patch_h, patch_w = reader.model_config.patch_size
   for p in predictions:
-    assert len(p.tokens) == max_length
+    assert len(p.tokens) == max_length and p.canvas.shape[1] % 8 == 0
     assert p.digits == tokens.read_output(p.tokens).digits and not p.no_ink
     assert 0 < p.confidence <= 1 and p.confidence == pytest.approx(np.exp(p.log_prob))
     ended = tokens.EOS in p.tokens
-    chex.assert_shape(p.attention, (len(p.digits) + 1 if ended else max_length, 16, 48))
-    # Each token's attention is a distribution over patches, spread over their pixels.
+    chex.assert_shape(p.attention, (len(p.digits) + 1 if ended else max_length, 16,
+                                    p.canvas.shape[1]))
+    # Each token's attention is a distribution over the line's patches (none on the padding),
+    # spread over their pixels.
     np.testing.assert_allclose(p.attention.sum(axis=(1, 2)), patch_h * patch_w, rtol=1e-4)
     overlay = predict.attention_overlay(p, scale=4)
-    assert overlay.height == len(p.attention) * (16 * 4 + 4) - 4 and overlay.width > 48 * 4
+    assert overlay.height == len(p.attention) * (16 * 4 + 4) - 4
+    assert overlay.width > p.canvas.shape[1] * 4
   reader.read(list(images[:3]))
-  assert reader.traces == 1
+  assert reader.traces == len(used)
+
+
+def test_reading_a_line_padded_into_a_wider_bucket_reads_the_same(reader, tiny_workdir):
+  images, _ = _test_lines(tiny_workdir, 8)
+  batch, widths = _padded(reader, list(images))
+  narrow, narrow_log_prob = reader._read_batch(reader.params, (), batch, widths)
+  wide_batch = np.zeros(batch.shape[:2] + (reader.buckets[-1] * 2,) + batch.shape[3:], np.float32)
+  wide_batch[:, :, :batch.shape[2]] = batch
+  model_config = dataclasses.replace(reader.model_config, image_width=reader.buckets[-1] * 2)
+  wide, wide_log_prob = decode.decode(model_config, reader.params, wide_batch, widths=widths,
+                                      max_length=reader.max_length)
+  np.testing.assert_array_equal(np.asarray(narrow), np.asarray(wide))
+  np.testing.assert_allclose(narrow_log_prob, wide_log_prob, rtol=1e-4, atol=1e-5)
+
+
+def test_a_twelve_digit_line_goes_end_to_end_through_predict(reader, tmp_path):
+  """Past the tiny run's 3 training digits and its 48-pixel widest bucket: the line is fitted
+  into the widest bucket and read up to decode.max_length digits, every token in contract."""
+  digits = sources.load_digits("embedded", "test", validation_per_class=40)
+  style = dataclasses.replace(wild.STYLES["long"], lengths=(12,))
+  image = wild.compose(digits.images[:12], np.random.default_rng(0), style)
+  Image.fromarray(image).save(tmp_path / "twelve.png")
+  (p,) = predict.read_files(reader, [str(tmp_path / "twelve.png")])
+  assert p.error is None and p.canvas.shape == (16, reader.buckets[-1])
+  assert len(p.tokens) == reader.max_length == 17
+  reading = tokens.read_output(p.tokens)
+  assert p.truncated == (not reading.ended) and p.digits == reading.digits
+  # After the first <eos>, only <pad>.
+  if reading.ended:
+    assert set(p.tokens[len(p.digits) + 1:]) <= {tokens.PAD}
 
 
 def test_reader_reads_the_same_line_in_any_polarity_size_and_format(reader, tiny_workdir):
   images, _ = _test_lines(tiny_workdir, 8)
-  big = [np.asarray(Image.fromarray(i).resize((48 * 5, 16 * 5), Image.BILINEAR)) for i in images]
-  variants = [list(images), [255 - i for i in images], big,
-              [np.stack([255 - i] * 3, -1) for i in big]]
-  readings = [[p.tokens for p in reader.read(v)] for v in variants]
-  for other in readings[1:]:
-    assert other == readings[0]
+  big = [np.asarray(Image.fromarray(i).resize((i.shape[1] * 5, 16 * 5), Image.BILINEAR))
+         for i in images]
+  same = [list(images), [255 - i for i in images], [np.stack([255 - i] * 3, -1) for i in images]]
+  canvases = [reader.prepare(v) for v in same]
+  for other in canvases[1:]:
+    for a, b in zip(canvases[0], other):
+      np.testing.assert_allclose(a, b, atol=1.5 / 255)
+  readings = [[p.tokens for p in reader.read(v)] for v in same]
+  assert readings[1] == readings[0] == readings[2]
+  # Five times the size: the same line up to resampling (its rounded width may take the next
+  # multiple of 8).
+  for a, b in zip(canvases[0], reader.prepare(big)):
+    assert a.shape[0] == b.shape[0] and abs(a.shape[1] - b.shape[1]) <= 8
+    box_a, box_b = _ink_box(a), _ink_box(b)
+    assert abs((box_a[1] - box_a[0]) - (box_b[1] - box_b[0])) <= 1
+    assert abs((box_a[3] - box_a[2]) - (box_b[3] - box_b[2])) <= 2
 
 
 def test_blank_images_read_as_empty_without_running_the_model(reader):
@@ -434,9 +501,9 @@ def test_reader_with_test_time_views_reads_as_the_decoder_does(tiny_workdir):
   assert (reader.beam_size, reader.views) == (1, 3)
   images, _ = _test_lines(tiny_workdir, 8)
   predictions = reader.read(list(images))
-  canvases = np.stack([predict.to_canvas(i, reader.height, reader.width) for i in images])
-  want, log_prob = decode.decode(reader.model_config, reader.params, canvases[..., None],
-                                 views=3)
+  batch, widths = _padded(reader, list(images))
+  want, log_prob = decode.decode(reader.model_config, reader.params, batch, widths=widths,
+                                 views=3, max_length=reader.max_length)
   assert [p.tokens for p in predictions] == np.asarray(want).tolist()
   np.testing.assert_allclose([p.log_prob for p in predictions], log_prob, rtol=1e-4, atol=1e-5)
 
@@ -448,17 +515,21 @@ def test_reader_with_an_ensemble_reads_as_the_decoder_does(tiny_workdir):
   earlier, _ = trained.restore_params(tiny_workdir, reader.config, 20)
   images, _ = _test_lines(tiny_workdir, 8)
   predictions = reader.read(list(images), attention=True)
-  canvases = np.stack([predict.to_canvas(i, reader.height, reader.width) for i in images])
+  batch, widths = _padded(reader, list(images))
   want, log_prob = decode.decode((reader.model_config, reader.model_config),
-                                 (reader.params, earlier), canvases[..., None])
+                                 (reader.params, earlier), batch, widths=widths,
+                                 max_length=reader.max_length)
   assert [p.tokens for p in predictions] == np.asarray(want).tolist()
   np.testing.assert_allclose([p.log_prob for p in predictions], log_prob, rtol=1e-4, atol=1e-5)
   # The attention maps are the first model's, on the ensemble's reading.
-  attention = np.asarray(predict.cross_attention(reader.model_config, reader.params,
-                                                 canvases[..., None], want))
+  attention = np.asarray(predict.cross_attention(reader.model_config, reader.params, batch,
+                                                 widths, want))
   for p, maps in zip(predictions, attention):
-    np.testing.assert_allclose(p.attention, maps[:len(p.attention)], rtol=1e-4, atol=1e-6)
-  alone, _ = decode.decode(reader.model_config, reader.params, canvases[..., None])
-  assert not np.array_equal(alone, want)  # The second model changed some readings.
+    np.testing.assert_allclose(p.attention, maps[:len(p.attention), :, :p.canvas.shape[1]],
+                               rtol=1e-4, atol=1e-6)
+  _, alone_log_prob = decode.decode(reader.model_config, reader.params, batch, widths=widths,
+                                    max_length=reader.max_length)
+  # The second model changed the readings' probabilities.
+  assert np.abs(np.asarray(alone_log_prob) - np.asarray(log_prob)).max() > 1e-3
   with pytest.raises(ValueError, match="use 'best', 'latest' or a step number"):
     predict.Reader(tiny_workdir, ensemble=[f"{tiny_workdir}@newest"])

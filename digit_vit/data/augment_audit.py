@@ -31,7 +31,8 @@ def ink_lost(image: np.ndarray, bboxes: np.ndarray, transform: np.ndarray) -> np
   """The fraction of each digit's ink whose pixel centres the map sends off the canvas.
 
   Args:
-    image: float32 [H, W, 1] in [0, 1], ink bright.
+    image: float32 [H, W, 1] in [0, 1], ink bright: a line at its natural width, which is the
+      canvas the pipeline distorts it on.
     bboxes: float32 [n, 4], (ymin, xmin, ymax, xmax) of each digit, normalised to [0, 1]; ink
       inside a box counts for that digit (so an overlapping neighbour's strokes count too).
     transform: [8] output -> input map, as `input_pipeline.affine_transform` returns it.

@@ -170,13 +170,18 @@ def train_iterator(config, *, seed: int, start_step: int = 0, process_index=None
 
 
 def eval_iterator(config, split: str, *, batch_size: int | None = None, process_index=None,
-                  process_count=None) -> Iterator[dict[str, np.ndarray]]:
-  """Finite host-local batches {image, label, mask} covering the host's shard once, padded."""
+                  process_count=None,
+                  num_examples: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+  """Finite host-local batches {image, label, mask} covering the host's shard once, padded;
+  of the split's first `num_examples` images when given (None or <= 0: all), as the lines'
+  `input_pipeline.eval_iterator`."""
   process_index, process_count = ip._process(process_index, process_count)  # pylint: disable=protected-access
   if batch_size is None:
     batch_size = config.get("eval_batch_size") or config.batch_size
   b = ip.host_batch_size(int(batch_size), process_count, "eval batch size")
   images, labels = load_arrays(config, split)
+  if num_examples is not None and num_examples > 0:
+    images, labels = images[:num_examples], labels[:num_examples]
   n_all = labels.shape[0]
   lo, hi = ip.host_bounds(n_all, process_index, process_count, drop_remainder=False)
   num_batches = math.ceil(math.ceil(n_all / process_count) / b)

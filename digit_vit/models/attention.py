@@ -211,8 +211,12 @@ class MultiHeadAttention(nn.Module):
     implementation: see `dot_product_attention`.
     dropout_rate: dropout on attention weights.
     rope: rotate queries and keys by their positions (self-attention only).
+    rope_grid: whether RoPE positions are (row, column) pairs (`position.apply_rope`'s
+      `grid`); None infers it from their rank, so per-example sequence positions [batch, t]
+      need False.
     decode: keep keys and values of past steps in the 'cache' collection and attend one new
-      query at a time; in cross-attention, project the memory once and reuse it.
+      query at a time; in cross-attention, project the memory once and reuse it, and keep the
+      memory's mask, if the sizing call had one, for every later step.
     dtype: compute dtype; parameters stay `param_dtype`.
   """
   num_heads: int
@@ -222,6 +226,7 @@ class MultiHeadAttention(nn.Module):
   implementation: str = "xla"
   dropout_rate: float = 0.0
   rope: bool = False
+  rope_grid: bool | None = None
   decode: bool = False
   use_bias: bool = True
   dtype: Any = jnp.float32
@@ -252,9 +257,11 @@ class MultiHeadAttention(nn.Module):
       inputs_q: [batch, q_len, width].
       inputs_kv: [batch, kv_len, kv_width] for cross-attention, or None.
       mask: bool broadcastable to [batch, heads, q_len, kv_len]. In decode mode the cache
-        adds its own causal mask.
-      positions: int [q_len] or [q_len, 2] (2-D grids) positions for RoPE; in decode mode the
-        cache index is used.
+        adds its own causal mask (self-attention) or the memory mask it was sized with
+        (cross-attention), ANDed with this one.
+      positions: RoPE positions: int [q_len] or [batch, q_len] (sequences), [q_len, 2] or
+        [batch, q_len, 2] (2-D grids); None = 0..q_len-1; in decode mode the cache index is
+        used.
       deterministic: disables dropout.
       return_weights: also return the attention weights [batch, heads, q_len, kv_len]
         (computed the einsum way, for attention maps).
@@ -280,7 +287,7 @@ class MultiHeadAttention(nn.Module):
       if self.rope:
         raise ValueError("RoPE applies to self-attention only, not cross-attention")
       query = self._split(self._dense(qk_dim, "q")(inputs_q))
-      key, value = self._cross_attention_kv(inputs_kv, qk_dim, v_dim)
+      key, value, mask = self._cross_attention_kv(inputs_kv, qk_dim, v_dim, mask)
 
     dropout_rng = None
     if self.dropout_rate > 0.0 and not deterministic:
@@ -301,20 +308,31 @@ class MultiHeadAttention(nn.Module):
   def _rotate(self, query, key, positions):
     if positions is None:
       positions = jnp.arange(query.shape[1])
-    return position.apply_rope(query, positions), position.apply_rope(key, positions)
+    return (position.apply_rope(query, positions, grid=self.rope_grid),
+            position.apply_rope(key, positions, grid=self.rope_grid))
 
-  def _cross_attention_kv(self, inputs_kv, qk_dim, v_dim):
+  def _cross_attention_kv(self, inputs_kv, qk_dim, v_dim, mask):
     """Projects the memory into keys and values; in decode mode once per image, into the
-    cache, so each decode step only projects its one new query."""
+    cache, so each decode step only projects its one new query. The sizing call's mask (the
+    memory's padding) is cached with them, so the steps need not pass it again.
+
+    Returns:
+      key, value [batch, kv_len, heads, d] and the mask to attend with.
+    """
     project = self._dense(qk_dim + v_dim, "kv")
     if self.decode and self.has_variable("cache", "cross_key"):
-      return self.get_variable("cache", "cross_key"), self.get_variable("cache", "cross_value")
+      if self.has_variable("cache", "cross_mask"):
+        mask = combine_masks(self.get_variable("cache", "cross_mask"), mask)
+      return (self.get_variable("cache", "cross_key"), self.get_variable("cache", "cross_value"),
+              mask)
     key, value = jnp.split(project(inputs_kv), [qk_dim], axis=-1)
     key, value = self._split(key), self._split(value)
     if self.decode:
       self.put_variable("cache", "cross_key", key)
       self.put_variable("cache", "cross_value", value)
-    return key, value
+      if mask is not None:
+        self.put_variable("cache", "cross_mask", mask)
+    return key, value, mask
 
   def _self_attention_cache(self, query, key, value, mask, positions):
     """One decode step: write this step's key and value at the cache index, attend to all

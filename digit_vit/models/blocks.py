@@ -90,7 +90,16 @@ class EncoderBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, mask=None, *, positions=None, deterministic: bool = True):
-    """x: [batch, length, width]; mask: bool [batch, 1, length, length] or None."""
+    """Args:
+      x: [batch, length, width].
+      mask: bool broadcastable to [batch, 1, length, length] (e.g. [batch, 1, 1, length] for
+        padded keys), or None.
+      positions: RoPE positions [length, 2] or [batch, length, 2] ((row, column) of each
+        token), or None.
+
+    Returns:
+      [batch, length, width].
+    """
     attention = MultiHeadAttention(
         self.num_heads, implementation=self.attention_impl, rope=self.rope,
         dropout_rate=self.attention_dropout_rate, dtype=self.dtype, name="attention")
@@ -117,13 +126,16 @@ class DecoderBlock(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, memory, self_mask=None, memory_mask=None, *,
+  def __call__(self, x, memory, self_mask=None, memory_mask=None, *, positions=None,
                deterministic: bool = True, return_weights: bool = False):
     """Args:
       x: [batch, length, width] token states.
       memory: [batch, patches, width] encoder output.
       self_mask: bool [batch|1, 1, length, length] (causal; None in decode mode).
-      memory_mask: bool [batch, 1, 1, patches] or None.
+      memory_mask: bool [batch, 1, 1, patches] or None (in decode mode the mask given when the
+        cache was sized is kept in it and applies to every step).
+      positions: RoPE positions of the tokens, int [length] or [batch, length]; None =
+        0..length-1 (or the cache index in decode mode).
 
     Returns:
       [batch, length, width], and cross-attention weights [batch, heads, length, patches]
@@ -131,10 +143,11 @@ class DecoderBlock(nn.Module):
     """
     kwargs = dict(implementation=self.attention_impl, dropout_rate=self.attention_dropout_rate,
                   decode=self.decode, dtype=self.dtype)
-    self_attention = MultiHeadAttention(self.num_heads, rope=self.rope, name="self_attention",
-                                        **kwargs)
+    self_attention = MultiHeadAttention(self.num_heads, rope=self.rope, rope_grid=False,
+                                        name="self_attention", **kwargs)
     x, _ = _Residual(self.norm, self.dropout_rate, self.dtype, name="self_residual")(
-        x, lambda h: self_attention(h, mask=self_mask, deterministic=deterministic),
+        x, lambda h: self_attention(h, mask=self_mask, positions=positions,
+                                    deterministic=deterministic),
         deterministic=deterministic)
     cross_attention = MultiHeadAttention(self.num_heads, name="cross_attention", **kwargs)
     x, weights = _Residual(self.norm, self.dropout_rate, self.dtype, name="cross_residual")(

@@ -16,12 +16,13 @@ class ViTClassifier(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, images, *, train: bool = False):
-    """images: [batch, H, W, C] -> logits float32 [batch, num_classes]."""
+  def __call__(self, images, *, widths=None, train: bool = False):
+    """images: [batch, H, W, C], widths: int [batch] valid widths in pixels or None (see
+    `Encoder`) -> logits float32 [batch, num_classes]."""
     cfg = self.config
     if not cfg.class_token:
       cfg = dataclasses.replace(cfg, class_token=True)
-    x = Encoder(cfg, name="encoder")(images, train=train)
+    x = Encoder(cfg, name="encoder")(images, widths=widths, train=train)
     cls = x[:, 0]
     if cfg.norm == "post":
       cls = nn.LayerNorm(dtype=cfg.compute_dtype, name="head_norm")(cls)

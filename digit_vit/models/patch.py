@@ -16,6 +16,15 @@ binomial filter [1, 2, 1] / 4 (Zhang, "Making Convolutional Networks Shift-Invar
 2019), since a strided conv aliases its input's high frequencies into different tokens when the
 image moves by a pixel (reading a line in shifted views gains the reader 1.6 points). Measured:
 97.9% against 98.5% in `configs/digit_probe.py` (docs/results.md, "Flatter minima").
+
+Images may be padded on the right (with zeros, the background) to a bucket width, with each
+image's valid width in `widths`. Every patch column that starts inside the valid width comes
+out exactly as it would from the image cut at the end of its last such column
+(`valid_width`): pixels past `widths` are zeroed, and the 'conv' stem zeroes its feature maps
+past the valid columns before every op that reads a neighbour to the right at the same
+resolution (a column-stride-1 conv, the blur), as its zero padding does at the image's edge,
+and the blur replicates the last valid column as it does the image's last one. A stride-2
+conv needs nothing: a valid output reads no input past the valid width.
 """
 
 from __future__ import annotations
@@ -53,9 +62,20 @@ def stem_strides(patch_size: tuple[int, int]) -> list[tuple[int, int]]:
   return [(2 if 2 ** i < ph else 1, 2 if 2 ** i < pw else 1) for i in range(steps)]
 
 
-def _blur(x, stride):
+def valid_width(widths, patch_width: int):
+  """Valid widths in pixels rounded up to whole patch columns: int32 [batch]. A column that
+  starts before `widths` holds ink, so it is read whole (its pixels past `widths` zeroed)."""
+  widths = jnp.asarray(widths, jnp.int32)
+  return -(-widths // patch_width) * patch_width
+
+
+def _blur(x, stride, valid_cols=None):
   """[1, 2, 1] / 4 along each axis of `x` [b, h, w, c] whose stride is 2, edges replicated (so
-  a constant map stays constant); the shape is kept."""
+  a constant map stays constant); the shape is kept.
+
+  valid_cols: int [b] or None: the columns of each map that are not padding; the last of them
+  is replicated past it as the map's last column is, so padding changes nothing before it.
+  """
   for axis, s in ((1, stride[0]), (2, stride[1])):
     if s == 1:
       continue
@@ -64,8 +84,17 @@ def _blur(x, stride):
     pad[axis] = (1, 1)
     padded = jnp.pad(x, pad, mode="edge")
     before, here, after = (jax.lax.slice_in_dim(padded, i, i + n, axis=axis) for i in range(3))
+    if axis == 2 and valid_cols is not None:
+      next_valid = jnp.arange(1, n + 1)[None, :] < valid_cols[:, None]      # [b, w]
+      after = jnp.where(next_valid[:, None, :, None], after, here)
     x = 0.25 * before + 0.5 * here + 0.25 * after
   return x
+
+
+def _zero_past(x, valid_cols):
+  """x [b, h, w, c] with columns >= valid_cols [b] set to 0."""
+  keep = jnp.arange(x.shape[2])[None, :] < valid_cols[:, None]               # [b, w]
+  return jnp.where(keep[:, None, :, None], x, jnp.zeros((), x.dtype))
 
 
 def _neighbourhoods(x, stride):
@@ -137,8 +166,16 @@ class PatchEmbedding(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, images):
-    """images: [batch, H, W, C] -> tokens [batch, (H/ph) * (W/pw), width]."""
+  def __call__(self, images, widths=None):
+    """Args:
+      images: [batch, H, W, C].
+      widths: int [batch] valid width of each image in pixels (the rest is padding), or None
+        (all valid: no masking at all). Tokens of columns that start before it equal those of
+        the image cut at `valid_width(widths)`; the others are not defined.
+
+    Returns:
+      tokens [batch, (H/ph) * (W/pw), width] in raster order.
+    """
     b, h, w, c = images.shape
     rows, cols = grid_shape((h, w), tuple(self.patch_size))
     ph, pw = self.patch_size
@@ -159,12 +196,26 @@ class PatchEmbedding(nn.Module):
           f"and model.stem_antialias={self.stem_antialias} shape the 'conv' stem; the 'linear' "
           "patch embedding has none: set them to 0 / False or use model.patch_embedding='conv'")
     x = images.astype(self.dtype)
+    valid = None
+    if widths is not None:
+      widths = jnp.asarray(widths, jnp.int32)
+      x = _zero_past(x, widths)
+      valid = valid_width(widths, pw)  # Columns of the image; at column stride s, valid // s.
     if self.kind == "linear":
       x = x.reshape(b, rows, ph, cols, pw, c).transpose(0, 1, 3, 2, 4, 5)
       x = x.reshape(b, rows * cols, ph * pw * c)
       return layers.Dense(self.width, dtype=self.dtype, name="projection")(x)
 
-    def conv(x, channels, stride, name):  # A 3x3 convolution and gelu.
+    col_stride = 1  # Of the map `x`, relative to the image.
+
+    def conv(x, channels, stride, name):
+      """(Blur,) a 3x3 convolution and gelu. With padding, whatever the conv reads past the valid
+      columns is what the unpadded map's edge shows it: zeros, or the replicated last column."""
+      valid_cols = None if valid is None else valid // col_stride
+      if self.stem_antialias and stride != (1, 1):
+        x = _blur(x, stride, valid_cols)
+      if valid is not None and stride[1] == 1:
+        x = _zero_past(x, valid_cols)  # A stride-2 conv's valid outputs never read past them.
       return nn.gelu(Conv3x3(channels, stride, dtype=self.dtype, name=name)(x))
 
     for j in range(self.stem_full_res_depth):
@@ -174,7 +225,8 @@ class PatchEmbedding(nn.Module):
       channels = self.stem_channels * 2 ** i
       if self.stem_max_channels:
         channels = min(channels, self.stem_max_channels)
-      x = conv(_blur(x, stride) if self.stem_antialias else x, channels, stride, f"conv{i}")
+      x = conv(x, channels, stride, f"conv{i}")
+      col_stride *= stride[1]
       for j in range(self.stem_depth):
         x = x + conv(x, channels, (1, 1), f"conv{i}_{j}")
     x = layers.Dense(self.width, dtype=self.dtype, name="projection")(x)

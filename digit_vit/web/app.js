@@ -154,10 +154,11 @@ async function showModelInfo() {
     if (info.views > 1) decoding += ` over ${info.views} shifted views`;
     if (info.ensemble > 0) decoding += ` with ${info.ensemble} more model(s) reading along`;
     $('model-info').textContent =
-        `Model: checkpoint of step ${info.step}, reads 1 to ${info.max_digits} digits on a ` +
-        `${info.height} × ${info.width} canvas, ${decoding} decoding.`;
+        `Model: checkpoint of step ${info.step}, trained on lines of 1 to ${info.max_digits} ` +
+        `digits, reads up to ${info.max_length} digits on lines ${info.height} pixels high ` +
+        `and up to ${info.width} wide, ${decoding} decoding.`;
     $('canvas-caption').textContent =
-        `What the model saw: its ${info.height} × ${info.width} input canvas.`;
+        `What the model saw: the line ${info.height} pixels high, at its own width.`;
   } catch (error) {
     $('model-info').textContent = 'Cannot reach the demo server.';
   }

@@ -5,9 +5,16 @@ lines of the train split only; validation and test keep all lengths, so exact ma
 8 digits measures generalisation to longer lines, and the mean number of digits read on them
 shows whether the reader stops too early. A reference point trains on 1-8 digits. The
 decoder's position encoding is varied, because that is where a sequence longer than any seen
-in training meets untrained positions: learned embeddings of output positions 7 and 8 never
-receive a gradient (their targets are `<pad>`, ignored by the loss), sinusoidal and rotary
-encodings are defined at every position.
+in training meets positions it was not trained at: with positions 0..t-1, learned embeddings
+of output positions 7 and 8 never receive a gradient (their targets are `<pad>`, ignored by
+the loss), while sinusoidal and rotary encodings are defined at every position. Under the
+default's randomized positions (`model.random_positions`, which every point keeps), a line's
+tokens take sorted positions drawn from all `model.max_length`, so the 1-6 digit lines train
+every position of every encoding.
+
+The committed results of this sweep were measured before randomized positions and width
+buckets (experiments/results/measured_by_earlier_code.json): positions 0..t-1 on a 32x192
+canvas.
 """
 
 from experiments import sweep

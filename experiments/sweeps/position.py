@@ -4,7 +4,10 @@ Attention itself is blind to order: without positions the encoder's patch tokens
 so the reader can find the digits but not their order, which is the seeds' "731 != 137". The
 order errors count the outputs that read the right digits in another order; the wrong
 lengths and exact match show what else each encoding costs. The same kind is used in the
-encoder (over the patch sequence) and in the decoder (over the output positions).
+encoder (over the patch sequence) and in the decoder (over the output positions). Every point
+trains with positions 0..t-1 (`model.random_positions=False`, as in evaluation): randomized
+positions need a decoder encoding, so 'none' could not have them, and the points then differ
+in the encoding alone.
 """
 
 from experiments import sweep
@@ -42,6 +45,7 @@ SWEEP = sweep.Sweep(
     base="experiment",
     grid={kind: {"model.encoder_position": kind, "model.decoder_position": kind}
           for kind in KINDS},
+    fixed={"model.random_positions": False, "model.random_encoder_positions": False},
     columns=("test_exact_match", "test_cer", "test_order_errors", "test_wrong_length",
              "test_no_eos", "test_token_accuracy", "train_images_per_second"),
     bars=("test_exact_match", "test_token_accuracy", "test_cer"),
