@@ -121,10 +121,11 @@ def evaluate(workdir: str | os.PathLike, *, checkpoints: Sequence[trained.Checkp
   for split in splits:
     if split in file_evaluation.SPLITS:  # Image files, read as `predict` reads them.
       if file_reader is None:
-        members, described = trained.restore_ensemble(config, ensemble, ema=ema)
+        # The ensemble the evaluator restored reads the files too.
         file_reader = predict.Reader.from_params(
-            config, params, step=max(reading["steps"]), beam_size=beam_size, alpha=alpha, views=views,
-            batch_size=64, ensemble=members, described=described)
+            config, params, step=max(reading["steps"]), beam_size=beam_size, alpha=alpha,
+            views=views, batch_size=64, ensemble=evaluator.ensemble,
+            described=reading["ensemble"])
       split_metrics = file_evaluation.evaluate(file_reader, config, split,
                                                num_examples=num_examples)
     else:

@@ -591,6 +591,7 @@ class Evaluator:
     self.input_module = input_module
     self.data_sharding = NamedSharding(mesh, P("data"))
     replicated = NamedSharding(mesh, P())
+    self.ensemble = tuple(ensemble)  # [(ModelConfig, params)], as given.
     self._ensemble_params = tuple(params for _, params in ensemble)
     step = functools.partial(eval_step, config=config, model=model, beam_size=beam_size,
                              alpha=alpha, views=views,
