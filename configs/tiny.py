@@ -23,8 +23,9 @@ def get_config(arg=None):
   config.data.validation_size = 96
   config.data.test_size = 100         # Not a multiple of common batch sizes: exercises padding.
   config.data.curriculum_examples = 0  # Plain epochs: tests see every length from the start.
-  # Plain lines (no slant, pens, blur, faint digits or noise), so 60 steps learn something.
-  config.data.max_slant = 0.0
+  # Plain lines (no slant, pens, blur, faint digits, noise or elastic digits), so 60 steps learn
+  # something.
+  config.data.max_slant = config.data.digit_elastic = 0.0
   config.data.thin_prob = config.data.thicken_prob = config.data.heavy_prob = 0.0
   config.data.blur_prob = config.data.faint_prob = config.data.noise_prob = 0.0
 

@@ -4,6 +4,14 @@ is to the machine's float32 matmul peak.
   python -m digit_vit.bench --config=configs/bench.py
   python -m digit_vit.bench --config=configs/default.py --only=pipeline   # vs. the train step
   python -m digit_vit.bench --config=configs/bench.py --json=bench.json
+  python -m digit_vit.bench --only=serve --workdir=runs/long [--model=EXPORTED_DIR]
+
+`--only=serve` measures an exported reader (`digit_vit.export` of the run, or --model) against
+the in-process `predict.Reader` of the same run (`serve_figures`): the cold start (process start
+to the first reading, in a fresh process; the exported reader with an empty and with a warm
+persistent compilation cache), the latency of reading one image (p50, p99) and the throughput
+of reading batches of 64 lines. Targets on the 2-core development CPU, greedy: cold start <= 3 s,
+p50 <= 15 ms, throughput within 10% of the in-process Reader (`SERVE_TARGETS`).
 
 Images are one width bucket wide (`bench_width`: the bucket of the config's longest training
 lines; configs/bench.py has the one, 192). Throughputs are images per second over repeated
@@ -25,6 +33,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 from absl import app, flags
 import jax
@@ -44,7 +53,12 @@ def define_flags():
   `main` defines --config too."""
   config_flags.DEFINE_config_file("config", "configs/bench.py", "Config file.")
   flags.DEFINE_list(
-      "only", [], "Measure only these: peak, train, eval, decode, pipeline (default: all).")
+      "only", [], "Measure only these: peak, train, eval, decode, pipeline, serve (default: "
+      "all but serve).")
+  flags.DEFINE_string("workdir", None, "serve: the reading run whose exported reader is measured "
+                      "against its in-process predict.Reader.")
+  flags.DEFINE_string("model", None, "serve: the run's exported reader (default: export "
+                      "--workdir into a temporary directory).")
   flags.DEFINE_string("json", None, "Also write the figures to this JSON file.")
   flags.DEFINE_integer("repeats", 10, "Timed calls per measurement.")
   flags.DEFINE_string(
@@ -53,7 +67,9 @@ def define_flags():
   flags.DEFINE_integer("profile_top", 25, "Operations listed per profiled part.")
 
 
-PARTS = ("peak", "train", "eval", "decode", "pipeline")
+PARTS = ("peak", "train", "eval", "decode", "pipeline", "serve")
+# Measured by default (serve needs a trained run, --workdir).
+DEFAULT_PARTS = ("peak", "train", "eval", "decode", "pipeline")
 
 
 def _call_seconds(fn: Callable[[], object], repeats: int) -> list[float]:
@@ -257,11 +273,13 @@ def _decode_throughputs(recorder, config, params, images):
                   repeats=max(recorder.repeats // 2, 2), hlo_text=compiled.as_text())
 
 
-def run(config, parts=PARTS, repeats: int = 10, profile_dir: str | None = None,
-        profile_top: int = 25) -> dict[str, float]:
+def run(config, parts=DEFAULT_PARTS, repeats: int = 10, profile_dir: str | None = None,
+        profile_top: int = 25, workdir: str | None = None,
+        model: str | None = None) -> dict[str, float]:
   """Measures the requested parts for `config`; returns the figures by name. With
-  `profile_dir`, each part's timed calls are also traced there and summarised per operation."""
-  from digit_vit import train
+  `profile_dir`, each part's timed calls are also traced there and summarised per operation.
+  'serve' measures the run in `workdir` (and its export `model`), see `serve_figures`."""
+  from digit_vit import state as state_lib, steps
   from digit_vit.models import build_model
 
   recorder = _Recorder(repeats, profile_dir, profile_top)
@@ -274,13 +292,13 @@ def run(config, parts=PARTS, repeats: int = 10, profile_dir: str | None = None,
   batch_size = config.batch_size
   if any(p in parts for p in ("train", "eval", "decode")):
     model = build_model(config)
-    mesh = train.create_mesh()
-    learning_rate_fn = train.create_learning_rate_fn(config)
-    tx = train.create_optimizer(config, learning_rate_fn)
-    state = train.create_train_state(config, model, tx, mesh)
+    mesh = state_lib.create_mesh()
+    learning_rate_fn = state_lib.create_learning_rate_fn(config)
+    tx = state_lib.create_optimizer(config, learning_rate_fn)
+    state = state_lib.create_train_state(config, model, tx, mesh)
     results["parameters"] = sum(x.size for x in jax.tree.leaves(state.params))
     batch = _fake_batch(config, batch_size)
-    stepper = train.Stepper(config, model, learning_rate_fn, mesh)
+    stepper = steps.Stepper(config, model, learning_rate_fn, mesh)
     global_batch = stepper.global_batch({k: v for k, v in batch.items() if k != "mask"})
   if "train" in parts:
     # The step training runs (shardings, donated state); each timed call continues from the
@@ -305,7 +323,158 @@ def run(config, parts=PARTS, repeats: int = 10, profile_dir: str | None = None,
     results["pipeline_images_per_s"] = benchmark.pipeline_images_per_second(config)
     results["pipeline_over_train"] = (results["pipeline_images_per_s"]
                                       / results["train_images_per_s"])
+  if "serve" in parts:
+    if workdir is None:
+      raise ValueError("--only=serve needs --workdir: a trained reading run")
+    results.update(serve_figures(workdir, model, repeats=repeats))
   results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  return results
+
+
+# ----------------------------------------------------------------------------------------------
+# Serving: an exported reader against the in-process predict.Reader
+
+# (figure, bound, 'max' or 'min'): what issue 44 asks of an exported reader on this CPU, greedy.
+SERVE_TARGETS = (("serve_exported_cold_start_cached_s", 3.0, "max"),
+                 ("serve_exported_latency_p50_ms", 15.0, "max"),
+                 ("serve_throughput_ratio", 0.9, "min"))
+SERVE_BATCH = 64
+
+# Run in a fresh interpreter: from its start (argv[1], the parent's time.time() just before it
+# started) to its first reading of the image argv[4], by the exported reader (argv[2]
+# 'exported', argv[3] its directory) or the in-process Reader ('reader', a run's directory).
+_COLD_START = """
+import json, sys, time
+start, kind, source, image = float(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+if kind == "exported":
+  from digit_vit import preprocess, serving
+  serving.enable_compilation_cache()
+  reader = serving.load(source, batch_size=1)
+else:
+  from digit_vit import predict as preprocess
+  reader = preprocess.Reader(source, batch_size=1)
+reading = reader.read([preprocess.load_image(image)])[0]
+seconds = time.time() - start
+heavy = sorted(m for m in ("flax", "optax", "orbax", "tensorflow", "ml_collections")
+               if m in sys.modules)
+print(json.dumps({"seconds": seconds, "digits": reading.digits, "heavy": heavy}))
+"""
+
+
+def cold_start_seconds(kind: str, source: str, image: str, *,
+                       cache_dir: str | None = None) -> dict:
+  """Process start to the first reading of `image`, in a fresh Python process.
+
+  Args:
+    kind: 'exported' (`serving.load(source)`) or 'reader' (`predict.Reader(source)`).
+    cache_dir: jax's persistent compilation cache for the process (every program kept); None
+      turns it off.
+
+  Returns:
+    {'seconds', 'digits' (what it read), 'heavy' (heavy modules it imported)}.
+  """
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")
+         and k != "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"}
+  if cache_dir is None:
+    env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
+  else:
+    env.update(JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  start = time.time()
+  result = subprocess.run([sys.executable, "-c", _COLD_START, repr(start), kind, source, image],
+                          capture_output=True, text=True, env=env, timeout=600, check=False)
+  lines = result.stdout.strip().splitlines()
+  if result.returncode != 0 or not lines:
+    raise RuntimeError(f"the cold-start process ({kind}) failed: {result.stderr[-2000:]}")
+  return json.loads(lines[-1])
+
+
+def _serve_images(workdir: str, n: int) -> list[np.ndarray]:
+  """n lines of the wild split's composer (1-8 test-split digits each), uint8 [H, W]."""
+  from digit_vit.data import sources, wild  # pylint: disable=import-outside-toplevel
+  del workdir  # The lines do not depend on the run: every run reads the same images.
+  digits = sources.load_digits("embedded", "test", validation_per_class=40)
+  return [image for image, _, _ in wild.generate("wild", digits, n, seed=0)]
+
+
+def _latencies_ms(read: Callable[[np.ndarray], object], images, repeats: int) -> list[float]:
+  for image in images:  # Warm-up: compiles every bucket the images fall in.
+    read(image)
+  times = []
+  for i in range(repeats):
+    start = time.perf_counter()
+    read(images[i % len(images)])
+    times.append(1000 * (time.perf_counter() - start))
+  return times
+
+
+def _rates(read: Callable[[], object], batch: int, repeats: int) -> list[float]:
+  read()  # Warm-up (compilation).
+  return sorted(batch / t for t in _call_seconds(read, repeats))
+
+
+def serve_figures(workdir: str, model: str | None = None, *, repeats: int = 10) -> dict:
+  """The exported reader (`model`, else `workdir` exported into a temporary directory)
+  against the in-process `predict.Reader` of `workdir`, decoding as the export does.
+
+  Figures (`serve_exported_*` and `serve_reader_*`):
+    cold_start_s: process start to the first reading of one image, in a fresh process (the
+      exported reader: `cold_start_cached_s` again with the compilation cache the first run
+      filled, as `predict --model` and the demo keep it);
+    latency_p50_ms, latency_p99_ms: one image read (`read([image])`, preprocessing included),
+      over 10 x `repeats` calls cycling through 64 wild lines, after a warm-up on each;
+    images_per_s (median, _min, _max): `read_prepared` of the same 64 prepared lines, the
+      Reader with batch_size 64 (the exported reader reads up to 64 a call). The lines fall
+      in several width buckets and each reader batches them its own way: the Reader pads
+      every bucket's call to its 64 rows, the exported reader to the next power of two, so
+      the ratio measures that difference as well as the compiled code's;
+  and serve_throughput_ratio (exported over in-process) and serve_targets_met.
+  """
+  import tempfile  # pylint: disable=import-outside-toplevel
+  from digit_vit import export, predict, serving  # pylint: disable=import-outside-toplevel
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  results: dict[str, Any] = {}
+  with tempfile.TemporaryDirectory(prefix="bench_serve_") as scratch:
+    if model is None:
+      model = os.path.join(scratch, "exported")
+      export.export_reader(workdir, model)
+    exported = serving.load(model, batch_size=SERVE_BATCH)
+    decoding = dict(beam_size=exported.beam_size, alpha=exported.alpha, views=exported.views)
+    results.update({f"serve_{k}": v for k, v in decoding.items()})
+    images = _serve_images(workdir, SERVE_BATCH)
+    image_path = os.path.join(scratch, "line.png")
+    Image.fromarray(images[0]).save(image_path)
+    cache = os.path.join(scratch, "jax_cache")
+    for name, kind, source, cache_dir in (
+        ("exported_cold_start_s", "exported", model, cache),
+        ("exported_cold_start_cached_s", "exported", model, cache),
+        ("reader_cold_start_s", "reader", workdir, None)):
+      measured = cold_start_seconds(kind, source, image_path, cache_dir=cache_dir)
+      results[f"serve_{name}"] = measured["seconds"]
+      if kind == "exported" and measured["heavy"]:
+        raise AssertionError(f"the exported reader imported {measured['heavy']}")
+    single = predict.Reader(workdir, batch_size=1, **decoding)
+    batched = predict.Reader(workdir, batch_size=SERVE_BATCH, **decoding)
+    for name, reader, latency_reader in (("exported", exported, exported),
+                                         ("reader", batched, single)):
+      times = _latencies_ms(lambda image, r=latency_reader: r.read([image]), images,
+                            10 * repeats)
+      results[f"serve_{name}_latency_p50_ms"] = float(np.percentile(times, 50))
+      results[f"serve_{name}_latency_p99_ms"] = float(np.percentile(times, 99))
+      canvases = reader.prepare(images)
+      rates = _rates(lambda r=reader: r.read_prepared(canvases), SERVE_BATCH, repeats)
+      results[f"serve_{name}_images_per_s"] = float(np.median(rates))
+      results[f"serve_{name}_images_per_s_min"] = rates[0]
+      results[f"serve_{name}_images_per_s_max"] = rates[-1]
+    mismatched = sum(a.tokens != b.tokens for a, b in zip(exported.read(images),
+                                                          batched.read(images)))
+    if mismatched:
+      raise AssertionError(f"the exported reader read {mismatched} of {len(images)} lines "
+                           "differently from the in-process Reader")
+  results["serve_throughput_ratio"] = (results["serve_exported_images_per_s"]
+                                       / results["serve_reader_images_per_s"])
+  results["serve_targets_met"] = all(
+      results[key] <= bound if kind == "max" else results[key] >= bound
+      for key, bound, kind in SERVE_TARGETS)
   return results
 
 
@@ -320,10 +489,16 @@ def format_results(results: dict[str, float]) -> str:
 
 def main(argv):
   del argv
-  parts = tuple(FLAGS.only) or PARTS
+  parts = tuple(FLAGS.only) or DEFAULT_PARTS
   unknown = sorted(set(parts) - set(PARTS))
   if unknown:
     raise app.UsageError(f"--only got {unknown}; choose from {PARTS}")
+  if "serve" in parts and not FLAGS.workdir:
+    raise app.UsageError("--only=serve needs --workdir: a trained reading run (and optionally "
+                         "--model, its exported reader)")
+  if "serve" in parts:
+    from digit_vit import logs  # pylint: disable=import-outside-toplevel
+    logs.quiet_libraries()  # orbax's restore chatter around the figures.
   config = FLAGS.config
   print(f"devices: {jax.devices()}  batch: {config.batch_size}  "
         f"attention: {config.model.attention_impl}  "
@@ -332,7 +507,8 @@ def main(argv):
   print(f"cpu: {ran_on['cpu']} ({ran_on['cpu_count']} cores, "
         f"{ran_on['cpu_vector_extensions'] or 'no x86 vector extension'})  "
         f"jax {ran_on['packages']['jax']}")
-  results = run(config, parts, FLAGS.repeats, FLAGS.profile, FLAGS.profile_top)
+  results = run(config, parts, FLAGS.repeats, FLAGS.profile, FLAGS.profile_top,
+                workdir=FLAGS.workdir, model=FLAGS.model)
   print(format_results(results))
   if FLAGS.json:
     with open(FLAGS.json, "w") as f:

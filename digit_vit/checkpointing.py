@@ -1,7 +1,9 @@
 """Orbax checkpoints of the training state, kept in `workdir/checkpoints`.
 
 Each checkpoint is a step directory with up to three items:
-  - 'state': the TrainState pytree (step, params, optimiser state, RNG key) as global arrays,
+  - 'state': the TrainState pytree (step, params, opt_state, rng and, with a moving average,
+    ema_params) as global arrays; a training run restores it whole (`restore`), a reader
+    only the parameters it reads with (`restore_fields`),
   - 'meta': JSON with what the host needs to resume: the input position (the number of
     batches consumed, passed back to the input pipeline as `start_step`) and the training
     seconds spent so far,
@@ -125,6 +127,16 @@ def _sync(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     multihost_utils.sync_global_devices(name)
+
+
+def _partial_restore(path: str, item):
+  """An orbax partial restore of the pytree saved at `path` (a step's 'state' directory): the
+  subtrees of `item` (a pytree or dict of `jax.ShapeDtypeStruct` with their shardings) alone,
+  leaving the arrays of the others unread."""
+  args = ocp.args.PyTreeRestore(
+      item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True)
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    return checkpointer.restore(path, args=args)
 
 
 class Checkpoints:
@@ -279,12 +291,36 @@ class Checkpoints:
         the other steps were not tried; `restore_newest` and `check_steps` try them).
     """
     step = self.latest_step() if step is None else step
+    return self._read(step, lambda: self._restore(abstract_state, step))
+
+  def restore_fields(self, abstract_fields: dict[str, Any], step: int | None = None):
+    """Restores some fields of the state saved at `step` (default: the latest) and reads none
+    of the others' arrays (an orbax partial restore): what a reader needs, e.g. the parameters
+    without the optimiser state, and without building a whole state to restore into.
+
+    Args:
+      abstract_fields: {field of the saved state ('params', 'ema_params', ...): a pytree of
+        `jax.ShapeDtypeStruct` with the shardings to restore onto}.
+
+    Returns:
+      {field: its restored pytree}.
+
+    Raises:
+      CorruptCheckpointError: as `restore`.
+    """
+    step = self.latest_step() if step is None else step
+    path = os.path.join(self.directory, str(step), "state")
+    return self._read(step, lambda: _partial_restore(path, abstract_fields))
+
+  def _read(self, step: int, restore_fn):
+    """`restore_fn()`, which reads `step`, with a damaged step's errors (a missing or broken
+    file, TensorStore's reports of truncated arrays) turned into one CorruptCheckpointError."""
     problem = self.check_files(step)
     if problem:
       raise CorruptCheckpointError(describe_damage(self.directory, {step: problem}, []),
                                    {step: problem})
     try:
-      return self._restore(abstract_state, step)
+      return restore_fn()
     except ValueError as error:
       # The legacy path's mismatch of the state's structure stays as it was.
       if "tree structures do not match" in str(error):
@@ -312,18 +348,16 @@ class Checkpoints:
       # Written before the state gained an optional field (`ema_params`, None when unused):
       # restore what the checkpoint has; the fields it lacks keep their None. A checkpointer
       # of its own, as the manager has bound the item to the standard handler.
-      state_args = ocp.args.PyTreeRestore(
-          abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state),
-          partial_restore=True)
-      state = ocp.PyTreeCheckpointer().restore(
-          os.path.join(str(self.manager.directory), str(step), "state"), args=state_args)
+      state = _partial_restore(os.path.join(str(self.manager.directory), str(step), "state"),
+                               abstract_state)
       meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
       return state, meta.meta
     return restored.state, restored.meta
 
-  def check_steps(self, abstract_state,
+  def check_steps(self, abstract_fields: dict[str, Any],
                   steps: Sequence[int] | None = None) -> tuple[list[int], dict[int, str]]:
-    """Tries to restore each of `steps` (default: all) in full, for error messages.
+    """Tries to restore `abstract_fields` (as `restore_fields` takes them) of each of `steps`
+    (default: all), for error messages: which steps a reader can still read.
 
     Returns:
       (intact steps, {damaged step: what is wrong}).
@@ -331,7 +365,7 @@ class Checkpoints:
     intact, damaged = [], {}
     for step in self.all_steps() if steps is None else steps:
       try:
-        self.restore(abstract_state, step)
+        self.restore_fields(abstract_fields, step)
       except CorruptCheckpointError as error:
         damaged.update(error.damaged)
         continue

@@ -4,9 +4,9 @@ Configs are ml_collections `get_config()` files under `configs/`; derived config
 long) start from `default.py` through `load` so every field is defined, and commented, once.
 
 The errors a config can cause before anything runs are `ConfigError`s (a ValueError): a value
-out of range (`train.check_config`), or a rerun whose config the run in its --workdir cannot
-resume (`ConfigMismatchError`, from `check_resume`). `python -m digit_vit.main` prints them as
-one line and exits with status 2.
+out of range (`config_checks.check_config`), or a rerun whose config the run in its --workdir
+cannot resume (`ConfigMismatchError`, from `check_resume`). `python -m digit_vit.main` prints
+them as one line and exits with status 2.
 
 This module touches no devices (tests/test_configs.py runs once, not per device count).
 """
@@ -40,7 +40,7 @@ RESUMABLE_FIELDS = (
     "parallelism",
     # Where the built dataset is cached (its name hashes every setting that makes the examples)
     # and how fast tf.data feeds it.
-    "data.data_dir", "data.num_parallel_calls", "data.threads", "data.prefetch",
+    "data.data_dir", "data.eval_lines_dir", "data.num_parallel_calls", "data.threads", "data.prefetch",
 )
 
 

@@ -124,6 +124,29 @@ def next_token_log_probs(logits):
   return jax.nn.log_softmax(jnp.where(allowed, logits.astype(jnp.float32), -jnp.inf))
 
 
+def _is_one(temperature) -> bool:
+  """Whether `temperature` is statically 1: then the decoder's own log-probabilities are the
+  calibrated ones and are used unchanged, so T=1 reproduces the untempered scores bit for bit
+  (a traced T always takes the tempered path)."""
+  return isinstance(temperature, (int, float)) and float(temperature) == 1.0
+
+
+def tempered_log_probs(step_log_probs, temperature):
+  """log_softmax(step_log_probs / T): the calibrated next-token distribution.
+
+  Tokens ruled out (-inf) stay ruled out; the argmax does not move, so greedy reads the same
+  tokens at every T > 0.
+
+  Args:
+    step_log_probs: float [..., vocab], the log-probabilities the decoder picks from (for
+      ensembles and views, the log of the mean probability).
+    temperature: a positive scalar, a Python number or a (traced) jnp value.
+  """
+  if _is_one(temperature):
+    return step_log_probs
+  return jax.nn.log_softmax(step_log_probs / jnp.asarray(temperature, jnp.float32), axis=-1)
+
+
 def decode_step(model_config: ModelConfig, params, cache, token, memory, *, widths=None):
   """One cached decoder step.
 
@@ -273,7 +296,9 @@ def _step_all(model_configs, params, caches, token, memories, views: int):
 
 
 def greedy_decode(model_config: ModelConfig | Sequence[ModelConfig], params, images, *,
-                  widths=None, max_length: int | None = None, views: int = 1):
+                  widths=None, max_length: int | None = None, views: int = 1,
+                  temperature=1.0, token_log_probs: bool = False,
+                  step_log_probs: bool = False):
   """Greedy reading with the cache.
 
   Args:
@@ -285,11 +310,22 @@ def greedy_decode(model_config: ModelConfig | Sequence[ModelConfig], params, ima
       `ModelConfig.max_length`, the decoder's positions).
     views: test-time augmentation: read this many shifted copies of each image
       (`shifted_views`) and pick each token by its mean probability over them; 1 = none.
+    temperature: T > 0 (a Python number or a traced scalar) that calibrates the scores
+      (`tempered_log_probs`); the tokens read do not depend on it.
+    token_log_probs: also return each written token's calibrated log-probability.
+    step_log_probs: also return the distributions each token was picked from, so a
+      temperature can be fitted (and applied) afterwards without decoding again
+      (`calibration`).
 
   Returns:
     tokens: int32 [batch, max_length] raw outputs.
-    log_prob: float32 [batch], the sum of the chosen tokens' log-probabilities (under the mean
-      over the models and views).
+    log_prob: float32 [batch], the sum over the written tokens (up to and including `<eos>`)
+      of log_softmax(step_log_probs / T)[chosen], step_log_probs the log of the mean
+      probability over the models and views; exp(log_prob) is the line's confidence.
+    token_log_probs (only when asked): float32 [batch, max_length], each written token's term
+      of that sum, 0 after `<eos>`.
+    step_log_probs (only when asked): float32 [batch, max_length, vocab], the untempered
+      step_log_probs of each written token, 0 after `<eos>`.
   """
   model_configs, params = _members(model_config, params)
   length = _max_length(model_configs[0], max_length)
@@ -297,25 +333,40 @@ def greedy_decode(model_config: ModelConfig | Sequence[ModelConfig], params, ima
   memories, caches = _encode_all(model_configs, params, images, views, widths, length)
 
   def cond(state):
-    step, _, _, _, _, done = state
+    step, *_, done = state
     return (step < length) & ~jnp.all(done)
 
   def body(state):
-    step, token, caches, out, log_prob, done = state
+    step, token, caches, out, log_prob, per_token, dists, done = state
     step_log_probs, caches = _step_all(model_configs, params, caches, token, memories, views)
+    if dists is not None:
+      written = jnp.where(done[:, None], 0.0, step_log_probs)
+      dists = jax.lax.dynamic_update_slice(dists, written[:, None], (0, step, 0))
     best = jnp.argmax(step_log_probs, axis=-1).astype(jnp.int32)
     best = jnp.where(done, tokens.PAD, best)
-    chosen = jnp.take_along_axis(step_log_probs, best[:, None], axis=-1)[:, 0]
-    log_prob = log_prob + jnp.where(done, 0.0, chosen)
+    calibrated = tempered_log_probs(step_log_probs, temperature)
+    chosen = jnp.take_along_axis(calibrated, best[:, None], axis=-1)[:, 0]
+    chosen = jnp.where(done, 0.0, chosen)
+    log_prob = log_prob + chosen
     out = jax.lax.dynamic_update_slice(out, best[:, None], (0, step))
+    per_token = jax.lax.dynamic_update_slice(per_token, chosen[:, None], (0, step))
     # Every view of an image is fed the token chosen for the image.
-    return step + 1, jnp.tile(best, views), caches, out, log_prob, done | (best == tokens.EOS)
+    return (step + 1, jnp.tile(best, views), caches, out, log_prob, per_token, dists,
+            done | (best == tokens.EOS))
 
+  vocab = model_configs[0].vocab_size
   state = (jnp.array(0, jnp.int32), jnp.full((views * batch,), tokens.SOS, jnp.int32), caches,
            jnp.full((batch, length), tokens.PAD, jnp.int32), jnp.zeros((batch,), jnp.float32),
+           jnp.zeros((batch, length), jnp.float32),
+           jnp.zeros((batch, length, vocab), jnp.float32) if step_log_probs else None,
            jnp.zeros((batch,), jnp.bool_))
-  _, _, _, out, log_prob, _ = jax.lax.while_loop(cond, body, state)
-  return out, log_prob
+  _, _, _, out, log_prob, per_token, dists, _ = jax.lax.while_loop(cond, body, state)
+  return _outputs(out, log_prob, per_token if token_log_probs else None, dists)
+
+
+def _outputs(out, log_prob, per_token, dists):
+  """(tokens, log_prob), then the optional outputs that were asked for, in signature order."""
+  return (out, log_prob) + tuple(x for x in (per_token, dists) if x is not None)
 
 
 def greedy_decode_uncached(model_config: ModelConfig, params, images, *, widths=None,
@@ -360,7 +411,8 @@ def length_penalty(length, alpha: float):
 
 def beam_search(model_config: ModelConfig | Sequence[ModelConfig], params, images, *,
                 widths=None, beam_size: int = 4, alpha: float = 0.6,
-                max_length: int | None = None, views: int = 1):
+                max_length: int | None = None, views: int = 1, temperature=1.0,
+                token_log_probs: bool = False, step_log_probs: bool = False):
   """Beam search with the cache.
 
   Keeps the `beam_size` most likely hypotheses by log-prob. A hypothesis that emitted
@@ -372,9 +424,21 @@ def beam_search(model_config: ModelConfig | Sequence[ModelConfig], params, image
   `max_length` and `views` as in `greedy_decode`: each hypothesis is scored by the mean
   probability over the models and the views of its image.
 
+  Temperature: the search ranks hypotheses by the model's own (T=1) log-probabilities, so the
+  chosen reading does not depend on T (a tempered ranking would change which readings win,
+  and calibration is meant to change only the scores). Each hypothesis also carries, per
+  step, log_softmax(step_log_probs / T) of the token it wrote, gathered with it when beams are
+  reordered; the chosen hypothesis's terms are its rescored log-prob. At T=1 they are the
+  search's own scores.
+
   Returns:
     tokens: int32 [batch, max_length] the chosen hypothesis (raw outputs, as greedy).
-    log_prob: float32 [batch] its log-probability.
+    log_prob: float32 [batch] its (calibrated, with T != 1) log-probability up to and
+      including `<eos>`.
+    token_log_probs (only when asked): float32 [batch, max_length], its per-token terms, 0
+      after `<eos>`.
+    step_log_probs (only when asked): float32 [batch, max_length, vocab], the untempered
+      distributions its tokens were picked from, 0 after `<eos>` (as greedy's).
   """
   if beam_size < 1:
     raise ValueError(f"beam_size must be >= 1, got {beam_size}")
@@ -392,37 +456,58 @@ def beam_search(model_config: ModelConfig | Sequence[ModelConfig], params, image
   pad_only = jnp.where(jnp.arange(vocab) == tokens.PAD, 0.0, neg_inf)
 
   def cond(state):
-    step, _, _, finished, _, _ = state
+    step, _, _, _, _, finished, _, _ = state
     return (step < length) & ~jnp.all(finished)
 
   def body(state):
-    step, seq, log_prob, finished, last, caches = state
+    step, seq, per_token, dists, log_prob, finished, last, caches = state
     step_log_probs, caches = _step_all(model_configs, params, caches,
                                        jnp.tile(last.reshape(-1), views), memories, views)
-    step_log_probs = jnp.where(finished[:, :, None], pad_only,
-                               step_log_probs.reshape(batch, k, vocab))
+    step_log_probs = step_log_probs.reshape(batch, k, vocab)
+    if dists is not None:  # Each candidate's distribution is its source beam's.
+      written = jnp.where(finished[:, :, None], 0.0, step_log_probs)
+      dists = jax.lax.dynamic_update_slice(dists, written[:, :, None], (0, 0, step, 0))
+    # Finished hypotheses add 0 (a <pad>) in both the search and the calibrated scores.
+    calibrated = jnp.where(finished[:, :, None], pad_only,
+                           tempered_log_probs(step_log_probs, temperature))
+    step_log_probs = jnp.where(finished[:, :, None], pad_only, step_log_probs)
     candidates = (log_prob[:, :, None] + step_log_probs).reshape(batch, k * vocab)
     log_prob, top = jax.lax.top_k(candidates, k)
     source, token = top // vocab, (top % vocab).astype(jnp.int32)
+    written = jnp.take_along_axis(calibrated.reshape(batch, k * vocab), top, axis=1)
     seq = jnp.take_along_axis(seq, source[:, :, None], axis=1)
     seq = jax.lax.dynamic_update_slice(seq, token[:, :, None], (0, 0, step))
+    per_token = jnp.take_along_axis(per_token, source[:, :, None], axis=1)
+    per_token = jax.lax.dynamic_update_slice(per_token, written[:, :, None], (0, 0, step))
+    if dists is not None:
+      dists = jnp.take_along_axis(dists, source[:, :, None, None], axis=1)
     finished = jnp.take_along_axis(finished, source, axis=1) | (token == tokens.EOS)
     flat_source = (jnp.arange(batch)[:, None] * k + source).reshape(-1)
     # The same reordering in every view of every member.
     flat_source = (jnp.arange(views)[:, None] * (batch * k) + flat_source).reshape(-1)
     caches = jax.tree.map(lambda x: _gather_beams(x, flat_source, views * batch * k), caches)
-    return step + 1, seq, log_prob, finished, token, caches
+    return step + 1, seq, per_token, dists, log_prob, finished, token, caches
 
   # All beams start as copies of one <sos>; -inf on the copies keeps them from duplicating.
   state = (jnp.array(0, jnp.int32), jnp.full((batch, k, length), tokens.PAD, jnp.int32),
+           jnp.zeros((batch, k, length), jnp.float32),
+           jnp.zeros((batch, k, length, vocab), jnp.float32) if step_log_probs else None,
            jnp.full((batch, k), neg_inf).at[:, 0].set(0.0), jnp.zeros((batch, k), jnp.bool_),
            jnp.full((batch, k), tokens.SOS, jnp.int32), caches)
-  _, seq, log_prob, finished, _, _ = jax.lax.while_loop(cond, body, state)
+  _, seq, per_token, dists, log_prob, finished, _, _ = jax.lax.while_loop(cond, body, state)
   num_tokens = jnp.where(finished, jnp.argmax(seq == tokens.EOS, axis=-1) + 1, length)
   score = log_prob / length_penalty(num_tokens.astype(jnp.float32), alpha)
   best = jnp.argmax(jnp.where(finished, score, score + neg_inf), axis=1)
-  return (jnp.take_along_axis(seq, best[:, None, None], axis=1)[:, 0],
-          jnp.take_along_axis(log_prob, best[:, None], axis=1)[:, 0])
+  out = jnp.take_along_axis(seq, best[:, None, None], axis=1)[:, 0]
+  per_token = jnp.take_along_axis(per_token, best[:, None, None], axis=1)[:, 0]
+  if dists is not None:
+    dists = jnp.take_along_axis(dists, best[:, None, None, None], axis=1)[:, 0]
+  if _is_one(temperature):
+    # The search's own sum: today's log_prob exactly.
+    log_prob = jnp.take_along_axis(log_prob, best[:, None], axis=1)[:, 0]
+  else:
+    log_prob = per_token.sum(axis=-1)
+  return _outputs(out, log_prob, per_token if token_log_probs else None, dists)
 
 
 def _expand_beams(x, *, batch, beam_size):
@@ -441,13 +526,27 @@ def _gather_beams(x, flat_source, rows):
 
 def decode(model_config: ModelConfig | Sequence[ModelConfig], params, images, *,
            widths=None, beam_size: int = 1, alpha: float = 0.6, max_length: int | None = None,
-           views: int = 1):
+           views: int = 1, temperature=1.0, token_log_probs: bool = False,
+           step_log_probs: bool = False):
   """Greedy for beam_size 1, else beam search; over `views` shifted copies of each image and,
   for an ensemble (tuples of configs and params), over its models; `widths` int [batch] the
-  images' valid widths in pixels (None: all valid). Returns (tokens [batch, max_length],
-  log_prob [batch])."""
+  images' valid widths in pixels (None: all valid).
+
+  `temperature` T > 0 (Python number or traced scalar) calibrates the scores only: log_prob
+  [batch] is the sum over the written tokens, `<eos>` included, of
+  log_softmax(step_log_probs / T)[chosen], and exp(log_prob) is the line's confidence (the
+  run's T: `calibration.load_temperature`).
+
+  Returns (tokens int32 [batch, max_length], log_prob float32 [batch]), and with
+  `token_log_probs=True` a third output, float32 [batch, max_length]: each written token's
+  calibrated log-prob, 0 after `<eos>`; with `step_log_probs=True` after those, float32
+  [batch, max_length, vocab]: the untempered distributions the tokens were picked from, 0
+  after `<eos>` (for fitting a temperature without decoding again, `calibration`).
+  """
   if beam_size == 1:
     return greedy_decode(model_config, params, images, widths=widths, max_length=max_length,
-                         views=views)
+                         views=views, temperature=temperature, token_log_probs=token_log_probs,
+                         step_log_probs=step_log_probs)
   return beam_search(model_config, params, images, widths=widths, beam_size=beam_size,
-                     alpha=alpha, max_length=max_length, views=views)
+                     alpha=alpha, max_length=max_length, views=views, temperature=temperature,
+                     token_log_probs=token_log_probs, step_log_probs=step_log_probs)

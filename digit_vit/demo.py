@@ -3,7 +3,14 @@ Classify, and see what the model reads.
 
   python -m digit_vit.demo --workdir=runs/default [--host=127.0.0.1] [--port=8000] \
       [--beam_size=4] [--views=5] [--checkpoint=best] [--ensemble=RUN[@CHECKPOINT],...] \
-      [--workers=32] [--read_timeout=5] [--request_timeout=30]
+      [--workers=32] [--read_timeout=5] [--request_timeout=30] [--min_confidence=0.9]
+  python -m digit_vit.demo --model=EXPORTED_DIR [--host=...] [--port=...] [--workers=...] ...
+  python -m digit_vit.demo [--host=...] [--port=...] ...     # the released reader
+
+(--model: an exported reader, `python -m digit_vit.export`, loaded by `digit_vit.serving`; its
+decoding was fixed at export, so --beam_size, --views, --checkpoint and --ensemble are for
+--workdir only. With neither, the released reader, `release/reader` of the repository
+(`predict.reader_source`); without one, a one-line usage error says how to get a reader.)
 
 then open the printed address in a browser. The page (digit_vit/web/) is served from this
 process with no asset from the internet, so the demo runs offline. It shows the raw tokens
@@ -19,10 +26,13 @@ HTTP interface (every answer is JSON except the page itself, errors included):
   POST /api/read       body {"image": "data:image/png;base64,..."} (or the raw image bytes)
     200  {"digits": "101", "tokens": [1, 0, 1, 11, 12, ...], "token_names": ["1", ...],
           "confidence": 0.93, "log_prob": -0.07, "no_ink": false, "truncated": false,
+          "rejected": false,
           "seconds": 0.04, "canvas": PNG data URL of the model input [H, W],
           "attention": PNG data URL of `predict.attention_overlay` (one row per token)}
          "truncated": the decoder reached its maximum length without `<eos>`, so the line
          may hold more digits than "digits" has (the page shows a warning).
+         "rejected": the (calibrated) confidence is below --min_confidence: the page shows the
+         reading as uncertain.
     400  {"error": ...} malformed JSON, no "image", bad base64, not an image, too many
          pixels, a body shorter than its Content-Length, a malformed request line
     405 / 501  another method / one HTTP does not know
@@ -184,6 +194,7 @@ def reading_json(prediction: predict.Prediction) -> dict[str, Any]:
          "token_names": [tokens.TOKEN_NAMES[t] for t in prediction.tokens],
          "confidence": prediction.confidence, "log_prob": prediction.log_prob,
          "no_ink": prediction.no_ink, "truncated": bool(prediction.truncated),
+         "rejected": bool(getattr(prediction, "rejected", False)),
          "canvas": None, "attention": None}
   if prediction.canvas is not None:
     out["canvas"] = png_data_url(prediction.canvas)
@@ -663,16 +674,44 @@ def make_server(reader: predict.Reader, host: str = "127.0.0.1", port: int = 800
   return DemoServer((host, port), reader, **kwargs)
 
 
-def serve(workdir: str, host: str = "127.0.0.1", port: int = 8000, *,
-          beam_size: int | None = None, views: int | None = None,
+def load_reader(workdir: str | None = None, *, model: str | None = None,
+                beam_size: int | None = None, views: int | None = None,
+                checkpoint: str | int = "best", ensemble: Sequence[str] = (),
+                min_confidence: float = 0.0):
+  """The demo's reader: the run in `workdir` (and the `ensemble` runs that read with it, see
+  `predict.Reader`), or the exported reader in `model` (`serving.load`, with the persistent
+  compilation cache on), or with neither the released reader (`predict.reader_source`); one
+  image per request, so batch 1, the cheapest shape to compile. Either marks a reading below
+  `min_confidence` `rejected`.
+
+  Raises:
+    ValueError: both workdir and model, or neither and no released reader; decoding options
+      with an exported reader; a wrong run or export (FileNotFoundError for a missing run).
+  """
+  workdir, model = predict.reader_source(workdir, model)
+  if model is not None:
+    given = [name for name, value in (("--beam_size", beam_size), ("--views", views),
+                                      ("--checkpoint", None if checkpoint == "best" else 1),
+                                      ("--ensemble", ensemble or None)) if value is not None]
+    if given:
+      raise ValueError(f"{', '.join(given)} apply to --workdir only: an exported reader's "
+                       "checkpoint and decoding were fixed when it was exported")
+    from digit_vit import serving  # pylint: disable=import-outside-toplevel
+    serving.enable_compilation_cache()
+    return serving.load(model, batch_size=1, min_confidence=min_confidence)
+  return predict.Reader(workdir, checkpoint=checkpoint, beam_size=beam_size, views=views,
+                        batch_size=1, ensemble=ensemble, min_confidence=min_confidence)
+
+
+def serve(workdir: str | None, host: str = "127.0.0.1", port: int = 8000, *,
+          model: str | None = None, beam_size: int | None = None, views: int | None = None,
           checkpoint: str | int = "best", ensemble: Sequence[str] = (),
-          **server_kwargs: Any) -> None:
-  """Loads the run in `workdir` (and the `ensemble` runs that read with it, see
-  `predict.Reader`), compiles the decoder once, and serves until Ctrl-C. server_kwargs: see
+          min_confidence: float = 0.0, **server_kwargs: Any) -> None:
+  """Loads the reader (`load_reader`: the run in `workdir`, or the exported reader in
+  `model`), compiles the decoder once, and serves until Ctrl-C. server_kwargs: see
   `DemoServer`."""
-  # One image per request: batch 1 is the cheapest fixed shape for the compiled decoder.
-  reader = predict.Reader(workdir, checkpoint=checkpoint, beam_size=beam_size, views=views,
-                          batch_size=1, ensemble=ensemble)
+  reader = load_reader(workdir, model=model, beam_size=beam_size, views=views,
+                       checkpoint=checkpoint, ensemble=ensemble, min_confidence=min_confidence)
   try:
     server = make_server(reader, host, port, **server_kwargs)
   except OSError as e:
@@ -683,8 +722,8 @@ def serve(workdir: str, host: str = "127.0.0.1", port: int = 8000, *,
   stroke[4:24, 12:16] = 1.0  # Any image with ink compiles the decoder before the first visitor.
   reader.read([stroke], attention=True)
   log.info("Loaded %s (step %d, beam %d, %d view(s), %d more model(s)); compiled in %.1f s.",
-           workdir, reader.step, reader.beam_size, reader.views, len(reader.ensemble),
-           time.perf_counter() - start)
+           workdir or getattr(reader, "directory", model), reader.step, reader.beam_size,
+           reader.views, len(reader.ensemble), time.perf_counter() - start)
   log.info("Serving the demo at %s (Ctrl-C stops).", server.url)
   try:
     server.serve_forever()
@@ -713,13 +752,28 @@ def _positive(kind: type) -> Callable[[str], Any]:
   return parse
 
 
+def _probability(value: str) -> float:
+  try:
+    number = float(value)
+  except ValueError:
+    number = float("nan")
+  if not 0.0 <= number <= 1.0:
+    raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got {value!r}")
+  return number
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
       prog="python -m digit_vit.demo",
       description="Serve a page where you draw digits (or upload an image) and see the model "
                   "read them: raw tokens, digits, confidence and attention maps.")
-  parser.add_argument("--workdir", required=True,
+  source = parser.add_mutually_exclusive_group()
+  source.add_argument("--workdir",
                       help="a training run's directory (config.json and checkpoints/)")
+  source.add_argument("--model",
+                      help="an exported reader's directory (python -m digit_vit.export), "
+                           "instead of --workdir (neither: the released reader, "
+                           "release/reader)")
   parser.add_argument("--host", default="127.0.0.1",
                       help="address to listen on (default %(default)s; 0.0.0.0 for all)")
   parser.add_argument("--port", type=int, default=8000,
@@ -735,6 +789,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                       help="further runs that read with --workdir's model, comma-separated "
                            "WORKDIR or WORKDIR@CHECKPOINT: each token by the models' mean "
                            "probability")
+  # Off by default: the demo shows what the model reads; a threshold is the user's choice of
+  # risk, and means something only for a run calibrated on its validation split.
+  parser.add_argument("--min_confidence", type=_probability, default=0.0,
+                      help="show readings whose (calibrated) confidence is below this, in "
+                           "[0, 1], as uncertain (default %(default)s: none)")
   parser.add_argument("--workers", type=_positive(int), default=WORKERS,
                       help="threads serving connections (default %(default)s; more wait in a "
                            f"queue of {MAX_PENDING}, beyond it they are answered 503)")
@@ -761,10 +820,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   log.propagate = False
   logs.quiet_libraries()
   try:
-    serve(args.workdir, args.host, args.port, beam_size=args.beam_size, views=args.views,
-          checkpoint=args.checkpoint, ensemble=args.ensemble, workers=args.workers,
-          read_timeout=args.read_timeout, request_timeout=args.request_timeout)
-  except (FileNotFoundError, ValueError) as e:  # A wrong --workdir, --checkpoint or --port.
+    serve(args.workdir, args.host, args.port, model=args.model, beam_size=args.beam_size,
+          views=args.views, checkpoint=args.checkpoint, ensemble=args.ensemble,
+          min_confidence=args.min_confidence, workers=args.workers, read_timeout=args.read_timeout,
+          request_timeout=args.request_timeout)
+  except (FileNotFoundError, ValueError) as e:  # A wrong --workdir, --model, --checkpoint, --port
     print(f"error: {e}", file=sys.stderr)
     return 2
   return 0

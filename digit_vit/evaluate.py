@@ -14,6 +14,14 @@ models, and the views),
 with the same metrics as `report.json` (keys prefixed by the split: `test_exact_match`,
 `test_cer`, ...). The metrics are printed and written as JSON, by default to
 `workdir/evaluation_<checkpoints>_beam<k>.json`.
+
+A reader's line confidence is calibrated as training calibrates it (`calibration`): a
+temperature fitted on the validation split's readings (reused when `validation` is among the
+splits, else read once more), reported as `temperature` with each split's `coverage_at_98`,
+`coverage_at_99`, `ece` and `ece_calibrated`, and the risk-coverage curve written beside the
+JSON (`..._risk_coverage.png`). Evaluating one checkpoint of the run alone, decoded as its
+config says, also stores the temperature in `workdir/calibration.json`, which `predict` and
+`export` read: it then belongs to the parameters they read.
 """
 
 from __future__ import annotations
@@ -27,13 +35,15 @@ from typing import Any, NoReturn, Sequence
 import tensorflow as tf
 from absl import app, flags
 
-from digit_vit import file_evaluation, logs, predict, trained
+from digit_vit import calibration, file_evaluation, logs, predict, state as state_lib, trained
 from digit_vit.data import input_pipeline
+from digit_vit.data.tasks import input_module
+from digit_vit.evaluator import Evaluator
 from digit_vit.models import build_model
 
 # Printed first, in this order; every metric goes to the JSON file.
 SUMMARY_KEYS = ("exact_match", "cer", "token_accuracy", "accuracy", "no_eos", "wrong_length",
-                "num_examples")
+                "coverage_at_98", "ece_calibrated", "num_examples")
 
 
 def output_path(workdir: str | os.PathLike, checkpoints: Sequence[trained.Checkpoint],
@@ -57,19 +67,17 @@ def reading_evaluator(workdir: str | os.PathLike, config, *,
   resolved by `trained.decoding`; `config` is the run's).
 
   Returns:
-    (evaluator, params, reading): `train.Evaluator`, the parameters, and how they read:
+    (evaluator, params, reading): `evaluator.Evaluator`, the parameters, and how they read:
     {'checkpoints', 'steps', 'beam_size', 'alpha', 'views', 'ema', 'ensemble'}.
   """
-  # Imported here: the training module brings the input pipeline and TensorFlow.
-  from digit_vit import train  # pylint: disable=import-outside-toplevel
   readers, described = trained.restore_ensemble(config, ensemble, ema=ema)
   params, steps = trained.restore_average(workdir, config, checkpoints, ema=ema)
-  evaluator = train.Evaluator(config, build_model(config), train.create_mesh(),
-                              train.input_module(config), beam_size=beam_size, alpha=alpha,
-                              views=views, ensemble=readers)
+  evaluator = Evaluator(config, build_model(config), state_lib.create_mesh(),
+                        input_module(config), beam_size=beam_size, alpha=alpha, views=views,
+                        ensemble=readers)
   reading = {"checkpoints": [str(c) for c in checkpoints], "steps": steps,
              "beam_size": beam_size, "alpha": alpha, "views": views,
-             "ema": ema and train.check_ema_decay(config) > 0, "ensemble": described}
+             "ema": ema and state_lib.check_ema_decay(config) > 0, "ensemble": described}
   return evaluator, params, reading
 
 
@@ -102,8 +110,26 @@ def evaluate(workdir: str | os.PathLike, *, checkpoints: Sequence[trained.Checkp
     {'checkpoints', 'steps', 'splits', 'beam_size', 'alpha', 'views', 'ema', 'ensemble',
     '<split>_<metric>', ...};
     `ema` says whether a moving average was read; `ensemble` lists the further members as
-    {'workdir', 'checkpoint', 'step'}.
+    {'workdir', 'checkpoint', 'step'}. A reader's result also has `temperature` and each
+    split's `coverage_at_98`, `coverage_at_99`, `ece`, `ece_calibrated`
+    (`calibration.selective_report`), and `calibration`: the record fitted (with the
+    validation figures; `evaluate_and_calibrate` returns the lines too).
   """
+  result, _ = evaluate_and_calibrate(
+      workdir, checkpoints=checkpoints, splits=splits, beam_size=beam_size, alpha=alpha,
+      num_examples=num_examples, data_dir=data_dir, ema=ema, views=views, ensemble=ensemble)
+  return result
+
+
+def evaluate_and_calibrate(workdir: str | os.PathLike, *,
+                           checkpoints: Sequence[trained.Checkpoint] = ("best",),
+                           splits: Sequence[str] | None = None, beam_size: int | None = None,
+                           alpha: float | None = None, num_examples: int = -1,
+                           data_dir: str | None = None, ema: bool = True,
+                           views: int | None = None,
+                           ensemble: Sequence[str | os.PathLike] = ()):
+  """`evaluate`, and each split's readings: (result, {split: `calibration.Lines`}) (no lines
+  for a classifier)."""
   config = trained.load_config(workdir)
   beam_size, alpha, views = trained.decoding(config, beam_size, alpha, views)
   splits = list(config.eval_splits if splits is None else splits)
@@ -118,6 +144,8 @@ def evaluate(workdir: str | os.PathLike, *, checkpoints: Sequence[trained.Checkp
       ema=ema, ensemble=ensemble)
   result: dict[str, Any] = {**reading, "splits": splits}
   file_reader = None
+  is_reader = config.task == "read"
+  lines = {}
   for split in splits:
     if split in file_evaluation.SPLITS:  # Image files, read as `predict` reads them.
       if file_reader is None:
@@ -126,12 +154,41 @@ def evaluate(workdir: str | os.PathLike, *, checkpoints: Sequence[trained.Checkp
             config, params, step=max(reading["steps"]), beam_size=beam_size, alpha=alpha,
             views=views, batch_size=64, ensemble=evaluator.ensemble,
             described=reading["ensemble"])
-      split_metrics = file_evaluation.evaluate(file_reader, config, split,
-                                               num_examples=num_examples)
+      split_metrics, lines[split] = file_evaluation.evaluate_with_lines(
+          file_reader, config, split, num_examples=num_examples)
+    elif is_reader:
+      split_metrics, _, lines[split] = evaluator.with_lines(params, split, num_examples)
     else:
       split_metrics, _ = evaluator(params, split, num_examples)
     result.update({f"{split}_{k}": v for k, v in split_metrics.items()})
-  return result
+  if is_reader:
+    # The temperature is fitted for exactly this reading (checkpoints, decoding, ensemble).
+    validation = lines.get("validation")
+    if validation is None:
+      _, _, validation = evaluator.with_lines(params, "validation", num_examples)
+    record, figures = calibration.selective_report(
+        lines, validation, step=max(reading["steps"]),
+        decoding={k: reading[k] for k in ("beam_size", "alpha", "views")})
+    record.update(checkpoints=reading["checkpoints"], ema=reading["ema"],
+                  ensemble=reading["ensemble"])
+    result.update(figures)
+    result["calibration"] = record
+  return result, lines
+
+
+def stores_calibration(config, result: dict[str, Any], *, ema: bool, num_examples: int,
+                       beam_size: int | None, alpha: float | None,
+                       views: int | None) -> bool:
+  """Whether `result`'s temperature belongs in the run's `calibration.json` (the arguments
+  as given to `evaluate`): it read one checkpoint of the run alone, with the parameters
+  (moving average or not) and the decoding a default `predict.Reader` of the run uses, and
+  fitted on the whole validation split."""
+  if "calibration" not in result:
+    return False
+  default = trained.decoding(config)
+  given = trained.decoding(config, beam_size, alpha, views)
+  return (len(result["checkpoints"]) == 1 and not result["ensemble"] and ema
+          and num_examples < 0 and given == default)
 
 
 def format_result(result: dict[str, Any]) -> str:
@@ -142,6 +199,8 @@ def format_result(result: dict[str, Any]) -> str:
   if result.get("ensemble"):
     lines[0] += ", with " + ", ".join(f"{m['workdir']} (step {m['step']})"
                                       for m in result["ensemble"])
+  if "temperature" in result:
+    lines[0] += f", confidence temperature {result['temperature']:.4g}"
   for split in result["splits"]:
     parts = [f"{k}={result[f'{split}_{k}']:.4g}" for k in SUMMARY_KEYS
              if f"{split}_{k}" in result]
@@ -218,10 +277,10 @@ def main(argv):
     usage_error(f"--workdir={FLAGS.workdir} cannot take the metrics file (no permission): give "
                 f"--output")
   try:
-    result = evaluate(FLAGS.workdir, checkpoints=checkpoints, splits=FLAGS.splits,
-                      beam_size=FLAGS.beam_size, alpha=FLAGS.alpha,
-                      num_examples=FLAGS.num_examples, data_dir=FLAGS.data_dir, ema=FLAGS.ema,
-                      views=FLAGS.views, ensemble=FLAGS.ensemble)
+    result, lines = evaluate_and_calibrate(
+        FLAGS.workdir, checkpoints=checkpoints, splits=FLAGS.splits, beam_size=FLAGS.beam_size,
+        alpha=FLAGS.alpha, num_examples=FLAGS.num_examples, data_dir=FLAGS.data_dir,
+        ema=FLAGS.ema, views=FLAGS.views, ensemble=FLAGS.ensemble)
   except (ValueError, FileNotFoundError) as e:  # A wrong run, checkpoint, split or setting.
     usage_error(str(e))
   path = pathlib.Path(FLAGS.output or output_path(FLAGS.workdir, checkpoints,
@@ -230,7 +289,22 @@ def main(argv):
   path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
   print(format_result(result))
   print(f"wrote {path}")
+  if "temperature" in result:
+    picture = calibration.plot_risk_coverage(lines, result["temperature"],
+                                             risk_coverage_path(path))
+    print(f"wrote {picture}")
+    if stores_calibration(trained.load_config(FLAGS.workdir), result, ema=FLAGS.ema,
+                          num_examples=FLAGS.num_examples, beam_size=FLAGS.beam_size,
+                          alpha=FLAGS.alpha, views=FLAGS.views):
+      print(f"wrote {calibration.write(FLAGS.workdir, result['calibration'])} (temperature "
+            f"{result['temperature']:.4g})")
   return 0
+
+
+def risk_coverage_path(json_path: str | os.PathLike) -> pathlib.Path:
+  """The risk-coverage PNG beside an evaluation's JSON: `X.json` -> `X_risk_coverage.png`."""
+  json_path = pathlib.Path(json_path)
+  return json_path.with_name(json_path.stem + "_risk_coverage.png")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ file splits (`data/wild.py`) are images of any size that go through `predict`'s 
 `python -m digit_vit.predict` gets. The metrics are those of the TFDS splits
 (`metrics.reading_sums`), keyed the same way (`wild_exact_match`, `long_cer`,
 `long_exact_match_length_12`, ...), plus `truncated`: readings that hit the decoder's maximum
-length without `<eos>`.
+length without `<eos>`. `evaluate_with_lines` also returns each line's reading as
+`calibration.Lines`, from the same pass, for the selective-prediction figures.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
-from digit_vit import metrics
+from digit_vit import calibration, metrics
 from digit_vit.data import wild
 from digit_vit.models import tokens
 
@@ -35,7 +36,12 @@ class ImageReader(Protocol):
 
 
 def split_root(config) -> str:
-  """Where a run's file splits are built: `eval_lines/` beside its TFDS data."""
+  """Where a run's file splits are built: `config.data.eval_lines_dir`, else `eval_lines/`
+  beside its TFDS data. A split's folder is named by everything that decides its images, so
+  runs (and test sessions) may share one root."""
+  chosen = config.data.get("eval_lines_dir", "") or ""
+  if chosen:
+    return os.path.abspath(chosen)
   from digit_vit.data import input_pipeline  # pylint: disable=import-outside-toplevel
   return os.path.join(input_pipeline.data_dir_from(config), "eval_lines")
 
@@ -54,6 +60,12 @@ def evaluate(reader: ImageReader, config, split: str, *,
   return evaluate_split(reader, build_split(config, split), num_examples=num_examples)
 
 
+def evaluate_with_lines(reader: ImageReader, config, split: str, *, num_examples: int = -1):
+  """`evaluate`, and the lines' readings: (metrics, `calibration.Lines` or None)."""
+  return evaluate_split_with_lines(reader, build_split(config, split),
+                                   num_examples=num_examples)
+
+
 def evaluate_split(reader: ImageReader, folder: str | os.PathLike, *,
                    num_examples: int = -1) -> dict[str, float]:
   """Reads every line of a built file split and scores the readings.
@@ -66,11 +78,22 @@ def evaluate_split(reader: ImageReader, folder: str | os.PathLike, *,
   Returns:
     the metrics of `metrics.summarize`, plus `truncated` (int).
   """
+  return evaluate_split_with_lines(reader, folder, num_examples=num_examples)[0]
+
+
+def evaluate_split_with_lines(reader: ImageReader, folder: str | os.PathLike, *,
+                              num_examples: int = -1):
+  """`evaluate_split`, and each line's reading for calibration.
+
+  Returns:
+    (metrics, lines): lines is `calibration.Lines` of every line read, or None when the
+    reader's predictions do not carry `step_log_probs` (a reader other than `predict.Reader`).
+  """
   from PIL import Image  # pylint: disable=import-outside-toplevel
   labels = wild.load_labels(folder)
   if num_examples >= 0:
     labels = labels[:num_examples]
-  sums, truncated = None, 0
+  sums, truncated, lines = None, 0, []
   chunk = max(64, reader.batch_size)  # Only this many decoded images are held at once.
   for start in range(0, len(labels), chunk):
     rows = labels[start:start + chunk]
@@ -84,9 +107,28 @@ def evaluate_split(reader: ImageReader, folder: str | os.PathLike, *,
     truncated += sum(not tokens.read_output(p.tokens).ended for p in predictions)
     sums = metrics.add_sums(sums, metrics.reading_sums(outputs, targets,
                                                        max_digits=MAX_DIGITS))
+    if lines is not None:
+      lines = _add_lines(lines, predictions, targets)
   result = metrics.summarize(sums)
   result["truncated"] = int(truncated)
-  return result
+  return result, None if lines is None else calibration.Lines.concatenate(lines)
+
+
+def _add_lines(lines: list, predictions, targets) -> list | None:
+  """`lines` with the chunk's `calibration.Lines` added, or None where a prediction carries
+  no distributions (then no confidence figures are made)."""
+  steps = []
+  for p in predictions:
+    dists = getattr(p, "step_log_probs", None)
+    if dists is None and not getattr(p, "no_ink", False):
+      return None
+    # An image with no ink reads as empty with probability 1 at any temperature.
+    steps.append(calibration.certain_step(len(p.tokens)) if dists is None
+                 else np.asarray(dists, np.float32))
+  outputs = np.stack([np.asarray(p.tokens, np.int32) for p in predictions])
+  lines.append(calibration.Lines(np.stack(steps), outputs,
+                                 metrics.exact_matches(outputs, targets)))
+  return lines
 
 
 def _padded(row: Sequence[int], length: int) -> np.ndarray:

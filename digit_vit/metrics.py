@@ -90,6 +90,30 @@ def _digits_read(outputs):
   return jnp.take_along_axis(outputs, order, axis=1), jnp.sum(keep, axis=1)
 
 
+def _same_length(outputs, targets):
+  """Both to the longer length, with <pad>: a reading longer than the target is compared (and
+  its extra digits counted) in full."""
+  outputs, targets = jnp.asarray(outputs), jnp.asarray(targets)
+  length = max(outputs.shape[1], targets.shape[1])
+  return tuple(jnp.pad(x, ((0, 0), (0, length - x.shape[1])), constant_values=tokens_lib.PAD)
+               for x in (outputs, targets))
+
+
+def exact_matches(outputs, targets) -> np.ndarray:
+  """bool [batch]: whether each reading is exact, as `reading_sums` counts `exact_match` (the
+  per-line verdicts that calibration fits the confidence to).
+
+  Args:
+    outputs: int [batch, Lo] raw outputs; targets: int [batch, L] (no `<sos>`).
+  """
+  outputs, targets = np.asarray(outputs), np.asarray(targets)
+  length = max(outputs.shape[1], targets.shape[1])
+  outputs, targets = (np.pad(x, ((0, 0), (0, length - x.shape[1])),
+                             constant_values=tokens_lib.PAD) for x in (outputs, targets))
+  scored = targets != tokens_lib.PAD
+  return np.all((outputs == targets) | ~scored, axis=1)
+
+
 def reading_sums(outputs, targets, mask=None, *, max_digits: int):
   """Sums of the digit-reader metrics over a batch (see the module docstring).
 
@@ -104,12 +128,7 @@ def reading_sums(outputs, targets, mask=None, *, max_digits: int):
     reference_digits, no_eos, wrong_length, order_errors, and [max_digits + 1] arrays
     length_count, length_exact, length_read_digits (index n = targets of n digits).
   """
-  outputs, targets = jnp.asarray(outputs), jnp.asarray(targets)
-  # Both to the longer length, with <pad>: a reading longer than the target is compared (and
-  # its extra digits counted) in full.
-  length = max(outputs.shape[1], targets.shape[1])
-  outputs, targets = (jnp.pad(x, ((0, 0), (0, length - x.shape[1])),
-                              constant_values=tokens_lib.PAD) for x in (outputs, targets))
+  outputs, targets = _same_length(outputs, targets)
   m = _mask(mask, targets.shape[0])
   scored = targets != tokens_lib.PAD  # The digits and the <eos>.
   right = (outputs == targets) & scored
@@ -194,3 +213,9 @@ def summarize(sums: Mapping) -> dict[str, float]:
         out[f"exact_match_length_{n}"] = ratio(s["length_exact"][n], s["length_count"][n])
         out[f"read_length_{n}"] = ratio(s["length_read_digits"][n], s["length_count"][n])
   return out
+
+
+def main_metric(config) -> str:
+  """The metric of `summarize` that ranks a run's checkpoints (higher is better), read on the
+  validation split: a reader's exact match, a classifier's accuracy."""
+  return "exact_match" if config.task == "read" else "accuracy"

@@ -3,6 +3,15 @@ r"""Reads digits from image files with a trained model.
   python -m digit_vit.predict --workdir=runs/default IMAGE_OR_DIR... \
       [--output=readings.csv] [--attention=maps/] [--beam_size=4] [--views=5] \
       [--ensemble=RUN[@CHECKPOINT],...]
+  python -m digit_vit.predict --model=EXPORTED_DIR IMAGE_OR_DIR... [--output=...] [--attention=...]
+  python -m digit_vit.predict IMAGE_OR_DIR...      # the released reader, release/reader
+
+`--model` reads with an exported reader (`python -m digit_vit.export`, loaded by
+`digit_vit.serving`) instead of a training run: the decoding was fixed when it was exported, so
+--checkpoint, --beam_size, --alpha, --views and --ensemble apply to --workdir only. With neither
+`--workdir` nor `--model` it reads with the released reader (`release/reader` of the repository,
+whatever the working directory; `$DIGIT_VIT_READER` points elsewhere: `serving.default_reader`),
+and without one says how to get a reader (train one, or `make release`): a usage error.
 
 Any image Pillow opens (PNG, JPEG, BMP, ...) of any size, grey or colour, light ink on a dark
 background or dark ink on light paper: `to_canvas` detects the polarity, crops to the ink and
@@ -12,15 +21,19 @@ hold a readable line (`MAX_ASPECT_RATIO`) is refused before it is decoded, and a
 than the canvas is measured and thickened at a working resolution (`WORKING_SCALE`).
 
 Each file prints its raw tokens, its digits and the confidence (the probability of the reading
-under the model); a reading that reached the decoder's maximum length without `<eos>` is marked
-`(truncated: ...)`, with a warning on stderr, since the line may hold more digits. A file that
+under the model, calibrated by the temperature the run fitted on its validation split,
+`calibration`); a reading that reached the decoder's maximum length without `<eos>` is marked
+`(truncated: ...)`, with a warning on stderr, since the line may hold more digits.
+`--min_confidence=X` (in [0, 1]) marks a reading below X `(rejected: ...)`: still printed and
+written, for the caller to set aside; rejections alone leave the exit status 0. A file that
 cannot be read is reported by name on stderr, the others are still read, and the exit status is
 1. Files are loaded one at a time and read a batch at a time, so memory holds one image and the
 small canvases, whatever the number of files. All images go through one compiled decoder at a
 fixed batch shape, whatever their number or size. `--output` writes the CSV
-`filename,digits,confidence,truncated`. A mistake on the command line (a missing or wrong
-`--workdir`, an `--output` or `--attention` that cannot be written) is one line on stderr and
-exit status 2, found before the model is loaded or any image read.
+`filename,digits,confidence,truncated,rejected`. A mistake on the command line (a missing or
+wrong `--workdir`, an `--output` or `--attention` that cannot be written, a `--min_confidence`
+outside [0, 1]) is one line on stderr and exit status 2, found before the model is loaded or
+any image read.
 
 The same from Python:
 
@@ -34,63 +47,34 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
-import io
 import math
 import os
 import pathlib
 import sys
-from typing import BinaryIO, Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags
-from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
-from scipy import ndimage
+from PIL import Image, ImageDraw
 
-from digit_vit import decode, logs, trained, xla_options
+from digit_vit import calibration, decode, logs, trained, xla_options
+# The image preprocessing lives in `preprocess` (shared with `serving`); its names stay
+# importable from here, as callers and tests use them (`predict.to_canvas`, ...).
+from digit_vit.preprocess import (INK_FLOOR, INK_THRESHOLD, LINE_HEIGHT, MARGIN,  # noqa: F401
+                                  MAX_ASPECT_RATIO, MAX_PIXELS, MIN_INK_CONTRAST,
+                                  STROKE_WIDTH, WIDTH_MULTIPLE, WORKING_SCALE, ImageError,
+                                  _block_mean, _check_aspect_ratio, _pool, _to_grey,
+                                  _working_ink, as_grey_array, load_image, stroke_width,
+                                  to_canvas)
 from digit_vit.data import buckets
 from digit_vit.models import tokens
 from digit_vit.models.reader import DigitReader, ModelConfig, patch_mask
 
 # Files a directory argument contributes (others in it are ignored).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-# Larger images are refused before decoding (a 50-megapixel photo is far more than a line of
-# digits needs, and decoding one costs a few hundred MB).
-MAX_PIXELS = 50_000_000
-# More elongated images are refused before any per-pixel work: even a line that spans one would
-# be less than a pixel high on a canvas of ordinary proportions, and fitting one (a 2 x 1.6M-pixel
-# strip) costs far more than its size suggests.
-MAX_ASPECT_RATIO = 200
-# A line whose crop is at least twice this many times its size on the canvas is first pooled to
-# between this many and twice as many (by whole blocks of pixels), so that measuring and
-# thickening its strokes costs the same for a 49-megapixel photo as for a small scan. The
-# lines of the evaluation splits (digits 14-110 pixels high) stay below it and are prepared
-# exactly as without it.
-WORKING_SCALE = 8
-
-# Where the training lines put their ink (digit_vit/data/compose.py): line heights are drawn
-# from 0.55-0.9 of the canvas height, so an input line is fitted to the middle of that range.
-LINE_HEIGHT = 0.72
-# Background left and right of the ink, as a fraction of the height: the middle of the training
-# lines' margins (0 to `config.data.max_margin` = 0.5 of the height a side).
-MARGIN = 0.25
-# Line widths are multiples of this (the patch width), as the training lines' are.
-WIDTH_MULTIPLE = 8
-# Training strokes (MNIST at this scale) are about 2.5 canvas pixels wide; thinner input
-# strokes (a fine pen photographed large) are thickened to that before downscaling.
-STROKE_WIDTH = 2.5
-# Ink must stand this far (in [0, 1]) above the background; fainter images read as empty.
-MIN_INK_CONTRAST = 0.2
-# After normalising the ink to peak 1: darker pixels are background (JPEG noise, paper grain).
-INK_FLOOR = 0.15
-# Pixels at least this bright define the ink's bounding box.
-INK_THRESHOLD = 0.35
-
-
-class ImageError(ValueError):
-  """A file or upload that is not a readable image; the message says which and why."""
 
 
 @dataclasses.dataclass
@@ -102,8 +86,13 @@ class Prediction:
     tokens: raw decoder outputs without `<sos>`, e.g. [1, 0, 1, 11, 12, ...] for "101";
       the decoder's maximum length (`ModelConfig.max_length`) of them.
     digits: the digits read; '' for an image with no ink.
-    confidence: the probability of the reading under the model, exp(log_prob), in [0, 1].
-    log_prob: the sum of the log-probabilities of the tokens up to `<eos>`.
+    confidence: the probability of the reading under the model, exp(log_prob), in [0, 1],
+      calibrated by the run's temperature (`calibration`): of readings at confidence 0.9,
+      about 9 in 10 are exactly right, as measured on the validation split.
+    log_prob: the sum of the (calibrated) log-probabilities of the tokens up to `<eos>`.
+    token_probs: each written token's calibrated probability, the decoder's maximum length of
+      them, 1 after `<eos>`: their product is `confidence`.
+    rejected: confidence below the reader's `min_confidence`: a reading not to act on.
     no_ink: the image had no ink, so the model was not run.
     canvas: float32 [H, W] the model input in [0, 1], ink bright (None on error).
     attention: float32 [n, H, W] for the n tokens up to and including `<eos>`: the decoder's
@@ -111,6 +100,9 @@ class Prediction:
     truncated: the decoder reached its maximum length without writing `<eos>`, so the line
       may hold more digits than `digits` has.
     error: why the file could not be read (then the other fields are empty).
+    step_log_probs: float32 [max_length, vocab] the untempered distributions the tokens were
+      picked from (0 after `<eos>`; None with no ink): what `calibration` needs to fit or
+      apply another temperature without reading again.
   """
   filename: str = ""
   tokens: list[int] = dataclasses.field(default_factory=list)
@@ -122,210 +114,9 @@ class Prediction:
   attention: np.ndarray | None = None
   truncated: bool = False
   error: str | None = None
-
-
-# ----------------------------------------------------------------------------------------------
-# Images
-
-
-def load_image(source: str | os.PathLike | bytes | BinaryIO, *,
-               max_pixels: int = MAX_PIXELS) -> np.ndarray:
-  """Decodes an image file into greyscale.
-
-  Transparent images are laid on a background that contrasts with their ink (a drawing of
-  black strokes on a transparent canvas reads as black on white). EXIF rotation is applied.
-
-  Args:
-    source: a path, the file's bytes, or a binary file object.
-    max_pixels: larger images are refused.
-
-  Returns:
-    uint8 [H, W].
-
-  Raises:
-    ImageError: missing file, not an image, too large or too elongated (`MAX_ASPECT_RATIO`);
-      the message names the source.
-  """
-  name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "upload"
-  data = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
-  try:
-    with Image.open(data) as image:
-      if image.width * image.height > max_pixels:
-        raise ImageError(f"{name}: {image.width}x{image.height} pixels is more than the "
-                         f"{max_pixels:,} accepted; crop or downscale it")
-      _check_aspect_ratio(image.height, image.width, name)
-      image = ImageOps.exif_transpose(image)
-      return _to_grey(image)
-  except FileNotFoundError:
-    raise ImageError(f"{name}: no such file") from None
-  except IsADirectoryError:
-    raise ImageError(f"{name}: is a directory") from None
-  except UnidentifiedImageError:
-    raise ImageError(f"{name}: not a readable image (PNG, JPEG or BMP expected)") from None
-  except Image.DecompressionBombError as e:
-    raise ImageError(f"{name}: {e}") from None
-  except OSError as e:  # Truncated or corrupt files.
-    raise ImageError(f"{name}: cannot decode the image: {e}") from None
-
-
-def _check_aspect_ratio(height: int, width: int, name: str = "image") -> None:
-  if min(height, width) > 0 and max(height, width) > MAX_ASPECT_RATIO * min(height, width):
-    raise ImageError(f"{name}: {width}x{height} pixels is more elongated than "
-                     f"{MAX_ASPECT_RATIO}:1, too thin for a readable line of digits; crop it "
-                     f"to the line")
-
-
-def _to_grey(image: Image.Image) -> np.ndarray:
-  if image.mode in ("I", "I;16", "I;16B", "F"):  # 16-bit and float: stretch to 8 bits.
-    x = np.asarray(image, np.float64)
-    span = x.max() - x.min()
-    return np.zeros(x.shape, np.uint8) if span == 0 else np.uint8((x - x.min()) / span * 255)
-  if image.mode == "P" or "A" in image.getbands():
-    image = image.convert("LA")
-    grey, alpha = (np.asarray(c, np.float32) for c in image.split())
-    opaque = alpha > 127
-    if not opaque.any():
-      return np.zeros(grey.shape, np.uint8)
-    background = 255.0 if grey[opaque].mean() < 128 else 0.0
-    a = alpha / 255
-    return np.uint8(np.round(grey * a + background * (1 - a)))
-  return np.asarray(image.convert("L"), np.uint8)
-
-
-def as_grey_array(image: np.ndarray | Image.Image) -> np.ndarray:
-  """A PIL image, or an array [H, W], [H, W, 1|3|4] (uint8, or float in [0, 1]) -> [H, W]
-  float32 in [0, 1], always a new array (never the caller's)."""
-  if isinstance(image, Image.Image):
-    image = _to_grey(image)
-  x = np.asarray(image)
-  if x.ndim == 3 and x.shape[-1] in (1, 3, 4):
-    x = x[..., 0] if x.shape[-1] == 1 else x[..., :3] @ np.array([0.299, 0.587, 0.114])
-  if x.ndim != 2:
-    raise ImageError(f"an image array must be [H, W] or [H, W, 1|3|4], got shape {x.shape}")
-  x = x.astype(np.float32)  # A copy, even of float32: the callers work on it in place.
-  if np.issubdtype(np.asarray(image).dtype, np.integer) or x.max() > 1:
-    x /= 255
-  return x
-
-
-def to_canvas(image: np.ndarray | Image.Image, height: int, width: int) -> np.ndarray | None:
-  """Normalises an image of a line of digits into a line as the model reads it.
-
-  Ink is made bright on black (the polarity is the opposite of the median pixel, since ink
-  covers a minority of the image), stretched to peak 1, cropped to its bounding box, thickened
-  if its strokes would end up thinner than the training digits', and scaled to the training
-  lines' digit height (`LINE_HEIGHT` of `height`), never distorted. The line keeps its natural
-  width: the ink plus a margin of `MARGIN` of the height on each side, rounded up to a multiple
-  of `WIDTH_MULTIPLE`, as the training lines are (`data/compose.py`). A line wider than `width`
-  (the widest bucket) is shrunk to fit it: its digits then come out smaller than the training
-  lines', which reads worse, so `width` should hold the longest line a reader is meant for.
-  Beyond a few passes over the pixels, the work is bounded by the output, not the image: a crop
-  much larger than it is measured and thickened at a working resolution (`_working_ink`).
-
-  Args:
-    image: see `as_grey_array`.
-    height: the model's image height.
-    width: the widest line (the widest width bucket).
-
-  Returns:
-    float32 [height, w] in [0, 1], w a multiple of WIDTH_MULTIPLE in [WIDTH_MULTIPLE, width],
-    or None when the image has no ink.
-
-  Raises:
-    ImageError: not an image array, or more elongated than `MAX_ASPECT_RATIO` (checked before
-      any per-pixel work).
-  """
-  shape = (image.height, image.width) if isinstance(image, Image.Image) else np.shape(image)
-  if len(shape) == 2 or (len(shape) == 3 and shape[-1] in (1, 3, 4)):
-    _check_aspect_ratio(shape[0], shape[1])
-  # `x` is a new array, so the steps below work in place: a 49-megapixel image is 196 MB a copy.
-  x = as_grey_array(image)
-  background = float(np.median(x)) if x.size else 0.0
-  if background > 0.5:
-    np.subtract(1.0, x, out=x)
-    background = 1.0 - background
-  x -= background
-  peak = float(x.max()) if x.size else 0.0
-  if peak < MIN_INK_CONTRAST:
-    return None
-  x /= peak
-  np.clip(x, 0.0, 1.0, out=x)
-  x[x < INK_FLOOR] = 0.0
-  ink = x >= INK_THRESHOLD
-  rows, cols = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
-  x = x[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
-  crop_h, crop_w = x.shape
-  margin = MARGIN * height
-  scale = min(LINE_HEIGHT * height / crop_h, (width - 2 * margin) / crop_w)
-  out_h = max(1, min(height, round(crop_h * scale)))
-  out_w = max(1, min(width, round(crop_w * scale)))
-  x, factor = _working_ink(x, scale)
-  # Pillow's bilinear resize is antialiased when shrinking, like the training composition. The
-  # box is the crop's extent in working pixels (a last partial block is not stretched over a
-  # whole pixel); for an unpooled crop it is the whole image, Pillow's default.
-  fitted = Image.fromarray(np.uint8(np.round(x * 255))).resize(
-      (out_w, out_h), Image.BILINEAR, box=(0, 0, crop_w / factor, crop_h / factor))
-  line_w = min(width, WIDTH_MULTIPLE * math.ceil((out_w + 2 * margin) / WIDTH_MULTIPLE))
-  canvas = np.zeros((height, line_w), np.float32)
-  top, left = (height - out_h) // 2, (line_w - out_w) // 2
-  canvas[top:top + out_h, left:left + out_w] = np.asarray(fitted, np.float32) / 255
-  return canvas
-
-
-def stroke_width(ink: np.ndarray) -> float:
-  """Mean stroke width in pixels of a bright-ink image: area / half the perimeter (a stroke
-  of length L and width w has area L w and perimeter about 2 L)."""
-  mask = ink >= INK_THRESHOLD
-  boundary = mask & ~ndimage.binary_erosion(mask)
-  return 2.0 * mask.sum() / max(int(boundary.sum()), 1)
-
-
-def _working_ink(ink: np.ndarray, scale: float) -> tuple[np.ndarray, int]:
-  """The cropped ink at a bounded working resolution, thickened if its strokes would end up
-  thinner than the training digits' (`STROKE_WIDTH` canvas pixels).
-
-  A crop 2 * WORKING_SCALE times its size on the canvas or more is pooled over blocks of `factor`
-  x `factor` pixels to between WORKING_SCALE and 2 * WORKING_SCALE times that size: by their
-  maximum to measure the strokes, and to thicken them (pooling by maximum is a dilation too,
-  and keeps a hairline bright where a mean would fade it below the ink threshold), by their
-  mean otherwise (what the antialiased resize averages anyway). So the stroke measurement and
-  the dilation see at most (2 * WORKING_SCALE)^2 times the canvas's pixels, and the dilation's
-  window is under 5 * WORKING_SCALE pixels (the stroke width measured is at least 2), whatever
-  the image; a smaller crop is not pooled (factor 1) and comes back as before.
-
-  Args:
-    ink: float32 [h, w] in [0, 1], cropped to the ink.
-    scale: canvas pixels per `ink` pixel.
-
-  Returns:
-    (float32 [ceil(h / factor), ceil(w / factor)] in [0, 1], factor).
-  """
-  factor = max(1, int(1 / (WORKING_SCALE * scale)))
-  pooled = ink if factor == 1 else _pool(ink, factor, np.maximum)
-  scale *= factor
-  width = stroke_width(pooled)
-  if width * scale >= STROKE_WIDTH - 0.5:
-    return (ink if factor == 1 else _block_mean(ink, factor)), factor
-  grow = int(np.ceil(STROKE_WIDTH / scale - width))
-  # A window over twice an axis's length covers all of it from every pixel (the edges
-  # reflect), so capping it there changes nothing, and a strip of ink one pixel high costs its
-  # length, not its length times the window.
-  size = tuple(min(grow + 1, 2 * n + 1) for n in pooled.shape)
-  return ndimage.grey_dilation(pooled, size=size), factor
-
-
-def _pool(x: np.ndarray, factor: int, reduce: np.ufunc) -> np.ndarray:
-  """`reduce` (np.maximum, np.add) over blocks of factor x factor pixels of x [h, w], the last
-  ones partial: [ceil(h / factor), ceil(w / factor)]."""
-  for axis in (0, 1):
-    x = reduce.reduceat(x, np.arange(0, x.shape[axis], factor), axis=axis)
-  return x
-
-
-def _block_mean(x: np.ndarray, factor: int) -> np.ndarray:
-  """The mean over blocks of factor x factor pixels (see `_pool`), float32."""
-  counts = [np.diff(np.append(np.arange(0, n, factor), n)) for n in x.shape]
-  return (_pool(x, factor, np.add) / np.outer(*counts)).astype(np.float32)
+  token_probs: list[float] = dataclasses.field(default_factory=list)
+  rejected: bool = False
+  step_log_probs: np.ndarray | None = dataclasses.field(default=None, repr=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -350,33 +141,47 @@ class Reader:
       'WORKDIR@CHECKPOINT' (`trained.restore_ensemble`): each token is picked by the mean
       probability over the models (and views), and the confidence is under that mean. The
       attention maps stay those of `workdir`'s model.
+    temperature: calibrates the confidence (`decode.decode`); default: the run's
+      (`calibration.load_temperature`, 1.0 if it has none), or 1.0 with an `ensemble`, whose
+      mean probability the run's temperature was not fitted to.
+    min_confidence: readings below it are marked `rejected` (0: none is).
   """
 
   def __init__(self, workdir: str | os.PathLike, *, checkpoint: str | int = "best",
                beam_size: int | None = None, alpha: float | None = None,
                views: int | None = None, batch_size: int = 16,
-               ensemble: Sequence[str | os.PathLike] = ()):
+               ensemble: Sequence[str | os.PathLike] = (), temperature: float | None = None,
+               min_confidence: float = 0.0):
     config = load_config(workdir)
     readers, described = trained.restore_ensemble(config, ensemble)
     params, step = trained.restore_params(workdir, config, checkpoint)
+    if temperature is None:
+      temperature = 1.0 if ensemble else calibration.load_temperature(workdir)
     self._setup(config, params, step, readers, described, beam_size=beam_size, alpha=alpha,
-                views=views, batch_size=batch_size)
+                views=views, batch_size=batch_size, temperature=temperature,
+                min_confidence=min_confidence)
 
   @classmethod
   def from_params(cls, config: ml_collections.ConfigDict, params, *, step: int = 0,
                   beam_size: int | None = None, alpha: float | None = None,
                   views: int | None = None, batch_size: int = 16, ensemble=(),
-                  described=()) -> "Reader":
+                  described=(), temperature: float = 1.0,
+                  min_confidence: float = 0.0) -> "Reader":
     """A reader of parameters in hand (a run's config and its model's params), as training
     and `evaluate` read the file splits (`file_evaluation`); `ensemble` and `described` as
     `trained.restore_ensemble` returns them."""
     reader = cls.__new__(cls)
     reader._setup(config, params, step, ensemble, list(described), beam_size=beam_size,
-                  alpha=alpha, views=views, batch_size=batch_size)
+                  alpha=alpha, views=views, batch_size=batch_size, temperature=temperature,
+                  min_confidence=min_confidence)
     return reader
 
   def _setup(self, config, params, step, readers, described, *, beam_size, alpha, views,
-             batch_size):
+             batch_size, temperature, min_confidence):
+    if not (math.isfinite(temperature) and temperature > 0):
+      raise ValueError(f"temperature must be positive and finite, got {temperature}")
+    self.temperature = float(temperature)
+    self.min_confidence = check_min_confidence(min_confidence)
     self.config = config
     self.model_config = ModelConfig.from_config(config.model)
     self.ensemble = described
@@ -401,7 +206,8 @@ class Reader:
     return decode.decode((self.model_config, *self._ensemble_configs),
                          (params, *ensemble_params), images, widths=widths,
                          beam_size=self.beam_size, alpha=self.alpha, views=self.views,
-                         max_length=self.max_length)
+                         max_length=self.max_length, temperature=self.temperature,
+                         token_log_probs=True, step_log_probs=True)
 
   def prepare(self, images: Sequence[np.ndarray | Image.Image]) -> list[np.ndarray | None]:
     """The model inputs of `images` (see `to_canvas`): float32 [H, w] each, w a multiple of 8
@@ -411,23 +217,29 @@ class Reader:
     return [to_canvas(image, self.height, self.width) for image in images]
 
   def read(self, images: Sequence[np.ndarray | Image.Image], *, attention: bool = False,
-           filenames: Sequence[str] | None = None) -> list[Prediction]:
+           filenames: Sequence[str] | None = None,
+           min_confidence: float | None = None) -> list[Prediction]:
     """Reads each image (see `to_canvas` for what is accepted).
 
     Args:
       images: arrays or PIL images of any size.
       attention: fill `Prediction.attention` (an extra teacher-forced pass).
       filenames: names to put in the predictions.
+      min_confidence: readings below it are `rejected` (default: the reader's).
     """
-    return self.read_prepared(self.prepare(images), attention=attention, filenames=filenames)
+    return self.read_prepared(self.prepare(images), attention=attention, filenames=filenames,
+                              min_confidence=min_confidence)
 
   def read_prepared(self, canvases: Sequence[np.ndarray | None], *, attention: bool = False,
-                    filenames: Sequence[str] | None = None) -> list[Prediction]:
+                    filenames: Sequence[str] | None = None,
+                    min_confidence: float | None = None) -> list[Prediction]:
     """Reads what `prepare` made (None: an image with no ink); see `read`.
 
     Lines are read in batches of `batch_size` of one width bucket each (the narrowest that
     holds them), padded on the right with background, so the decoder compiles once a bucket.
     """
+    threshold = (self.min_confidence if min_confidence is None
+                 else check_min_confidence(min_confidence))
     filenames = list(filenames) if filenames is not None else [""] * len(canvases)
     predictions = [_no_ink(name, self.height, self.max_length) for name in filenames]
     inked = [i for i, c in enumerate(canvases) if c is not None]
@@ -443,15 +255,28 @@ class Reader:
         for j, i in enumerate(rows):
           batch[j, :, :canvases[i].shape[1], 0] = canvases[i]
           widths[j] = canvases[i].shape[1]
-        outputs, log_prob = self._read_batch(self.params, self._ensemble_params, batch, widths)
+        outputs, log_prob, per_token, dists = self._read_batch(
+            self.params, self._ensemble_params, batch, widths)
         weights = (self._attention_batch(self.params, batch, widths, outputs) if attention
                    else None)
-        outputs, log_prob, weights = jax.device_get((outputs, log_prob, weights))
+        outputs, log_prob, per_token, dists, weights = jax.device_get(
+            (outputs, log_prob, per_token, dists, weights))
         for j, i in enumerate(rows):
           maps = None if weights is None else weights[j, :, :, :canvases[i].shape[1]]
           predictions[i] = _prediction(filenames[i], outputs[j], float(log_prob[j]),
-                                       canvases[i], maps)
+                                       canvases[i], maps, token_log_probs=per_token[j],
+                                       step_log_probs=dists[j])
+    for p in predictions:
+      p.rejected = p.confidence < threshold
     return predictions
+
+
+def check_min_confidence(value: float) -> float:
+  """`value` as a float if it is a probability (in [0, 1]); else ValueError."""
+  value = float(value)
+  if not 0.0 <= value <= 1.0:  # NaN fails too.
+    raise ValueError(f"min_confidence must be in [0, 1], got {value}")
+  return value
 
 
 def cross_attention(model_config: ModelConfig, params, images, widths, outputs):
@@ -482,22 +307,28 @@ def cross_attention(model_config: ModelConfig, params, images, widths, outputs):
   return jnp.repeat(jnp.repeat(grid, patch_h, axis=2), patch_w, axis=3)
 
 
-def _prediction(filename, outputs, log_prob, canvas, attention) -> Prediction:
+def _prediction(filename, outputs, log_prob, canvas, attention, *, token_log_probs=None,
+                step_log_probs=None) -> Prediction:
   """The Prediction of one image from its raw outputs [max_length] (no `<sos>`), the sum of
-  their log-probabilities, its canvas and its maps [max_length, H, W] (or None)."""
+  their (calibrated) log-probabilities, its canvas and its maps [max_length, H, W] (or None);
+  token_log_probs [max_length] and step_log_probs [max_length, vocab] as `decode` gives them."""
   reading = tokens.read_output(outputs)
   # The map of each token up to and including <eos> (or all, for an output that never ended).
   shown = len(reading.digits) + 1 if reading.ended else len(outputs)
   return Prediction(filename=filename, tokens=[int(t) for t in outputs], digits=reading.digits,
                     confidence=float(np.exp(log_prob)), log_prob=log_prob, canvas=canvas,
                     attention=None if attention is None else np.asarray(attention[:shown]),
-                    truncated=not reading.ended)
+                    truncated=not reading.ended,
+                    token_probs=([] if token_log_probs is None
+                                 else [float(x) for x in np.exp(token_log_probs)]),
+                    step_log_probs=step_log_probs)
 
 
 def _no_ink(filename: str, height: int, max_length: int) -> Prediction:
   return Prediction(filename=filename, tokens=[tokens.EOS] + [tokens.PAD] * (max_length - 1),
                     digits="", confidence=1.0, log_prob=0.0, no_ink=True,
-                    canvas=np.zeros((height, WIDTH_MULTIPLE), np.float32))
+                    canvas=np.zeros((height, WIDTH_MULTIPLE), np.float32),
+                    token_probs=[1.0] * max_length)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -562,16 +393,17 @@ def read_files(reader: Reader, arguments: Iterable[str], *,
 
 
 def write_csv(predictions: Iterable[Prediction], path: str | os.PathLike) -> None:
-  """Rows `filename,digits,confidence,truncated` (with that header; truncated: `true` for a
-  reading that reached the decoder's maximum length without `<eos>`, else `false`) for the
-  files that were read."""
+  """Rows `filename,digits,confidence,truncated,rejected` (with that header; truncated: `true`
+  for a reading that reached the decoder's maximum length without `<eos>`, else `false`;
+  rejected: `true` for a confidence below `--min_confidence`) for the files that were read."""
   with open(path, "w", newline="") as f:
     writer = csv.writer(f)
-    writer.writerow(["filename", "digits", "confidence", "truncated"])
+    writer.writerow(["filename", "digits", "confidence", "truncated", "rejected"])
     for p in predictions:
       if p.error is None:
         writer.writerow([p.filename, p.digits, f"{p.confidence:.6f}",
-                         "true" if p.truncated else "false"])
+                         "true" if p.truncated else "false",
+                         "true" if p.rejected else "false"])
 
 
 def attention_overlay(prediction: Prediction, *, scale: int = 4) -> Image.Image:
@@ -619,9 +451,14 @@ def define_flags():
   """Defines the command's flags when it runs, not on import: absl flags are global and
   `main` and `evaluate` define --workdir too."""
   flags.DEFINE_string("workdir", None, "A training run's directory (config.json, checkpoints/).")
+  flags.DEFINE_string("model", None, "An exported reader's directory (python -m "
+                      "digit_vit.export), instead of --workdir.")
   flags.DEFINE_string("checkpoint", "best", "'best' (by validation), 'latest', or a step.")
-  flags.DEFINE_string("output", None, "Write rows filename,digits,confidence,truncated to this "
-                      "CSV file (its directory must exist).")
+  flags.DEFINE_string("output", None, "Write rows filename,digits,confidence,truncated,rejected "
+                      "to this CSV file (its directory must exist).")
+  flags.DEFINE_float("min_confidence", 0.0, "Mark readings whose (calibrated) confidence is "
+                     "below this, in [0, 1], as rejected: printed so and `true` in the CSV's "
+                     "rejected column (0 = none).")
   flags.DEFINE_string("attention", None, "Write each image's attention maps as PNG under this "
                       "directory (made if missing).")
   flags.DEFINE_integer("beam_size", None, "Beam size (default: the run's config.decode; 1 = "
@@ -636,12 +473,16 @@ def define_flags():
                     "the mean probability over the models (and views).")
 
 
-def format_prediction(p: Prediction) -> str:
+def format_prediction(p: Prediction, min_confidence: float | None = None) -> str:
   """`name  digits=101  confidence=0.9873  tokens=[1, 0, 1, 11, 12, ...]`, then `(no ink)`, or
-  `(truncated: no <eos> within N tokens)` for a reading that reached the decoder's maximum."""
+  `(truncated: no <eos> within N tokens)` for a reading that reached the decoder's maximum,
+  and `(rejected: confidence below X)` for one marked rejected (X = `min_confidence`)."""
   note = "  (no ink)" if p.no_ink else ""
   if p.truncated:
     note = f"  (truncated: no <eos> within {len(p.tokens)} tokens)"
+  if getattr(p, "rejected", False):
+    below = "" if min_confidence is None else f" {min_confidence:g}"
+    note += f"  (rejected: confidence below{below})"
   return (f"{p.filename}  digits={p.digits or '-'}  confidence={p.confidence:.4f}  "
           f"tokens={p.tokens}{note}")
 
@@ -679,17 +520,22 @@ def check_output_paths(output: str | None, attention_dir: str | None) -> str | N
 
 
 def run(reader: Reader, arguments: Sequence[str], *, output: str | None = None,
-        attention_dir: str | None = None) -> list[Prediction]:
+        attention_dir: str | None = None,
+        min_confidence: float | None = None) -> list[Prediction]:
   """The command: reads, printing each file's reading as its batch is read (and a warning on
   stderr for a truncated one), writes the maps and then the CSV; returns the predictions,
-  without the attention maps it wrote."""
+  without the attention maps it wrote. With `min_confidence`, a reading below it is marked
+  `rejected` (whatever reader read it: a run's or an exported one), else the reader's mark
+  stands."""
   predictions = []
   for p in iter_read_files(reader, arguments, attention=attention_dir is not None):
     predictions.append(p)
     if p.error is not None:
       print(f"error: {p.error}", file=sys.stderr)
       continue
-    print(format_prediction(p), flush=True)
+    if min_confidence is not None:
+      p.rejected = p.confidence < min_confidence
+    print(format_prediction(p, min_confidence), flush=True)
     if p.truncated:
       print(f"warning: {p.filename}: the reading reached the decoder's maximum of "
             f"{len(p.tokens)} tokens without <eos>; the line may hold more digits than the "
@@ -715,23 +561,85 @@ def main(argv):
   if len(argv) < 2:
     return _usage_error("give one or more image files or directories to read (--helpshort "
                         "lists the flags)")
-  if not FLAGS.workdir:
-    return _usage_error("--workdir is required: a training run's directory")
-  problem = check_output_paths(FLAGS.output, FLAGS.attention)
+  try:
+    workdir, model = reader_source(FLAGS.workdir, FLAGS.model)
+  except ValueError as e:  # Both, or neither and no released reader.
+    return _usage_error(str(e))
+  problem = check_output_paths(FLAGS.output, FLAGS.attention) or _run_only_flags(model)
   if problem:
     return _usage_error(problem)
+  if not 0.0 <= FLAGS.min_confidence <= 1.0:  # NaN too.
+    return _usage_error(f"--min_confidence={FLAGS.min_confidence} must be in [0, 1] (a "
+                        "probability; 0 rejects nothing)")
   logs.quiet_libraries()
+  if model:
+    try:
+      reader = _load_exported(model, batch_size=FLAGS.batch_size)
+    except ValueError as e:  # Not an export, another format version, a damaged file.
+      return _usage_error(str(e))
+    return _finish(run(reader, argv[1:], output=FLAGS.output, attention_dir=FLAGS.attention,
+                       min_confidence=FLAGS.min_confidence))
   try:
     checkpoint = trained.parse_checkpoint(FLAGS.checkpoint)
   except ValueError as e:
     return _usage_error(f"--checkpoint={e}")
   try:
-    reader = Reader(FLAGS.workdir, checkpoint=checkpoint, beam_size=FLAGS.beam_size,
+    reader = Reader(workdir, checkpoint=checkpoint, beam_size=FLAGS.beam_size,
                     alpha=FLAGS.alpha, views=FLAGS.views, batch_size=FLAGS.batch_size,
                     ensemble=FLAGS.ensemble)
   except (ValueError, FileNotFoundError) as e:  # A wrong run, checkpoint or decoding setting.
     return _usage_error(str(e))
-  predictions = run(reader, argv[1:], output=FLAGS.output, attention_dir=FLAGS.attention)
+  return _finish(run(reader, argv[1:], output=FLAGS.output, attention_dir=FLAGS.attention,
+                     min_confidence=FLAGS.min_confidence))
+
+
+def reader_source(workdir: str | None, model: str | None) -> tuple[str | None, str | None]:
+  """(workdir, model): what a command reads with, one of them set.
+
+  The one given; with neither, the released reader (`serving.find_default_reader`:
+  release/reader of the repository, or $DIGIT_VIT_READER) as `model`.
+
+  Raises:
+    ValueError: both given, or neither and no released reader (the message says how to get
+      one); a usage error.
+  """
+  from digit_vit import serving  # pylint: disable=import-outside-toplevel
+  workdir, model = workdir or None, model or None
+  if workdir and model:
+    raise ValueError("give one of --workdir (a training run's directory) or --model (an "
+                     "exported reader's directory), not both")
+  if workdir or model:
+    return workdir, model
+  default = serving.find_default_reader()
+  if default is None:
+    raise ValueError(serving.no_reader_message())
+  return None, str(default)
+
+
+def _run_only_flags(model: str | None) -> str | None:
+  """Why flags that choose how a training run reads were given with an exported reader
+  (--model, or the released one), or None."""
+  if not model:
+    return None
+  given = [f"--{name}" for name in ("checkpoint", "beam_size", "alpha", "views", "ensemble")
+           if FLAGS[name].present]
+  if given:
+    return (f"{', '.join(given)} apply to --workdir only: an exported reader's checkpoint and "
+            "decoding were fixed when it was exported (python -m digit_vit.export)")
+  return None
+
+
+def _load_exported(directory: str, **kwargs):
+  """`serving.load`, with jax's persistent compilation cache on (`serving.
+  enable_compilation_cache`), so that the next command starts without compiling."""
+  from digit_vit import serving  # pylint: disable=import-outside-toplevel
+  serving.enable_compilation_cache()
+  return serving.load(directory, **kwargs)
+
+
+def _finish(predictions: Sequence[Prediction]) -> int:
+  """The exit status of a command that read `predictions` (1 when a file failed or there was
+  none), after saying so on stderr."""
   failures = sum(p.error is not None for p in predictions)
   if failures:
     print(f"{failures} of {len(predictions)} file(s) could not be read", file=sys.stderr)

@@ -136,11 +136,17 @@ def _label_text(sample: Mapping[str, np.ndarray], i: int, task: str) -> tuple[st
 
 
 def plot_readings(sample: Mapping[str, np.ndarray], path: str, *, task: str,
-                  max_images: int = 24, columns: int = 4):
-  """A grid of evaluation images titled with the reading (green right, red wrong) and truth."""
+                  max_images: int = 24, columns: int = 4,
+                  notes: Sequence[str] | None = None):
+  """A grid of evaluation images titled with the reading (green right, red wrong) and truth,
+  and under it `notes[i]` when given (a second title line: e.g. the split and confidence).
+
+  `sample` may hold lists of arrays of different widths (`image` [H, W(, 1)] each, `tokens` a
+  full target sequence each) as well as batched arrays."""
   index = [i for i in range(len(sample["mask"])) if sample["mask"][i]][:max_images]
   rows = max(1, -(-len(index) // columns))
-  fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 1.3 * rows + 0.4),
+  row_height = 1.3 + (0.25 if notes is not None else 0.0)
+  fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, row_height * rows + 0.4),
                            squeeze=False)
   for ax in axes.ravel():
     ax.axis("off")
@@ -149,7 +155,10 @@ def plot_readings(sample: Mapping[str, np.ndarray], path: str, *, task: str,
     ax.imshow(image[..., 0] if image.shape[-1] == 1 else np.clip(image, 0, 1),
               cmap="gray", vmin=0, vmax=1)
     truth, text, right = _label_text(sample, i, task)
-    ax.set_title(f"read {text} | true {truth}", fontsize=8, color="green" if right else "red")
+    title = f"read {text} | true {truth}"
+    if notes is not None:
+      title += f"\n{notes[i]}"
+    ax.set_title(title, fontsize=8, color="green" if right else "red")
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)

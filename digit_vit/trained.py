@@ -14,7 +14,7 @@ from typing import NamedTuple, Sequence
 import jax
 import ml_collections
 
-from digit_vit import checkpointing, decode
+from digit_vit import checkpointing, decode, metrics, state as state_lib
 from digit_vit.models import ModelConfig, build_model
 
 Checkpoint = str | int  # 'best', 'latest' or a step number.
@@ -111,7 +111,7 @@ def restore_params(workdir: str | os.PathLike, config, checkpoint: Checkpoint = 
 
   Args:
     checkpoint: 'best' (the step with the highest validation metric the run ranked its
-      checkpoints by, `train.main_metric`: the metrics saved with each checkpoint, or for runs
+      checkpoints by, `metrics.main_metric`: the metrics saved with each checkpoint, or for runs
       whose checkpoints predate that, the validation records of its history.jsonl; ties go to
       the later step; the latest when no kept step was evaluated), 'latest', or a step number.
     ema: the moving average of the parameters where the run kept one (`config.ema_decay` >
@@ -158,12 +158,10 @@ def restore_average(workdir: str | os.PathLike, config, checkpoints: Sequence[Ch
   Returns:
     (params, steps): the steps the checkpoints named, in order.
   """
-  # Imported here: only restoring needs the optimiser's state structure from train.
-  from digit_vit import train  # pylint: disable=import-outside-toplevel
   if not checkpoints:
     raise ValueError("give at least one checkpoint")
   directory = pathlib.Path(workdir) / "checkpoints"
-  metric = train.main_metric(config)
+  metric = metrics.main_metric(config)
   manager = checkpointing.Checkpoints(str(directory), keep=config.keep_checkpoints,
                                       best_metric=f"validation_{metric}",
                                       keep_best=config.get("keep_best_checkpoints", 1),
@@ -187,20 +185,18 @@ def restore_average(workdir: str | os.PathLike, config, checkpoints: Sequence[Ch
         steps.append(step)
     if len(set(steps)) < len(steps):
       raise ValueError(f"checkpoints {list(checkpoints)} name step(s) {steps} more than once")
-    mesh = train.create_mesh()
-    model = build_model(config)
-    tx = train.create_optimizer(config, train.create_learning_rate_fn(config))
-    abstract = jax.eval_shape(lambda: train.create_train_state(config, model, tx, mesh))
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    abstract = jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), abstract)
+    # The parameters alone (no optimiser state), replicated over every device as training
+    # evaluated them. The moving average is what `TrainState.eval_params` reads with: a run
+    # keeps it exactly when its config.ema_decay > 0.
+    replicated = jax.sharding.NamedSharding(state_lib.create_mesh(), jax.sharding.PartitionSpec())
+    field = "ema_params" if ema and state_lib.check_ema_decay(config) > 0 else "params"
+    abstract = {field: state_lib.abstract_params(config, build_model(config), replicated)}
     total = None
     for step, checkpoint in zip(steps, checkpoints):
       try:
-        state = manager.restore(abstract, step)[0]
+        params = manager.restore_fields(abstract, step)[field]
       except checkpointing.CorruptCheckpointError as error:
         raise _damaged(manager, abstract, error, checkpoint, step) from None
-      params = state.eval_params() if ema else state.params
       total = params if total is None else jax.tree.map(lambda a, b: a + b, total, params)
   finally:
     manager.close()
@@ -265,7 +261,7 @@ def restore_ensemble(config, members: Sequence[str | os.PathLike], *, ema: bool 
     ema: as in `restore_params`.
 
   Returns:
-    (models, described): [(ModelConfig, params)] for `decode` or `train.eval_step`, and
+    (models, described): [(ModelConfig, params)] for `decode` or `steps.eval_step`, and
     [{'workdir', 'checkpoint', 'step'}] to report what was read.
   """
   specs = [parse_member(member) for member in members]

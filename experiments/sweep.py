@@ -728,14 +728,14 @@ def train_rate(config, *, repeats: int = 3) -> float:
   """Training images/s of `config` here: compiled train steps on a random batch, the median of
   `repeats` after one warm-up step."""
   import jax  # pylint: disable=import-outside-toplevel
-  from digit_vit import train  # pylint: disable=import-outside-toplevel
+  from digit_vit import state as state_lib, steps  # pylint: disable=import-outside-toplevel
   from digit_vit.models import build_model, tokens  # pylint: disable=import-outside-toplevel
   model = build_model(config)
-  mesh = train.create_mesh()
-  learning_rate_fn = train.create_learning_rate_fn(config)
-  state = train.create_train_state(
-      config, model, train.create_optimizer(config, learning_rate_fn), mesh)
-  stepper = train.Stepper(config, model, learning_rate_fn, mesh)
+  mesh = state_lib.create_mesh()
+  learning_rate_fn = state_lib.create_learning_rate_fn(config)
+  state = state_lib.create_train_state(
+      config, model, state_lib.create_optimizer(config, learning_rate_fn), mesh)
+  stepper = steps.Stepper(config, model, learning_rate_fn, mesh)
   rng = np.random.default_rng(0)
   b, m = config.batch_size, config.model
   batch = {"image": rng.random((b, m.image_height, m.image_width, m.image_channels),

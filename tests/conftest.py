@@ -26,6 +26,11 @@ if str(ROOT) not in sys.path:
 
 import pytest  # noqa: E402
 
+# The wild and long image files (1,400 lines, most of a minute to draw) are built once into
+# pytest's cache folder and shared by every worker, both passes of `make test` and later runs
+# (a split's folder name hashes everything that decides its images).
+EVAL_LINES_DIR = str(ROOT / ".pytest_cache" / "eval_lines")
+
 
 @pytest.fixture(scope="session")
 def tiny_workdir(tmp_path_factory):
@@ -34,8 +39,25 @@ def tiny_workdir(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("tiny_run")
   config = config_lib.load(ROOT / "configs" / "tiny.py")
   config.data.data_dir = str(tmp_path_factory.getbasetemp() / "tfds")
+  config.data.eval_lines_dir = EVAL_LINES_DIR
   train.train_and_evaluate(config, str(workdir))
   return workdir
+
+
+@pytest.fixture(scope="session")
+def eval_lines_dir():
+  """The shared root of the wild and long image files (`config.data.eval_lines_dir`)."""
+  return EVAL_LINES_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_workdir, tmp_path_factory):
+  """(directory, manifest): the tiny run's latest checkpoint (the step its report.json
+  measured), exported once (`digit_vit.export`). Tests that write into an export copy it."""
+  from digit_vit import export  # pylint: disable=import-outside-toplevel
+  directory = tmp_path_factory.mktemp("export") / "reader"
+  manifest = export.export_reader(tiny_workdir, directory, checkpoint="latest")
+  return directory, manifest
 
 
 @pytest.fixture(scope="session")

@@ -133,6 +133,29 @@ def test_rendering_as_predict_normalises_a_photograph(digits):
   assert np.median(peaks) < 0.8 * 255
 
 
+def test_elastic_distortion_makes_new_shapes_of_the_train_digits_only(digits):
+  comp = compose.Composition(height=32, width=512, max_digits=8)
+  plain = compose._distort(digits.images[0], np.zeros((2, 4, 4)))  # pylint: disable=protected-access
+  np.testing.assert_array_equal(plain, digits.images[0])  # no displacement, the digit as drawn
+  # A uniform field of one pixel down moves the whole digit one row down.
+  down = compose._distort(digits.images[0], np.stack([-np.ones((4, 4)), np.zeros((4, 4))]))  # pylint: disable=protected-access
+  np.testing.assert_array_equal(down[1:], digits.images[0][:-1])
+  rng = np.random.default_rng(0)
+  moved = [compose._distort(d, rng.normal(0, 1.2, (2, 4, 4)))  # pylint: disable=protected-access
+           for d in digits.images[:50]]
+  assert all(not np.array_equal(m, d) for m, d in zip(moved, digits.images))
+  # The same strokes, moved: about as much ink (within 10%).
+  ink = [m.sum(dtype=np.float64) / d.sum(dtype=np.float64) for m, d in zip(moved, digits.images)]
+  assert 0.9 < np.median(ink) < 1.1, ink
+  elastic = dataclasses.replace(comp, digit_elastic=1.2)
+  assert all(not np.array_equal(a[0], b[0]) for a, b in zip(_lines(digits, comp, 5),
+                                                             _lines(digits, elastic, 5)))
+  # Validation and test lines keep the digits as written; off, no random draws are added, so
+  # lines without it are those of earlier dataset versions.
+  assert elastic.training_only("train") is elastic
+  assert elastic.training_only("test") == comp == comp.training_only("validation")
+
+
 def test_the_widest_bucket_must_hold_the_longest_line():
   comp = compose.Composition(height=32, width=192, max_digits=8)
   compose.check_canvas(32, 192, 8, comp=comp)  # the default fits
@@ -151,7 +174,8 @@ def test_style_settings_out_of_range_say_which_field():
   for change, field in ((dict(max_overlap=0.6), "max_overlap"), (dict(min_ink=0.0), "min_ink"),
                         (dict(bottom_prob=0.7, centre_prob=0.5), "bottom_prob, centre_prob"),
                         (dict(noise_prob=1.5), "noise_prob"), (dict(max_slant=0.8), "max_slant"),
-                        (dict(max_margin=-1.0), "max_margin")):
+                        (dict(max_margin=-1.0), "max_margin"), (dict(digit_elastic=5.0),
+                                                                "digit_elastic")):
     with pytest.raises(ValueError, match=f"config.data.{field}"):
       dataclasses.replace(comp, **change).validate()
   with pytest.raises(ValueError, match=r"config\.image_width=196, must be a multiple of 8"):

@@ -126,6 +126,19 @@ def test_no_test_digit_reaches_train_or_validation(tiny, monkeypatch):
     assert (len(hit) > 0) == (split == "test"), split
 
 
+def test_elastic_digits_only_in_the_train_split():
+  plain = multi_digit_mnist.MultiDigitMnistConfig.create(max_digits=3, height=16, width=48)
+  elastic = multi_digit_mnist.MultiDigitMnistConfig.create(max_digits=3, height=16, width=48,
+                                                            digit_elastic=1.0)
+  assert elastic.name != plain.name
+  for split in ("train", "validation", "test"):
+    digits = sources.load_digits("embedded", split, validation_per_class=40)
+    a, b = (list(multi_digit_mnist.generate_examples(bc, split, digits, 5))
+            for bc in (plain, elastic))
+    same = [x[1]["image"] == y[1]["image"] for x, y in zip(a, b)]
+    assert all(same) == (split != "train"), split
+
+
 def test_config_names_never_collide():
   base = multi_digit_mnist.MultiDigitMnistConfig.create(max_digits=3, height=16, width=48)
   same = multi_digit_mnist.MultiDigitMnistConfig.create(max_digits=3, height=16, width=48)
@@ -134,7 +147,8 @@ def test_config_names_never_collide():
   changes = (dict(seed=1), dict(max_gap=0.7), dict(train_size=999),
              dict(validation_per_class=41), dict(width=56), dict(max_slant=0.2),
              dict(blur_prob=0.5), dict(max_overlap=0.1), dict(bottom_prob=0.1),
-             dict(heavy_prob=0.0), dict(max_margin=0.3), dict(noise_prob=0.0))
+             dict(heavy_prob=0.0), dict(max_margin=0.3), dict(noise_prob=0.0),
+             dict(digit_elastic=1.0))
   for change in changes:
     params = dict(max_digits=3, height=16, width=48) | change
     names.add(multi_digit_mnist.MultiDigitMnistConfig.create(**params).name)

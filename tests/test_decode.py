@@ -394,3 +394,108 @@ def test_greedy_over_views_with_widths_picks_the_token_of_the_mean_probability()
   _assert_contract(out)
   beam, _ = decode.decode(CFG, params, images, widths=widths, beam_size=1, views=views)
   np.testing.assert_array_equal(beam, out)
+
+
+# ---- Temperature (calibrated confidence)
+
+
+def _tempered_written_log_probs(step_log_probs, out, temperature):
+  """log_softmax(step_log_probs / T)[written token] at each step, 0 after <eos>, by numpy.
+
+  Args:
+    step_log_probs: [batch, length, vocab] the decoder's log-probs on the read prefix.
+    out: int [batch, length] the tokens read.
+  """
+  scaled = np.asarray(step_log_probs, np.float64) / temperature
+  scaled = scaled - np.log(np.exp(scaled).sum(-1, keepdims=True))
+  out = np.asarray(out)
+  chosen = np.take_along_axis(scaled, out[..., None], -1)[..., 0]
+  after_eos = np.cumsum(out == tokens.EOS, axis=1) - (out == tokens.EOS) > 0
+  return np.where(after_eos, 0.0, chosen)
+
+
+def _teacher_forced_on(cfg, params, images, out):
+  inputs = jnp.concatenate([jnp.full((out.shape[0], 1), tokens.SOS), out[:, :-1]], axis=1)
+  return decode.next_token_log_probs(DigitReader(cfg).apply({"params": params}, images, inputs))
+
+
+def test_greedy_temperature_rescales_scores_but_not_the_reading_under_jit():
+  params, images = _params(1), _images()
+  plain, lp_plain = decode.greedy_decode(CFG, params, images)
+  read = jax.jit(lambda p, x, t: decode.decode(CFG, p, x, temperature=t, token_log_probs=True))
+  # T=1 (traced) gives today's log_prob, and its per-token terms add up to it.
+  out, lp, per_token = read(params, images, jnp.float32(1.0))
+  chex.assert_shape(per_token, (6, CFG.max_length))
+  chex.assert_type(per_token, jnp.float32)
+  np.testing.assert_array_equal(out, plain)
+  np.testing.assert_allclose(lp, lp_plain, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(per_token.sum(-1), lp, rtol=1e-5, atol=1e-5)
+  step_lp = _teacher_forced_on(CFG, params, images, plain)
+  for t in (0.5, 2.0, 3.7):
+    out_t, lp_t, per_token_t = read(params, images, jnp.float32(t))
+    np.testing.assert_array_equal(out_t, plain)  # Greedy's choice does not move with T.
+    want = _tempered_written_log_probs(step_lp, plain, t)
+    np.testing.assert_allclose(per_token_t, want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(lp_t, want.sum(-1), rtol=1e-4, atol=1e-4)
+    assert (np.asarray(per_token_t)[want == 0] == 0).all()
+  # Softer (T > 1) lowers the confidence of a confident reading, sharper raises it.
+  _, lp_hot, _ = read(params, images, jnp.float32(3.7))
+  _, lp_cold, _ = read(params, images, jnp.float32(0.5))
+  assert (np.asarray(lp_hot) < np.asarray(lp_plain)).all()
+  assert (np.asarray(lp_cold) > np.asarray(lp_plain)).all()
+  # The default is the two outputs of old, bit for bit.
+  assert len(decode.decode(CFG, params, images)) == 2
+  np.testing.assert_array_equal(decode.decode(CFG, params, images)[1], lp_plain)
+
+
+def test_beam_search_temperature_rescores_the_chosen_hypothesis():
+  params, images = _params(1), _images()
+  beam, lp_beam = decode.beam_search(CFG, params, images, beam_size=4, alpha=0.6)
+  out, lp_one, per_token_one = decode.decode(CFG, params, images, beam_size=4,
+                                             token_log_probs=True)
+  np.testing.assert_array_equal(out, beam)
+  np.testing.assert_array_equal(lp_one, lp_beam)
+  np.testing.assert_allclose(per_token_one.sum(-1), lp_beam, rtol=1e-5, atol=1e-5)
+  step_lp = _teacher_forced_on(CFG, params, images, beam)
+  out_t, lp_t, per_token_t = jax.jit(lambda t: decode.decode(
+      CFG, params, images, beam_size=4, temperature=t, token_log_probs=True))(jnp.float32(2.5))
+  np.testing.assert_array_equal(out_t, beam)  # The search ranks at T=1 whatever T is.
+  want = _tempered_written_log_probs(step_lp, beam, 2.5)
+  np.testing.assert_allclose(per_token_t, want, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(lp_t, want.sum(-1), rtol=1e-4, atol=1e-4)
+
+
+def test_temperature_over_an_ensemble_tempers_the_mean_probability():
+  configs, params, images = (CFG, OTHER_CFG), (_params(1), _params(2, OTHER_CFG)), _images()
+  out, _, per_token = decode.decode(configs, params, images, views=2, temperature=2.0,
+                                    token_log_probs=True)
+  shifted = decode.shifted_views(images, 2)
+  per_model = [_teacher_forced_on(c, p, shifted, jnp.tile(out, (2, 1))).reshape(
+      2 * 6 * CFG.max_length, -1) for c, p in zip(configs, params)]
+  mean_lp = decode.mean_over_models_and_views(
+      [lp.reshape(2, 6 * CFG.max_length, -1).reshape(2 * 6 * CFG.max_length, -1)
+       for lp in per_model], 2).reshape(6, CFG.max_length, -1)
+  np.testing.assert_allclose(per_token, _tempered_written_log_probs(mean_lp, out, 2.0),
+                             rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_step_log_probs_let_a_temperature_be_applied_after_decoding(beam_size):
+  from digit_vit import calibration  # pylint: disable=import-outside-toplevel
+  params, images = _params(1), _images()
+  out, lp, dists = decode.decode(CFG, params, images, beam_size=beam_size, views=2,
+                                 step_log_probs=True)
+  chex.assert_shape(dists, (6, CFG.max_length, CFG.vocab_size))
+  written = calibration.written_mask(out)
+  assert (np.asarray(dists)[~written] == 0).all()
+  np.testing.assert_allclose(calibration.line_log_probs(dists, out, 1.0), lp, rtol=1e-4,
+                             atol=1e-4)
+  for t in (0.5, 2.0):
+    out_t, lp_t, per_token_t, dists_t = decode.decode(
+        CFG, params, images, beam_size=beam_size, views=2, temperature=t, token_log_probs=True,
+        step_log_probs=True)
+    np.testing.assert_array_equal(out_t, out)
+    np.testing.assert_array_equal(dists_t, dists)  # Untempered, whatever T.
+    np.testing.assert_allclose(calibration.line_log_probs(dists, out, t), lp_t, rtol=1e-4,
+                               atol=1e-4)
+    assert np.abs(np.asarray(lp_t) - np.asarray(lp)).max() > 1e-2

@@ -14,18 +14,14 @@ client that hangs up costs one log line.
 
 import base64
 import contextlib
-import fcntl
 import http.client
 import io
 import json
 import logging
 import os
 import re
-import shutil
 import socket
 import struct
-import subprocess
-import tempfile
 import threading
 import time
 
@@ -368,6 +364,26 @@ def test_reading_json_reports_truncation():
                              canvas=canvas)
   assert demo.reading_json(ended)["truncated"] is False
   assert json.loads(json.dumps(demo.reading_json(full)))["truncated"] is True
+  assert demo.reading_json(ended)["rejected"] is False
+  ended.rejected = True  # Below the server's --min_confidence.
+  assert json.loads(json.dumps(demo.reading_json(ended)))["rejected"] is True
+
+
+def test_min_confidence_is_a_probability_and_marks_readings(reader, test_image, capsys):
+  assert demo.parse_args(["--workdir=a"]).min_confidence == 0.0  # Off unless asked.
+  assert demo.parse_args(["--workdir=a", "--min_confidence=0.75"]).min_confidence == 0.75
+  for bad in ("1.5", "-0.1", "nan", "high"):
+    with pytest.raises(SystemExit) as exit_info:
+      demo.parse_args(["--workdir=a", f"--min_confidence={bad}"])
+    assert exit_info.value.code == 2
+    assert "expected a probability in [0, 1]" in capsys.readouterr().err
+  # The reader marks a reading below its threshold, and the JSON says so.
+  image = predict.load_image(test_image[0])
+  (plain,) = reader.read([image])
+  (above,) = reader.read([image], min_confidence=plain.confidence / 2)
+  (below,) = reader.read([image], min_confidence=min(1.0, plain.confidence * 2))
+  assert not plain.rejected and not above.rejected and below.rejected
+  assert demo.reading_json(below)["rejected"] is True
 
 
 def test_slow_preprocessing_does_not_hold_up_other_requests(reader, test_image, monkeypatch):
@@ -600,35 +616,11 @@ def test_demo_load_measures_a_demo(reader, tmp_path, capsys):
 # The page in headless Chromium
 
 
-def _install_chromium() -> str | None:
-  """Installs Debian's chromium when missing; -> None, or why it cannot be had here."""
-  if os.geteuid() != 0 or not shutil.which("apt-get"):
-    return (f"{CHROMIUM} is missing and cannot be installed here (needs root and apt-get); "
-            "install the chromium package to run the browser test")
-  lock_path = os.path.join(tempfile.gettempdir(), "digit_vit_chromium_install.lock")
-  with open(lock_path, "w") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)  # One pytest-xdist worker installs, the others wait.
-    if os.path.exists(CHROMIUM):
-      return None
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for command in (["apt-get", "update"],
-                    ["apt-get", "install", "-y", "--no-install-recommends", "chromium"]):
-      try:
-        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)
-      except subprocess.TimeoutExpired:
-        return f"`{' '.join(command)}` took more than 30 minutes"
-      if result.returncode != 0:
-        return (f"`{' '.join(command)}` failed with exit status {result.returncode}: "
-                f"{result.stderr.strip()[-600:]}")
-  return None if os.path.exists(CHROMIUM) else f"apt-get installed chromium but not {CHROMIUM}"
-
-
 @pytest.fixture(scope="session")
 def chromium():
-  if not os.path.exists(CHROMIUM):
-    reason = _install_chromium()
-    if reason:
-      pytest.skip(reason)
+  if not os.path.exists(CHROMIUM):  # `make browser` (run by `make test`) installs it.
+    pytest.skip(f"{CHROMIUM} is missing: `make browser` installs Debian's chromium (root and "
+                "apt-get), or install the chromium package to run the browser test")
   return CHROMIUM
 
 
@@ -775,10 +767,20 @@ def test_draw_classify_clear_and_upload_in_chromium(browser, server, reader, tes
   _wait_for_action(page, 6, "ok")
   assert page.is_visible("#truncated")
   assert "may hold more digits" in page.inner_text("#truncated")
+  assert page.is_hidden("#uncertain")
   page.unroute("**/api/read")
+  # A reading below the server's --min_confidence: shown, and flagged as uncertain.
+  page.route("**/api/read", lambda route: route.fulfill(
+      status=200, content_type="application/json",
+      body=json.dumps({**reading, "rejected": True})))
   page.set_input_files("#upload", str(path))
   _wait_for_action(page, 7, "ok")
-  assert page.is_hidden("#truncated")
+  assert page.is_visible("#uncertain") and "Uncertain" in page.inner_text("#uncertain")
+  assert _shown_reading(page) == _reading_of(expected)
+  page.unroute("**/api/read")
+  page.set_input_files("#upload", str(path))
+  _wait_for_action(page, 8, "ok")
+  assert page.is_hidden("#truncated") and page.is_hidden("#uncertain")
 
   assert not problems
   assert requested and all(url.startswith(server.url) or url.startswith("data:")

@@ -19,7 +19,7 @@ def test_describe_names_the_installed_packages_and_backend():
   json.dumps(described)  # report.json and bench --json write it as it is.
   assert described["packages"]["jax"] == jax.__version__
   assert described["packages"]["numpy"] == np.__version__
-  assert described["backend"] == jax.default_backend() == "cpu"
+  assert described["backend"] == jax.default_backend()  # cpu here, gpu or tpu elsewhere
   assert described["device_kind"] == jax.devices()[0].device_kind
   assert described["cpu"] and described["cpu_count"] >= 1
 

@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from digit_vit import decode, evaluate, metrics, trained
+from digit_vit import calibration, decode, evaluate, metrics, trained
 from digit_vit.data import classification, input_pipeline
 from digit_vit.models import ModelConfig, ViTClassifier, tokens
 
@@ -37,6 +37,12 @@ def test_greedy_evaluation_of_the_last_checkpoint_reproduces_the_report(tiny_wor
                 "wrong_length", "exact_match_length_3"):
       np.testing.assert_allclose(result[f"{split}_{key}"], report[f"{split}_{key}"],
                                  rtol=1e-6, err_msg=f"{split}_{key}")
+  # The same readings of the same validation lines: the same temperature and figures.
+  np.testing.assert_allclose(result["temperature"], report["temperature"], rtol=1e-5)
+  for split in ("validation", "test"):
+    for key in ("coverage_at_98", "coverage_at_99", "ece", "ece_calibrated"):
+      np.testing.assert_allclose(result[f"{split}_{key}"], report[f"{split}_{key}"],
+                                 rtol=1e-4, atol=1e-7, err_msg=f"{split}_{key}")
 
 
 @pytest.mark.slow
@@ -152,6 +158,14 @@ def test_command_line_prints_and_writes_the_metrics(tiny_workdir):
   written = json.loads(path.read_text())
   assert written["steps"] == KEPT_STEPS and written["beam_size"] == 2
   assert f"test: exact_match={written['test_exact_match']:.4g}" in result.stdout
+  # Calibrated on the validation split for this reading; the picture beside the JSON; the
+  # run's own calibration (of its last step, greedy) left as training wrote it.
+  assert f"confidence temperature {written['temperature']:.4g}" in result.stdout
+  assert written["calibration"]["step"] == 30
+  assert written["calibration"]["decode"]["beam_size"] == 2
+  assert 0.0 <= written["test_coverage_at_98"] <= 1.0 and "test_ece_calibrated" in written
+  assert (pathlib.Path(tiny_workdir) / "evaluation_20+30_beam2_risk_coverage.png").is_file()
+  assert calibration.load_temperature(tiny_workdir) == _report(tiny_workdir)["temperature"]
   bad = subprocess.run(
       [sys.executable, "-m", "digit_vit.evaluate", f"--workdir={tiny_workdir}",
        "--checkpoint=first"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)

@@ -366,15 +366,16 @@ def _split_lengths(config, split):
 def test_length_generalization_config():
   config = config_lib.load("length_generalization")
   default = config_lib.load("default")
-  # Training lines of 1-6 digits; the splits (and their evaluation) keep 1-8.
-  assert config.data.train_max_digits == 6 and config.max_digits == 8
-  assert ip.train_max_digits(config) == 6 and ip.train_max_digits(default) == 8
+  # Training lines of 1-6 digits; the splits (and their evaluation) keep 1-12.
+  assert config.data.train_max_digits == 6 and config.max_digits == 12
+  assert ip.train_max_digits(config) == 6 and ip.train_max_digits(default) == 16
   assert default.data.train_max_digits == 0  # Unchanged default: every length.
-  # Only training differs from the default: the same dataset, canvas and model.
-  for key in ("max_digits", "image_height", "image_width", "width_buckets", "model",
-              "decode"):
+  # Besides the lines' lengths, only training differs from the default: the same composition,
+  # canvas and model.
+  for key in ("image_height", "image_width", "width_buckets", "model", "decode"):
     assert config[key] == default[key], key
-  # The decoder reads up to decode.max_length digits, well past the 8 of the longest line,
+  assert config.data.digit_elastic == default.data.digit_elastic
+  # The decoder reads up to decode.max_length digits, well past the 12 of the longest line,
   # and randomized positions train all model.max_length positions on the 1-6 digit lines.
   assert config.decode.max_length == 32 and config.model.max_length == 33
   assert trained.read_length(config) == 33  # 32 digits and <eos>: every decoder position.

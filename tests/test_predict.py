@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from digit_vit import decode, predict, trained
+from digit_vit import calibration, decode, predict, preprocess, trained
 from digit_vit.data import buckets, sources, wild
 from digit_vit.models import tokens
 
@@ -80,6 +80,38 @@ def test_grey_ink_on_grey_paper_is_stretched_to_full_contrast():
   np.testing.assert_allclose(faint, predict.to_canvas(_line(), H, W), atol=0.02)
 
 
+@pytest.mark.parametrize("dark_ink", [False, True])
+def test_unevenly_lit_noisy_paper_leaves_only_the_ink(dark_ink):
+  # Paper brightening by 0.3 from left to right under ink of contrast 0.4, with pixel noise: a
+  # single paper brightness left the bright side as a grey box and the noise stretched the crop.
+  rng = np.random.default_rng(0)
+  mask = _line() > 0
+  paper = 0.2 + np.linspace(0.0, 0.3, mask.shape[1])[None, :] + rng.normal(0, 0.04, mask.shape)
+  page = paper + 0.4 * mask
+  page = 1.0 - page if dark_ink else page
+  canvas = predict.to_canvas(np.clip(page, 0, 1), H, W)
+  clean = predict.to_canvas(_line(), H, W)
+  chex.assert_equal_shape([canvas, clean])
+  np.testing.assert_allclose(_ink_box(canvas), _ink_box(clean), atol=1)  # Within a pixel.
+  # Two pixels or more from the clean line's ink, the paper is black: no grey box, no specks.
+  far = preprocess.grey_dilation(clean, (5, 5)) == 0
+  assert far.mean() > 0.5 and (canvas[far] > 0).mean() < 0.01
+
+
+def test_paper_brightness_follows_the_lighting_not_the_ink():
+  mask = _line(pen=40) > 0  # Heavy strokes: a block may be mostly ink.
+  lighting = np.linspace(0.1, 0.4, mask.shape[1], dtype=np.float32)[None, :].repeat(300, 0)
+  paper = preprocess.paper_brightness(lighting + 0.5 * mask)
+  np.testing.assert_allclose(paper, lighting, atol=0.05)
+  # The 3x3 mean that decides the ink: a pixel of noise drops to a ninth, a stroke stays.
+  speck = np.zeros((9, 9), np.float32)
+  speck[4, 4] = 1.0
+  assert preprocess.box_mean3(speck).max() == pytest.approx(1 / 9)
+  stroke = np.zeros((9, 9), np.float32)
+  stroke[:, 3:6] = 1.0
+  assert preprocess.box_mean3(stroke)[4, 4] == pytest.approx(1.0)
+
+
 @pytest.mark.parametrize("fill", [0, 128, 255])
 def test_images_without_ink_give_no_canvas(fill):
   assert predict.to_canvas(np.full((40, 90), fill, np.uint8), H, W) is None
@@ -124,29 +156,30 @@ def dilation_and_erosion_sizes(monkeypatch):
   running it: for a 16 x 48 canvas, at most (2 * 8)^2 times its 768 pixels (pooled to at most
   twice predict.WORKING_SCALE = 8 times the canvas), a window under 5 * 8."""
   limit, seen = (2 * 8) ** 2 * 16 * 48, []
-  dilation, erosion = predict.ndimage.grey_dilation, predict.ndimage.binary_erosion
+  dilation, erosion = preprocess.grey_dilation, preprocess.binary_erosion
 
   def grey_dilation(x, size):
     seen.append((x.size, max(size)))
     assert x.size <= limit and max(size) < 5 * 8, (x.shape, size)
-    return dilation(x, size=size)
+    return dilation(x, size)
 
   def binary_erosion(mask):
     seen.append((mask.size, None))
     assert mask.size <= limit, mask.shape
     return erosion(mask)
 
-  monkeypatch.setattr(predict.ndimage, "grey_dilation", grey_dilation)
-  monkeypatch.setattr(predict.ndimage, "binary_erosion", binary_erosion)
+  monkeypatch.setattr(preprocess, "grey_dilation", grey_dilation)
+  monkeypatch.setattr(preprocess, "binary_erosion", binary_erosion)
   return seen
 
 
 def test_strokes_are_measured_and_thickened_at_a_working_resolution(dilation_and_erosion_sizes):
   thin = _line(height=1200, width=3600, box=(400, 600, 2800, 1040), pen=2)
-  # The crop, 441 x 2401, is 60 times its 7 x 40 on the canvas: pooled by 7 to 63 x 343 (it
+  # The crop, 448 x 2408 (the ink's 441 x 2401 and its antialiased rim, which the 3x3 mean that
+  # decides the ink reaches), is 60 times its 7 x 40 on the canvas: pooled by 7 to 64 x 344 (it
   # used to be measured and dilated whole, 1.06M pixels with a window of 130).
   canvas = predict.to_canvas(thin, 16, 48)
-  assert dilation_and_erosion_sizes == [(63 * 343, None), (63 * 343, 21)]
+  assert dilation_and_erosion_sizes == [(64 * 344, None), (64 * 344, 21)]
   assert predict.stroke_width(canvas) >= predict.STROKE_WIDTH - 0.5
   top, bottom, left, right = _ink_box(canvas)
   assert (right - left) / (bottom - top) == pytest.approx(2401 / 441, rel=0.1)
@@ -163,7 +196,7 @@ def test_strokes_are_measured_and_thickened_at_a_working_resolution(dilation_and
 def test_pooling_to_the_working_resolution_keeps_the_canvas(monkeypatch, pen):
   line = _line(height=1200, width=3600, box=(400, 600, 2800, 1040), pen=pen)
   pooled = predict.to_canvas(line, 16, 48)
-  monkeypatch.setattr(predict, "WORKING_SCALE", 10 ** 6)  # Never pool: the full-size reference.
+  monkeypatch.setattr(preprocess, "WORKING_SCALE", 10 ** 6)  # Never pool: the full-size reference.
   full = predict.to_canvas(line, 16, 48)
   assert _ink_box(pooled) == _ink_box(full)
   np.testing.assert_allclose(pooled, full, atol=0.1)
@@ -274,14 +307,37 @@ def test_a_reading_that_never_ends_is_flagged_as_truncated(tmp_path, capsys):
   assert printed.err == "" and printed.out.endswith("tokens=[1, 0, 1, 11, 12]\n")
   for path, digits, truncated in [(out, "42424", "true"), (tmp_path / "ok.csv", "101", "false")]:
     with open(path) as f:
-      assert list(csv.reader(f)) == [["filename", "digits", "confidence", "truncated"],
-                                     [str(tmp_path / "line.png"), digits, "0.778801", truncated]]
+      assert list(csv.reader(f)) == [
+          ["filename", "digits", "confidence", "truncated", "rejected"],
+          [str(tmp_path / "line.png"), digits, "0.778801", truncated, "false"]]
   # The reader's own Prediction says so from the raw outputs.
   never_ends = predict._prediction("x.png", np.array([4, 2, 4, 2, 4]), -3.0, None, None)
   assert never_ends.truncated and never_ends.digits == "42424"
   ended = predict._prediction("y.png", np.array([4, 2, tokens.EOS, tokens.PAD, tokens.PAD]),
                               -1.0, None, None)
   assert not ended.truncated and ended.digits == "42"
+
+
+def test_min_confidence_marks_rejected_readings_and_still_exits_0(tmp_path, capsys):
+  Image.fromarray(_line()).save(tmp_path / "line.png")
+  Image.fromarray(np.zeros((30, 60), np.uint8)).save(tmp_path / "blank.png")
+  out = tmp_path / "readings.csv"
+  # The scripted reading's confidence is exp(-0.25) = 0.7788; an image with no ink's is 1.
+  predictions = predict.run(_ScriptedReader(), [str(tmp_path)], output=str(out),
+                            min_confidence=0.8)
+  assert [(p.filename, p.rejected) for p in predictions] == [("blank.png", False),
+                                                             ("line.png", True)]
+  printed = capsys.readouterr().out.splitlines()
+  assert printed[0].endswith("(no ink)")
+  assert printed[1].endswith("tokens=[1, 0, 1, 11, 12]  (rejected: confidence below 0.8)")
+  with open(out) as f:
+    assert [(r["filename"], r["rejected"]) for r in csv.DictReader(f)] == [
+        ("blank.png", "false"), ("line.png", "true")]
+  assert predict._finish(predictions) == 0  # Rejections are readings, not failures.
+  kept = predict.run(_ScriptedReader(), [str(tmp_path / "line.png")], min_confidence=0.75)
+  assert not kept[0].rejected and "rejected" not in capsys.readouterr().out
+  with pytest.raises(ValueError, match=r"min_confidence must be in \[0, 1\], got 1.5"):
+    predict.check_min_confidence(1.5)
 
 
 def test_unwritable_outputs_are_found_before_reading(tmp_path):
@@ -315,6 +371,8 @@ def test_command_line_mistakes_are_one_line_and_exit_status_2(tiny_workdir, tmp_
        "error: --output=/nonexistent/x.csv: there is no directory /nonexistent"),
       (["digit_vit.predict", f"--workdir={tiny_workdir}", image,
         f"--attention={tmp_path / 'file.txt'}"], f"error: --attention={tmp_path / 'file.txt'}"),
+      (["digit_vit.predict", f"--workdir={tiny_workdir}", image, "--min_confidence=1.5"],
+       "error: --min_confidence=1.5 must be in [0, 1]"),
       (["digit_vit.evaluate", f"--workdir={tmp_path / 'no_run'}"],
        f"error: {tmp_path / 'no_run' / 'config.json'} not found"),
   ]
@@ -386,12 +444,13 @@ def test_reader_obeys_the_token_contract_with_one_compilation_a_bucket(reader, t
 def test_reading_a_line_padded_into_a_wider_bucket_reads_the_same(reader, tiny_workdir):
   images, _ = _test_lines(tiny_workdir, 8)
   batch, widths = _padded(reader, list(images))
-  narrow, narrow_log_prob = reader._read_batch(reader.params, (), batch, widths)
+  narrow, narrow_log_prob, _, _ = reader._read_batch(reader.params, (), batch, widths)
   wide_batch = np.zeros(batch.shape[:2] + (reader.buckets[-1] * 2,) + batch.shape[3:], np.float32)
   wide_batch[:, :, :batch.shape[2]] = batch
   model_config = dataclasses.replace(reader.model_config, image_width=reader.buckets[-1] * 2)
   wide, wide_log_prob = decode.decode(model_config, reader.params, wide_batch, widths=widths,
-                                      max_length=reader.max_length)
+                                      max_length=reader.max_length,
+                                      temperature=reader.temperature)
   np.testing.assert_array_equal(np.asarray(narrow), np.asarray(wide))
   np.testing.assert_allclose(narrow_log_prob, wide_log_prob, rtol=1e-4, atol=1e-5)
 
@@ -469,7 +528,8 @@ def test_command_line_prints_writes_csv_and_maps_and_fails_on_bad_files(tiny_wor
   result = subprocess.run(
       [sys.executable, "-m", "digit_vit.predict", f"--workdir={tiny_workdir}", str(folder),
        str(tmp_path / "three.jpg"), str(tmp_path / "missing.png"), f"--output={out}",
-       f"--attention={maps}"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+       f"--attention={maps}", "--min_confidence=0.9999"], capture_output=True, text=True,
+      cwd=ROOT, env=env, timeout=300)
   assert result.returncode == 1, result.stderr[-2000:]
   assert "broken.png" in result.stderr and "missing.png" in result.stderr
   assert "2 of 6 file(s) could not be read" in result.stderr
@@ -484,6 +544,10 @@ def test_command_line_prints_writes_csv_and_maps_and_fails_on_bad_files(tiny_wor
     assert f"digits={row['digits'] or '-'} " in lines[row["filename"]]
     assert 0 < float(row["confidence"]) <= 1
     assert row["truncated"] == ("true" if "(truncated: " in lines[row["filename"]] else "false")
+    # Every reading of the tiny model is far from certain; an image with no ink is certain.
+    rejected = row["filename"] != "blank.png"
+    assert row["rejected"] == ("true" if rejected else "false")
+    assert ("(rejected: confidence below 0.9999)" in lines[row["filename"]]) == rejected
   assert (maps / "one.png.attention.png").is_file()
   assert (maps / "sub" / "two.bmp.attention.png").is_file()
   assert not (maps / "blank.png.attention.png").exists()
@@ -496,6 +560,29 @@ def test_command_line_prints_writes_csv_and_maps_and_fails_on_bad_files(tiny_wor
   assert f"{tmp_path / 'no_run' / 'config.json'} not found" in bad.stderr
 
 
+def test_reader_confidence_is_calibrated_by_the_run_and_marks_rejections(reader, tiny_workdir):
+  temperature = calibration.load_temperature(tiny_workdir)
+  assert reader.temperature == temperature and temperature != 1.0  # Training fitted one.
+  images, _ = _test_lines(tiny_workdir, 8)
+  predictions = reader.read(list(images))
+  for p in predictions:
+    # The confidence is the tempered product over the written tokens, <eos> included.
+    written = calibration.written_mask(np.array([p.tokens]))[0]
+    assert p.confidence == pytest.approx(np.prod(np.array(p.token_probs)[written]), rel=1e-4)
+    assert np.array(p.token_probs)[~written] == pytest.approx(1.0)
+    assert calibration.line_log_probs(p.step_log_probs[None], np.array([p.tokens]),
+                                      temperature)[0] == pytest.approx(p.log_prob, abs=1e-4)
+    untempered = calibration.line_log_probs(p.step_log_probs[None], np.array([p.tokens]))[0]
+    assert abs(untempered - p.log_prob) > 1e-3
+  confidences = sorted(p.confidence for p in predictions)
+  threshold = (confidences[3] + confidences[4]) / 2
+  marked = reader.read(list(images), min_confidence=threshold)
+  assert [p.rejected for p in marked] == [p.confidence < threshold for p in predictions]
+  assert sum(p.rejected for p in marked) == 4 and not any(p.rejected for p in predictions)
+  with pytest.raises(ValueError, match=r"\[0, 1\]"):
+    reader.read(list(images[:1]), min_confidence=-0.5)
+
+
 def test_reader_with_test_time_views_reads_as_the_decoder_does(tiny_workdir):
   reader = predict.Reader(tiny_workdir, batch_size=8, views=3)
   assert (reader.beam_size, reader.views) == (1, 3)
@@ -503,7 +590,8 @@ def test_reader_with_test_time_views_reads_as_the_decoder_does(tiny_workdir):
   predictions = reader.read(list(images))
   batch, widths = _padded(reader, list(images))
   want, log_prob = decode.decode(reader.model_config, reader.params, batch, widths=widths,
-                                 views=3, max_length=reader.max_length)
+                                 views=3, max_length=reader.max_length,
+                                 temperature=reader.temperature)
   assert [p.tokens for p in predictions] == np.asarray(want).tolist()
   np.testing.assert_allclose([p.log_prob for p in predictions], log_prob, rtol=1e-4, atol=1e-5)
 
@@ -512,6 +600,7 @@ def test_reader_with_an_ensemble_reads_as_the_decoder_does(tiny_workdir):
   reader = predict.Reader(tiny_workdir, checkpoint="latest", batch_size=8,
                           ensemble=[f"{tiny_workdir}@20"])
   assert reader.ensemble == [{"workdir": str(tiny_workdir), "checkpoint": "20", "step": 20}]
+  assert reader.temperature == 1.0  # The run's temperature was fitted to its model alone.
   earlier, _ = trained.restore_params(tiny_workdir, reader.config, 20)
   images, _ = _test_lines(tiny_workdir, 8)
   predictions = reader.read(list(images), attention=True)

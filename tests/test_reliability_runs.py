@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from absl import flags
 
-from digit_vit import checkpointing, config_lib, main, train, trained
+from digit_vit import checkpointing, config_lib, main, state as state_lib, train, trained
+from digit_vit.models import build_model
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -141,10 +142,10 @@ def test_a_non_finite_loss_is_one_line_with_status_1(tmp_path, capsys):
 
 
 def _initial_state(config):
-  mesh = train.create_mesh()
-  model = train.build_model(config)
-  tx = train.create_optimizer(config, train.create_learning_rate_fn(config))
-  return train.create_train_state(config, model, tx, mesh)
+  mesh = state_lib.create_mesh()
+  model = build_model(config)
+  tx = state_lib.create_optimizer(config, state_lib.create_learning_rate_fn(config))
+  return state_lib.create_train_state(config, model, tx, mesh)
 
 
 def _shifted(state, shift: float):
@@ -202,6 +203,24 @@ def test_best_is_the_best_step_for_a_new_manager_and_keeps_being_kept(tmp_path):
   finally:
     manager.close()
   assert _steps_on_disk(workdir) == [20, 40]
+
+
+def test_reading_restores_the_parameters_alone(tmp_path):
+  """A reader restores the parameters it reads with and nothing else (an orbax partial
+  restore): the moving average where the run kept one, else the parameters; the optimiser
+  its config names plays no part, so a config whose optimiser state has another structure
+  reads the same parameters."""
+  config = _tiny(tmp_path / "tfds", ema_decay=0.9)
+  initial = _initial_state(config)
+  averaged = initial.replace(ema_params=jax.tree.map(lambda p: p + 7.0, initial.params))
+  workdir = tmp_path / "run"
+  _write_run(workdir, config, averaged, {10: 0.5})  # The params moved by 10, the average by 7.
+  params, step = trained.restore_params(workdir, config, "latest")
+  assert step == 10 and _shift(params, initial) == pytest.approx(7.0)
+  assert _shift(trained.restore_params(workdir, config, 10, ema=False)[0],
+                initial) == pytest.approx(10.0)
+  sgd = _tiny(tmp_path / "tfds", ema_decay=0.9, optimizer="sgd")  # No Adam moments to read.
+  assert _shift(trained.restore_params(workdir, sgd, "latest")[0], initial) == pytest.approx(7.0)
 
 
 def test_best_of_checkpoints_without_metrics_comes_from_the_history(tmp_path):

@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import chex
 import jax
@@ -23,7 +22,10 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from digit_vit import checkpointing, config_lib, environment, losses, reporting, train, trained
+from digit_vit import (checkpointing, config_checks, config_lib, environment, losses, reporting,
+                       state as state_lib, steps, train, trained)
+from digit_vit.data.tasks import input_module
+from digit_vit.models import build_model
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "train_worker.py"
@@ -68,13 +70,13 @@ def test_learning_rate_schedules():
   config.end_learning_rate = 0.1
   for schedule, middle in [("cosine", 0.55), ("linear", 0.55), ("constant", 1.0)]:
     config.schedule = schedule
-    fn = train.create_learning_rate_fn(config)
+    fn = state_lib.create_learning_rate_fn(config)
     values = [float(fn(s)) for s in (0, 5, 10, 60, 110)]
     end = 1.0 if schedule == "constant" else 0.1
     np.testing.assert_allclose(values, [0.0, 0.5, 1.0, middle, end], atol=1e-6, err_msg=schedule)
   config.schedule = "exponential"
   with pytest.raises(ValueError, match="config.schedule"):
-    train.create_learning_rate_fn(config)
+    state_lib.create_learning_rate_fn(config)
 
 
 def test_indivisible_batch_is_a_clear_error(monkeypatch):
@@ -82,13 +84,13 @@ def test_indivisible_batch_is_a_clear_error(monkeypatch):
   monkeypatch.setattr(jax, "device_count", lambda: 8)
   config.batch_size = 12
   with pytest.raises(ValueError, match=r"config.batch_size=12 .* 8 devices.*multiple of 8"):
-    train.check_config(config)
+    config_checks.check_config(config)
   config.batch_size, config.eval_batch_size = 16, 20
   with pytest.raises(ValueError, match=r"eval_batch_size=20"):
-    train.check_config(config)
+    config_checks.check_config(config)
   config.eval_batch_size, config.parallelism = 16, "vmap"
   with pytest.raises(ValueError, match="parallelism"):
-    train.check_config(config)
+    config_checks.check_config(config)
 
 
 @pytest.mark.parametrize("name", sorted(
@@ -100,7 +102,7 @@ def test_every_config_file_passes_check_config(name):
   devices = jax.device_count()
   for field in ("batch_size", "eval_batch_size"):
     config[field] = devices * -(-config[field] // devices)
-  train.check_config(config)
+  config_checks.check_config(config)
 
 
 @pytest.mark.parametrize("field, value, expected", [
@@ -127,7 +129,7 @@ def test_check_config_names_the_field_to_change(field, value, expected):
   config = config_lib.load("tiny")
   config.update_from_flattened_dict({field: value})
   with pytest.raises(config_lib.ConfigError, match=expected):
-    train.check_config(config)
+    config_checks.check_config(config)
 
 
 # ---- Data parallelism
@@ -286,28 +288,28 @@ def test_sigkill_then_rerun_resumes_and_matches_uninterrupted_run(tmp_path):
   steps = 600  # About 15 s of training here, compilation included.
   reference, killed = tmp_path / "reference", tmp_path / "killed"
   # Build the dataset once here, not in two children at the same time.
-  train.input_module(config_lib.load("tiny")).get_dataset_builder(config_lib.load("tiny"))
+  input_module(config_lib.load("tiny")).get_dataset_builder(config_lib.load("tiny"))
   # The uninterrupted run goes on beside the killed one and its rerun.
   reference_log = tmp_path / "reference.log"
   with open(reference_log, "w") as log:  # A file: a full pipe would block the child.
     reference_proc = subprocess.Popen(_main_command(reference, steps), env=_env(), cwd=ROOT,
                                       stdout=log, stderr=subprocess.STDOUT)
-  proc = subprocess.Popen(_main_command(killed, steps), env=_env(), cwd=ROOT,
+  # The child kills itself right after writing the checkpoint of step 100 (tests/killed_run.py).
+  killer = [sys.executable, str(ROOT / "tests" / "killed_run.py"),
+            *_main_command(killed, steps)[3:]]
+  proc = subprocess.Popen(killer, env={**_env(), "KILL_AFTER_STEP": "100"}, cwd=ROOT,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   try:
-    deadline = time.time() + 240
-    while not (killed / "checkpoints" / "100").is_dir():
-      assert proc.poll() is None and time.time() < deadline, "no checkpoint before exit"
-      time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL
+    assert proc.wait(timeout=600) == -signal.SIGKILL
+    assert (killed / "checkpoints" / "100").is_dir()
+    assert not (killed / "checkpoints" / "200").exists()
     assert not (killed / reporting.REPORT_FILE).exists()  # Killed mid-run.
 
     rerun = subprocess.run(_main_command(killed, steps), env=_env(), cwd=ROOT,
                            capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     resumed = re.search(r"Resumed from the checkpoint of step (\d+)", rerun.stderr)
-    assert resumed and 100 <= int(resumed.group(1)) < steps, rerun.stderr[-3000:]
+    assert resumed and int(resumed.group(1)) == 100, rerun.stderr[-3000:]
     assert reference_proc.wait(timeout=300) == 0, reference_log.read_text()[-3000:]
   finally:
     _kill_left([reference_proc, proc])
@@ -336,15 +338,15 @@ def test_classify_task_trains_through_the_same_loop(tmp_path):
 
 def _state_stepper_and_batch(config):
   """A fresh train state, its Stepper and one random batch of tiny.py-shaped lines."""
-  mesh = train.create_mesh()
-  model = train.build_model(config)
-  learning_rate_fn = train.create_learning_rate_fn(config)
-  state = train.create_train_state(
-      config, model, train.create_optimizer(config, learning_rate_fn), mesh)
+  mesh = state_lib.create_mesh()
+  model = build_model(config)
+  learning_rate_fn = state_lib.create_learning_rate_fn(config)
+  state = state_lib.create_train_state(
+      config, model, state_lib.create_optimizer(config, learning_rate_fn), mesh)
   rng = np.random.default_rng(0)
   batch = {"image": rng.random((config.batch_size, 16, 48, 1), np.float32),
            "tokens": np.tile(np.int32([10, 1, 2, 11, 12]), (config.batch_size, 1))}
-  return state, train.Stepper(config, model, learning_rate_fn, mesh), batch
+  return state, steps.Stepper(config, model, learning_rate_fn, mesh), batch
 
 
 def test_jit_train_steps_make_no_implicit_host_transfers():
@@ -362,6 +364,26 @@ def test_jit_train_steps_make_no_implicit_host_transfers():
 
 
 @pytest.mark.parametrize("parallelism", ["jit", "pmap"])
+def test_the_step_is_a_function_of_the_state_and_the_batch(parallelism):
+  """The stepper keeps nothing between calls: a fresh state steps to the same parameters after
+  other steps as it did first, and a state returned by a step (pmap's per-device form) goes on
+  stepping and turns back into the canonical form."""
+  config = config_lib.load("tiny")
+  config.parallelism = parallelism
+  state, stepper, batch = _state_stepper_and_batch(config)
+  fresh = functools.partial(state_lib.create_train_state, config, build_model(config),
+                            state.tx, state_lib.create_mesh())
+  one, _ = stepper(state, batch)
+  after_one = jax.device_get(stepper.to_canonical(one).params)  # The next step donates `one`.
+  two, _ = stepper(one, batch)
+  assert int(jax.device_get(stepper.to_canonical(two).step)) == 2
+  again, _ = stepper(fresh(), batch)
+  again = stepper.to_canonical(again)
+  assert int(jax.device_get(again.step)) == 1
+  chex.assert_trees_all_equal(jax.device_get(again.params), after_one)
+
+
+@pytest.mark.parametrize("parallelism", ["jit", "pmap"])
 def test_sam_descends_with_the_gradient_at_the_ascended_parameters(parallelism):
   """config.sam_rho > 0: the update uses the gradient of the batch's mean loss at
   params + rho * g / |g| (g its gradient at params), computed here by hand on the host. Under
@@ -376,9 +398,9 @@ def test_sam_descends_with_the_gradient_at_the_ascended_parameters(parallelism):
   config.sam_rho = 0.5
   state, stepper, batch = _state_stepper_and_batch(config)
   params = jax.device_get(state.params)
-  model = train.build_model(config)
+  model = build_model(config)
   grad_fn = jax.jit(jax.grad(functools.partial(  # Dropout is off: its key draws nothing.
-      train.loss_fn, config=config, model=model, train=True, dropout_rng=jax.random.key(0)),
+      steps.loss_fn, config=config, model=model, train=True, dropout_rng=jax.random.key(0)),
       has_aux=True))
 
   def mean_grads(p):
@@ -388,7 +410,7 @@ def test_sam_descends_with_the_gradient_at_the_ascended_parameters(parallelism):
   grads, sums = mean_grads(params)
   scale = config.sam_rho / optax.global_norm(grads)
   sam_grads, _ = mean_grads(jax.tree.map(lambda p, g: p + scale * g, params, grads))
-  tx = train.create_optimizer(config, train.create_learning_rate_fn(config))
+  tx = state_lib.create_optimizer(config, state_lib.create_learning_rate_fn(config))
   expected = {name: tx.update(g, tx.init(params), params)[0]
               for name, g in [("sam", sam_grads), ("plain", grads)]}
 
@@ -408,7 +430,7 @@ def test_sam_rho_must_not_be_negative():
   config = config_lib.load("tiny")
   config.sam_rho = -0.05
   with pytest.raises(ValueError, match=r"config.sam_rho=-0.05 must be >= 0"):
-    train.check_config(config)
+    config_checks.check_config(config)
 
 
 # ---- Auxiliary CTC loss
@@ -418,16 +440,16 @@ def test_ctc_weight_is_checked():
   config = config_lib.load("tiny")
   config.loss.ctc_weight = -0.1
   with pytest.raises(ValueError, match=r"ctc_weight=-0.1 must be >= 0"):
-    train.check_config(config)
+    config_checks.check_config(config)
   config.loss.ctc_weight = 0.3
   with pytest.raises(ValueError, match=r"--config.model.ctc_head=True"):
-    train.check_config(config)
+    config_checks.check_config(config)
   config.model.ctc_head = True
-  train.check_config(config)  # 12 columns spell any line of 3 digits.
+  config_checks.check_config(config)  # 12 columns spell any line of 3 digits.
   config.model.patch_size = (4, 16)  # 3 columns cannot spell '111' (1, blank, 1, blank, 1).
   config.width_buckets = (48,)
   with pytest.raises(ValueError, match=r"2 \* max_digits - 1 = 5 .* gives 3"):
-    train.check_config(config)
+    config_checks.check_config(config)
 
 
 @pytest.mark.parametrize("parallelism", ["jit", "pmap"])
@@ -444,7 +466,7 @@ def test_ctc_loss_joins_the_objective_at_its_weight(parallelism):
   state, stepper, batch = _state_stepper_and_batch(config)
   batch["tokens"][::2] = [10, 7, 7, 7, 11]  # Lines '12' and '777'.
   params = jax.device_get(state.params)
-  model = train.build_model(config)
+  model = build_model(config)
   decoder_inputs, targets = batch["tokens"][:, :-1], batch["tokens"][:, 1:]
 
   @jax.jit  # Eager op-by-op dispatch of the model and its gradient took most of the test.
@@ -461,7 +483,7 @@ def test_ctc_loss_joins_the_objective_at_its_weight(parallelism):
     return (cross_entropy + 0.5 * ctc) / weight
 
   cross_entropy, ctc, weight, lines = sums(params)
-  tx = train.create_optimizer(config, train.create_learning_rate_fn(config))
+  tx = state_lib.create_optimizer(config, state_lib.create_learning_rate_fn(config))
   grads = jax.grad(objective)(params)
   expected = tx.update(grads, tx.init(params), params)[0]
 
@@ -503,16 +525,16 @@ def test_a_run_with_the_ctc_loss_learns_it_and_reads_from_its_checkpoint(tmp_pat
 def test_update_ema_by_hand():
   ema, params = {"w": np.float32([1.0, 2.0])}, {"w": np.float32([3.0, 6.0])}
   # Step 0: the decay is capped at 1/10, so the average is mostly the new params.
-  np.testing.assert_allclose(train.update_ema(ema, params, 0.999, 0)["w"],
+  np.testing.assert_allclose(state_lib.update_ema(ema, params, 0.999, 0)["w"],
                              0.1 * ema["w"] + 0.9 * params["w"], rtol=1e-6)
   # Late in a run the configured decay holds: (1 + 10^6) / (10 + 10^6) > 0.99.
-  np.testing.assert_allclose(train.update_ema(ema, params, 0.99, 10**6)["w"],
+  np.testing.assert_allclose(state_lib.update_ema(ema, params, 0.99, 10**6)["w"],
                              0.99 * ema["w"] + 0.01 * params["w"], rtol=1e-6)
   config = config_lib.load("tiny")
   for bad in (1.0, -0.1):
     config.ema_decay = bad
     with pytest.raises(ValueError, match="ema_decay"):
-      train.check_config(config)
+      config_checks.check_config(config)
 
 
 def test_checkpoints_from_before_the_moving_average_restore(tmp_path):
@@ -554,7 +576,7 @@ def test_ema_is_kept_checkpointed_and_read_with(tmp_path):
   for step in range(3):
     before = jax.device_get(state.ema_params)
     state, _ = stepper(state, batch)
-    want = train.update_ema(before, jax.device_get(state.params), 0.9, step)
+    want = state_lib.update_ema(before, jax.device_get(state.params), 0.9, step)
     for a, b in zip(jax.tree.leaves(jax.device_get(state.ema_params)), jax.tree.leaves(want)):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
   assert state.eval_params() is state.ema_params

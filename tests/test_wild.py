@@ -6,7 +6,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from digit_vit import file_evaluation, predict
+from digit_vit import calibration, file_evaluation, predict
 from digit_vit.data import sources, wild
 from digit_vit.models import tokens
 
@@ -127,9 +127,17 @@ def test_evaluate_split_scores_what_the_reader_reads(built):
 
 def test_a_trained_reader_reads_the_files_through_predict(tiny_workdir, built):
   reader = predict.Reader(tiny_workdir, batch_size=8)
-  result = file_evaluation.evaluate_split(reader, built["wild"], num_examples=12)
+  result, lines = file_evaluation.evaluate_split_with_lines(reader, built["wild"],
+                                                            num_examples=12)
   assert result["num_examples"] == 12
   assert 0.0 <= result["exact_match"] <= 1.0 and result["cer"] >= 0.0
+  # The lines' readings, for the confidence figures: the verdicts the metrics counted, and
+  # the reader's own (calibrated) confidences.
+  assert lines.correct.shape == (12,) and lines.correct.mean() == result["exact_match"]
+  again = reader.read([predict.load_image(p) for p, _ in wild.load_labels(built["wild"])[:12]])
+  np.testing.assert_array_equal(lines.tokens, [p.tokens for p in again])
+  np.testing.assert_allclose(calibration.confidences(lines, reader.temperature),
+                             [p.confidence for p in again], rtol=1e-4)
   # The tiny model reads at most max_length tokens, so a 16-digit line cannot be read whole.
   long_result = file_evaluation.evaluate_split(reader, built["long"], num_examples=8)
   assert long_result["exact_match"] == 0.0
@@ -146,6 +154,12 @@ def test_evaluate_reads_the_file_splits_of_a_run(tiny_workdir):
   assert result["test_num_examples"] == 16
   for split in ("wild", "long"):
     assert 0.0 <= result[f"{split}_exact_match"] <= 1.0 and result[f"{split}_cer"] >= 0.0
+  # Each split's confidence figures, under a temperature fitted on 16 validation lines.
+  assert result["temperature"] > 0 and result["calibration"]["validation_examples"] == 16
+  for split in ("test", "wild", "long"):
+    for key in ("coverage_at_98", "coverage_at_99", "ece", "ece_calibrated"):
+      assert 0.0 <= result[f"{split}_{key}"] <= 1.0, (split, key)
+  assert result["long_coverage_at_98"] == 0.0  # No 16-digit line can be read whole.
   # The long lines have 9-12 digits among their first 16 (lengths cycle over 9-16).
   assert {f"long_exact_match_length_{n}" for n in range(9, 17)} <= set(result)
   with pytest.raises(ValueError, match="choose among"):
@@ -153,10 +167,12 @@ def test_evaluate_reads_the_file_splits_of_a_run(tiny_workdir):
 
 
 @pytest.mark.slow
-def test_training_reports_the_file_splits(tmp_path):
+def test_training_reports_the_file_splits(tmp_path, eval_lines_dir):
   from digit_vit import config_lib, train  # pylint: disable=import-outside-toplevel
   config = config_lib.load("tiny")
   config.data.data_dir = str(tmp_path / "data")
+  config.data.eval_lines_dir = eval_lines_dir  # Shared, built once: not under data_dir.
+  assert file_evaluation.split_root(config) == eval_lines_dir
   config.num_train_steps, config.eval_every_steps = 10, 0
   config.eval_splits = ("test", "long")
   report = train.train_and_evaluate(config, str(tmp_path / "run"))

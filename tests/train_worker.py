@@ -53,7 +53,8 @@ def main():
 
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
 
-  from digit_vit import checkpointing, config_lib, train  # pylint: disable=import-outside-toplevel
+  from digit_vit import (  # pylint: disable=import-outside-toplevel
+      checkpointing, config_checks, config_lib, state as state_lib, steps)
   from digit_vit.models import build_model  # pylint: disable=import-outside-toplevel
 
   config = config_lib.load("tiny")
@@ -65,15 +66,16 @@ def main():
   config.optimizer = "sgd"
   config.learning_rate = 0.5
   config.warmup_steps = 0
-  train.check_config(config)
+  config_checks.check_config(config)
   results = {}
   for parallelism in args.parallelism.split(","):
     config.parallelism = parallelism
-    mesh = train.create_mesh()
+    mesh = state_lib.create_mesh()
     model = build_model(config)
-    lr_fn = train.create_learning_rate_fn(config)
-    state = train.create_train_state(config, model, train.create_optimizer(config, lr_fn), mesh)
-    stepper = train.Stepper(config, model, lr_fn, mesh)
+    lr_fn = state_lib.create_learning_rate_fn(config)
+    state = state_lib.create_train_state(config, model, state_lib.create_optimizer(config, lr_fn),
+                                         mesh)
+    stepper = steps.Stepper(config, model, lr_fn, mesh)
     rows = config.batch_size // jax.process_count()
     losses = []
     for step in range(STEPS):

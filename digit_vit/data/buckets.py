@@ -1,5 +1,6 @@
-"""Width buckets: the widths a batch of lines is padded to (numpy only, so `predict` and the
-demo use them without TensorFlow).
+"""Width buckets: the widths a batch of lines is padded to (numpy only, so `predict`, the demo
+and an exported reader (`serving`, which uses `bucket_index`) use them without TensorFlow or
+ml_collections).
 
 Lines keep their natural width; a batch is padded on the right with background to the narrowest
 bucket of `config.width_buckets` that holds its lines, so `jit` compiles one program a bucket.
@@ -11,8 +12,6 @@ import math
 
 import numpy as np
 
-from digit_vit.data import compose
-
 
 def width_buckets(config) -> tuple[int, ...]:
   """The width buckets, validated: `config.width_buckets`, else the one bucket
@@ -22,6 +21,8 @@ def width_buckets(config) -> tuple[int, ...]:
     ValueError, saying what to change, unless they are ascending positive multiples of 8 (the
     lines' width multiple) and of the patch width, the widest equal to config.image_width.
   """
+  from digit_vit.data import compose  # Here, not above: `bucket_index` needs numpy alone.
+
   widest = int(config.data.image_width)
   raw = config.get("width_buckets", None)
   if raw is None or (not isinstance(raw, (int, np.integer)) and len(raw) == 0):

@@ -19,6 +19,7 @@ import math
 
 import numpy as np
 from PIL import Image, ImageFilter
+from scipy import ndimage
 
 # A digit narrower than this fraction of its height is drawn at this width at least ('1').
 _MIN_ASPECT = 0.15
@@ -40,6 +41,9 @@ INK_FLOOR = 0.15
 # The side of the square a digit is slanted and rotated on: the 28x28 MNIST digit turned by
 # 15 degrees and sheared by 0.5 still fits, so nothing of it is cut.
 _WORK = 48
+# An elastic distortion moves a digit's pixels by a smooth field: independent displacements on a
+# grid of this many points a side, interpolated over the 28x28 digit (about 9 pixels apart).
+_ELASTIC_GRID = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +76,9 @@ class Composition:
       [0.01, max_noise]; after stretching, noise below INK_FLOOR is cleared as predict clears it.
     max_margin: background before the first and after the last digit, each uniform in
       [0, max_margin] of H.
+    digit_elastic: std in pixels of the 28x28 digit of a smooth random displacement (an elastic
+      distortion, Simard et al. 2003) that makes every drawn digit a new shape; 0 = none. The
+      dataset builder applies it to the train split only (`training_only`).
   """
   height: int
   width: int
@@ -97,6 +104,7 @@ class Composition:
   noise_prob: float = 0.25
   max_noise: float = 0.08
   max_margin: float = 0.5
+  digit_elastic: float = 0.0
 
   def validate(self) -> None:
     """Raises ValueError saying which config field to change."""
@@ -124,11 +132,19 @@ class Composition:
     if not 0 < self.min_ink <= 1:
       raise ValueError(f"config.data.min_ink must be in (0, 1], got {self.min_ink}")
     for k in ("vertical_jitter", "max_rotation", "scale_jitter", "max_slant", "max_blur",
-              "max_noise", "max_margin"):
+              "max_noise", "max_margin", "digit_elastic"):
       if getattr(self, k) < 0:
         raise ValueError(f"config.data.{k} must be >= 0, got {getattr(self, k)}")
     if self.max_slant > 0.5:
       raise ValueError(f"config.data.max_slant must be <= 0.5, got {self.max_slant}")
+    if self.digit_elastic > 4:
+      raise ValueError(f"config.data.digit_elastic must be <= 4 pixels (more tears the 28x28 "
+                       f"digits apart), got {self.digit_elastic}")
+
+  def training_only(self, split: str) -> "Composition":
+    """The composition of `split`'s lines: the digits' elastic distortion is a training
+    augmentation, so validation and test lines show the digits as written."""
+    return self if split == "train" else dataclasses.replace(self, digit_elastic=0.0)
 
 
 def expected_width(num_digits: int, comp: Composition) -> float:
@@ -208,9 +224,25 @@ def _pen(img28: np.ndarray, stroke: int) -> Image.Image:
   return pil
 
 
-def _prepare_digit(img28: np.ndarray, stroke: int, angle: float, slant: float) -> Image.Image:
-  """One 28x28 digit in the line's pen, rotated by `angle` degrees (counter-clockwise) and
-  slanted, cropped to its ink."""
+def _distort(img28: np.ndarray, field: np.ndarray) -> np.ndarray:
+  """uint8 [28, 28] moved by the smooth displacement field that `field` ([2, g, g] pixels,
+  (dy, dx) on a g x g grid) interpolates."""
+  size = img28.shape[0]
+  dense = ndimage.zoom(field, (1, size / field.shape[1], size / field.shape[2]), order=1,
+                       mode="nearest", grid_mode=True)
+  rows, cols = np.mgrid[0:size, 0:size].astype(np.float32)
+  moved = ndimage.map_coordinates(img28.astype(np.float32), (rows + dense[0], cols + dense[1]),
+                                  order=1, mode="constant", cval=0.0)
+  return np.uint8(np.clip(np.round(moved), 0, 255))
+
+
+def _prepare_digit(img28: np.ndarray, stroke: int, angle: float, slant: float,
+                   field: np.ndarray | None = None) -> Image.Image:
+  """One 28x28 digit, elastically distorted by `field` (see `_distort`; None = as drawn), in
+  the line's pen, rotated by `angle` degrees (counter-clockwise) and slanted, cropped to its
+  ink."""
+  if field is not None:
+    img28 = _distort(img28, field)
   pil = _pen(img28, stroke)
   if angle or slant:
     # Forward map about the centre: rotate, then shear x += slant * (centre_y - y); PIL wants
@@ -256,7 +288,10 @@ def compose_line(digit_images: np.ndarray, rng: np.random.Generator,
          1 if pen_u < comp.thin_prob + comp.thicken_prob else
          2 if pen_u < comp.thin_prob + comp.thicken_prob + comp.heavy_prob else 0)
   angles = rng.uniform(-comp.max_rotation, comp.max_rotation, n)
-  crops = [_prepare_digit(d, pen, a, slant) for d, a in zip(digit_images, angles)]
+  # Drawn only when on, so that lines without it are those of earlier versions.
+  fields = (rng.normal(0, comp.digit_elastic, (n, 2, _ELASTIC_GRID, _ELASTIC_GRID))
+            if comp.digit_elastic > 0 else [None] * n)
+  crops = [_prepare_digit(d, pen, a, slant, f) for d, a, f in zip(digit_images, angles, fields)]
 
   line_h = rng.uniform(comp.min_scale, comp.max_scale) * H
   hs = np.minimum(line_h * (1 + rng.uniform(-comp.scale_jitter, comp.scale_jitter, n)), H)

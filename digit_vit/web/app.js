@@ -95,6 +95,8 @@ function showReading(reading) {
   }));
   // The model stopped at its length limit, not at <eos>: the digits may be only the start.
   $('truncated').hidden = !reading.truncated;
+  // Below the server's --min_confidence: shown, but flagged as not to be relied on.
+  $('uncertain').hidden = !reading.rejected;
   $('canvas-image').src = reading.canvas;
   $('attention').src = reading.attention;
   $('result').hidden = false;
