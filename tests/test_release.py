@@ -96,8 +96,8 @@ def test_the_card_holds_the_runs_measured_figures(card, tiny_workdir):
   assert f"Trained at commit `{commit['commit']}`" in text
   config = json.loads((tiny_workdir / "config.json").read_text())
   assert (f"python -m digit_vit.main --config={ROOT / 'configs' / 'tiny.py'} "
-          f"--workdir={tiny_workdir} --config.data.data_dir={config['data']['data_dir']}\n"
-          in text)
+          f"--workdir={tiny_workdir} --config.data.data_dir={config['data']['data_dir']} "
+          f"--config.data.eval_lines_dir={config['data']['eval_lines_dir']}\n" in text)
   assert (f"python -m digit_vit.export --workdir={tiny_workdir} --checkpoint=latest "
           f"--output={directory}\n") in text
   assert f"{report['num_params']:,} parameters" in text
