@@ -197,6 +197,19 @@ def _with_metrics(directory, **metrics):
 
 
 @pytest.mark.any_device_count
+def test_the_training_command_overrides_what_the_run_changed_and_nothing_it_predates():
+  from digit_vit import config_lib  # pylint: disable=import-outside-toplevel
+  run = json.loads(config_lib.load("configs/default.py").to_json())  # As in config.json.
+  run["num_train_steps"] = 123
+  run["data"]["max_digits"] = 9
+  del run["data"]["eval_lines_dir"]     # A field added after the run was trained.
+  run["model"]["retired_option"] = 2    # A field since removed.
+  assert model_card.config_overrides("configs/default.py", run) == [
+      "--config.data.max_digits=9", "--config.model.retired_option=2",
+      "--config.num_train_steps=123"]
+
+
+@pytest.mark.any_device_count
 def test_compare_wants_better_on_one_split_and_worse_on_none():
   def manifest(test, wild, long):
     metrics = {f"{s}_exact_match": v for s, v in zip(("test", "wild", "long"), (test, wild, long))
@@ -341,3 +354,19 @@ def test_no_reader_at_all_is_a_usage_error(monkeypatch, tmp_path, capsys):
   assert result.returncode == 2, result.stderr[-2000:]
   assert result.stderr.strip().splitlines() == [f"error: {message}"]
   assert result.stdout == ""
+
+
+def test_the_committed_release_reads_the_wild_lines_as_its_card_says(eval_lines_dir):
+  """The repository's own release/reader loads and reads: on the first 100 wild lines (1-8
+  digits) it must read most exactly right, as the manifest's measured figure says."""
+  from digit_vit import config_lib, file_evaluation  # pylint: disable=import-outside-toplevel
+  reader = serving.load(serving.RELEASE_READER)
+  measured = reader.manifest["run"]["metrics"]["wild_exact_match"]
+  assert 0.6 < measured <= 1.0
+  config = config_lib.load(ROOT / "configs" / "default.py")
+  config.data.eval_lines_dir = eval_lines_dir
+  metrics = file_evaluation.evaluate_split(
+      reader, file_evaluation.build_split(config, "wild"), num_examples=100)
+  assert metrics["num_examples"] == 100
+  # 100 lines: within about 3 binomial standard deviations (0.14) of the measured figure.
+  assert metrics["exact_match"] > measured - 0.15, (metrics["exact_match"], measured)
