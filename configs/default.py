@@ -93,7 +93,6 @@ def get_config(arg=None):
   config.data.augment.max_scale_change = 0.1  # Affine: relative scale change, +-.
   config.data.augment.max_shear = 0.15        # Affine: shear factor, +-.
   config.data.augment.max_translate = 0.05    # Affine: shift, fraction of width / height, +-.
-  config.data.augment.keep_inside = False     # Affine: move (or shrink) the map so no ink leaves the canvas.
   config.data.augment.elastic_prob = 0.0      # Probability of an elastic distortion, in [0, 1].
   config.data.augment.elastic_alpha = 1.5     # Elastic: displacement std in pixels.
   config.data.augment.elastic_grid = 6.0      # Elastic: pixels between independent displacements.
@@ -116,8 +115,6 @@ def get_config(arg=None):
   config.model.stem_channels = 16        # Channels of the first conv of the 'conv' stem (doubles per conv).
   config.model.stem_depth = 0            # Residual stride-1 3x3 convs after each strided stem conv ('conv' only).
   config.model.stem_max_channels = 0     # Cap on the stem's doubling channels; 0 = none (256 at 32x8); 'conv' only.
-  config.model.stem_full_res_depth = 0   # Stride-1 3x3 convs at full resolution before the strided ones ('conv' only).
-  config.model.stem_antialias = False    # Blur [1,2,1]/4 before each strided stem conv, for shift invariance ('conv' only).
   config.model.width = 128               # d_model of encoder and decoder.
   config.model.num_heads = 4             # Attention heads; 1 is the seeds' single-head attention.
   config.model.mlp_dim = 512             # Hidden width of each block's MLP.
@@ -141,6 +138,9 @@ def get_config(arg=None):
   config.model.attention_dropout_rate = 0.0  # Dropout on attention weights (einsum path only).
   config.model.attention_impl = "custom_vjp"  # 'custom_vjp' (fastest on CPU), 'xla' (jax.nn.dot_product_attention), 'einsum' (attention dropout), 'cudnn' (GPU, bfloat16).
   config.model.dtype = "float32"         # Compute dtype: 'float32' or 'bfloat16' (params stay float32).
+  # The dense layers' matmul operands: 'bfloat16' rounds them (products still accumulate in the
+  # compute dtype): a 1.1x train step, 1.4x forward pass on a CPU with AMX (docs/performance.md).
+  config.model.matmul_dtype = "float32"
   # Decoder positions, <sos> + digits: room for decode.max_length digits, far more than the
   # training lines hold (randomized positions train them all).
   config.model.max_length = 33
@@ -170,7 +170,6 @@ def get_config(arg=None):
   config.b2 = 0.999                    # Adam beta2.
   config.weight_decay = 1e-4           # Decoupled weight decay on matrices (not biases or norms).
   config.grad_clip_norm = 1.0          # Clip gradients to this global norm; 0 = no clipping.
-  config.sam_rho = 0.0                 # Sharpness-aware minimisation radius; 0 = off (two gradients a step).
   # Exponential moving average of the parameters, used for every evaluation, the best checkpoint
   # and reading (predict, demo, evaluate); 0 = none, 0.999 = about the last 1,000 steps.
   config.ema_decay = 0.0

@@ -31,8 +31,8 @@ def get_config(arg=None):
   config.data.validation_per_class = 10
   config.data.augment.affine_prob = 0.5   # Small rotations, scale changes, shears, shifts.
   # It cuts over a quarter of some digit off the canvas on 8% of the lines it distorts
-  # (docs/results.md, "Digits cut off by the distortion"); keeping the digits on
-  # (`keep_inside`) measured no gain.
+  # (docs/results.md, "Digits cut off by the distortion"); moving the map to keep the digits
+  # on the canvas measured no gain.
   config.data.augment.elastic_prob = 0.3  # Handwriting-like local distortions.
   # The last 800 steps (about a seventh, as 1,500 of 10,500 were) see the lines undistorted, as
   # the test lines are. The last 2,500 of an earlier recipe's 15,000 so gave +0.35-0.40 points

@@ -41,30 +41,35 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
-from digit_vit import environment, profiling, xla_options
+from digit_vit import cli, environment, profiling, tasks, xla_options
 from digit_vit.data import compose
 from digit_vit.models import tokens
 
 FLAGS = flags.FLAGS
 
 
-def define_flags():
-  """Defines the command's flags when it runs, not on import: absl flags are global and
-  `main` defines --config too."""
-  config_flags.DEFINE_config_file("config", "configs/bench.py", "Config file.")
+def define_flags(flag_values: flags.FlagValues = FLAGS, argv: list[str] | None = None):
+  """Defines the command's flags when it runs, not on import (`cli`): absl flags are global.
+  argv: the command line whose `--config.x=...` overrides the config flag takes (default
+  sys.argv)."""
+  config_flags.DEFINE_config_file("config", "configs/bench.py", "Config file.",
+                                  flag_values=flag_values, sys_argv=argv)
   flags.DEFINE_list(
       "only", [], "Measure only these: peak, train, eval, decode, pipeline, serve (default: "
-      "all but serve).")
+      "all but serve).", flag_values=flag_values)
   flags.DEFINE_string("workdir", None, "serve: the reading run whose exported reader is measured "
-                      "against its in-process predict.Reader.")
+                      "against its in-process predict.Reader.", flag_values=flag_values)
   flags.DEFINE_string("model", None, "serve: the run's exported reader (default: export "
-                      "--workdir into a temporary directory).")
-  flags.DEFINE_string("json", None, "Also write the figures to this JSON file.")
-  flags.DEFINE_integer("repeats", 10, "Timed calls per measurement.")
+                      "--workdir into a temporary directory).", flag_values=flag_values)
+  flags.DEFINE_string("json", None, "Also write the figures to this JSON file.",
+                      flag_values=flag_values)
+  flags.DEFINE_integer("repeats", 10, "Timed calls per measurement.", flag_values=flag_values)
   flags.DEFINE_string(
       "profile", None, "Trace the timed calls with jax.profiler into this directory (open it in "
-      "Perfetto or TensorBoard) and print the XLA operations that took the most time.")
-  flags.DEFINE_integer("profile_top", 25, "Operations listed per profiled part.")
+      "Perfetto or TensorBoard) and print the XLA operations that took the most time.",
+      flag_values=flag_values)
+  flags.DEFINE_integer("profile_top", 25, "Operations listed per profiled part.",
+                       flag_values=flag_values)
 
 
 PARTS = ("peak", "train", "eval", "decode", "pipeline", "serve")
@@ -199,7 +204,7 @@ def bench_width(config) -> int:
   bucket the longest training lines mostly train in."""
   from digit_vit.data import buckets, input_pipeline  # pylint: disable=import-outside-toplevel
   widths = buckets.width_buckets(config)
-  if len(widths) == 1 or config.task != "read":
+  if len(widths) == 1 or not tasks.get(config).reads_lines:
     return widths[-1]
   comp = input_pipeline.builder_config_from(config).composition()
   longest = compose.expected_width(int(config.max_digits), comp)
@@ -248,7 +253,8 @@ def _decode_throughputs(recorder, config, params, images):
       params, images)
 
   def flops(fn, *args):
-    return _flops(xla_options.jit(fn).lower(*args).compile())
+    return _flops(xla_options.jit(fn, matmul_dtype=model_config.matmul_dtype).lower(*args)
+                  .compile())
 
   setup = flops(functools.partial(decode.encode_and_init_cache, model_config), params, images)
   token = jnp.full((batch,), tokens.SOS, jnp.int32)
@@ -265,7 +271,8 @@ def _decode_throughputs(recorder, config, params, images):
        setup + length * full_decoder),
       ("decode_beam4", functools.partial(decode.beam_search, model_config, beam_size=4),
        setup + length * beam_step)):
-    compiled = recorder.compile(name, xla_options.jit(fn), (params, images))
+    compiled = recorder.compile(
+        name, xla_options.jit(fn, matmul_dtype=model_config.matmul_dtype), (params, images))
     outputs, _ = compiled(params, images)
     if bool(jnp.any(outputs == tokens.EOS)):
       raise AssertionError(f"{name}: a row stopped early despite the <eos> bias")
@@ -312,11 +319,13 @@ def run(config, parts=DEFAULT_PARTS, repeats: int = 10, profile_dir: str | None 
     recorder.time("train", one_step, _flops(compiled), batch_size,
                   hlo_text=compiled.as_text())
     state = holder[0]
-  if "eval" in parts and config.task == "read":
+  reads_lines = tasks.get(config).reads_lines  # Eval and decode time the reader's passes.
+  if "eval" in parts and reads_lines:
     forward = xla_options.jit(lambda p, b: model.apply(
-        {"params": p}, b["image"], b["tokens"][:, :-1]))
+        {"params": p}, b["image"], b["tokens"][:, :-1]),
+        matmul_dtype=xla_options.matmul_dtype_of(config))
     recorder.throughput("eval", forward, (state.params, global_batch), batch_size)
-  if "decode" in parts and config.task == "read":
+  if "decode" in parts and reads_lines:
     _decode_throughputs(recorder, config, state.params, global_batch["image"])
   if "pipeline" in parts:
     from digit_vit.data import benchmark
@@ -492,17 +501,18 @@ def main(argv):
   parts = tuple(FLAGS.only) or DEFAULT_PARTS
   unknown = sorted(set(parts) - set(PARTS))
   if unknown:
-    raise app.UsageError(f"--only got {unknown}; choose from {PARTS}")
+    return cli.error(f"--only got {unknown}; choose from {PARTS}", cli.USAGE)
   if "serve" in parts and not FLAGS.workdir:
-    raise app.UsageError("--only=serve needs --workdir: a trained reading run (and optionally "
-                         "--model, its exported reader)")
+    return cli.error("--only=serve needs --workdir: a trained reading run (and optionally "
+                     "--model, its exported reader)", cli.USAGE)
   if "serve" in parts:
     from digit_vit import logs  # pylint: disable=import-outside-toplevel
     logs.quiet_libraries()  # orbax's restore chatter around the figures.
   config = FLAGS.config
   print(f"devices: {jax.devices()}  batch: {config.batch_size}  "
         f"attention: {config.model.attention_impl}  "
-        f"compiler options: {xla_options.compiler_options() or 'XLA defaults'}")
+        f"compiler options: "
+        f"{xla_options.compiler_options(xla_options.matmul_dtype_of(config)) or 'XLA defaults'}")
   ran_on = environment.describe()
   print(f"cpu: {ran_on['cpu']} ({ran_on['cpu_count']} cores, "
         f"{ran_on['cpu_vector_extensions'] or 'no x86 vector extension'})  "
@@ -517,4 +527,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

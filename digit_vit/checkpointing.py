@@ -321,13 +321,10 @@ class Checkpoints:
                                    {step: problem})
     try:
       return restore_fn()
-    except ValueError as error:
-      # The legacy path's mismatch of the state's structure stays as it was.
-      if "tree structures do not match" in str(error):
-        raise
-      problem = _summary(error)
     except Exception as error:  # pylint: disable=broad-except
-      # TensorStore reports truncated or missing array files as plain Exceptions.
+      # TensorStore reports truncated or missing array files as plain Exceptions, and orbax a
+      # state whose structure differs from the step's (written before a field of the state
+      # existed) as a ValueError: either way the step cannot be read.
       problem = _summary(error)
     logging.debug("Checkpoint step %d in %s does not restore: %s", step, self.directory,
                   problem)
@@ -336,22 +333,9 @@ class Checkpoints:
                                  {step: problem})
 
   def _restore(self, abstract_state, step: int):
-    try:
-      restored = self.manager.restore(
-          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                        meta=ocp.args.JsonRestore()))
-    except ValueError as error:
-      # Only the optional field a state may leave at None; any other mismatch stays an error.
-      if ("tree structures do not match" not in str(error)
-          or getattr(abstract_state, "ema_params", False) is not None):
-        raise
-      # Written before the state gained an optional field (`ema_params`, None when unused):
-      # restore what the checkpoint has; the fields it lacks keep their None. A checkpointer
-      # of its own, as the manager has bound the item to the standard handler.
-      state = _partial_restore(os.path.join(str(self.manager.directory), str(step), "state"),
-                               abstract_state)
-      meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-      return state, meta.meta
+    restored = self.manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                      meta=ocp.args.JsonRestore()))
     return restored.state, restored.meta
 
   def check_steps(self, abstract_fields: dict[str, Any],

@@ -14,10 +14,9 @@ import math
 import jax
 import numpy as np
 
-from digit_vit import config_lib, file_evaluation, losses, state as state_lib, steps, trained
+from digit_vit import config_lib, file_evaluation, losses, state as state_lib, steps, tasks, trained
 from digit_vit.models import ModelConfig, tokens
 
-TASKS = ("read", "classify")
 EVAL_SPLITS = ("train", "validation", "test")
 
 
@@ -63,6 +62,12 @@ _NUMBER_RULES = (
     for name in ("affine_prob", "elastic_prob", "noise_prob", "contrast_prob", "invert_prob"))
 
 
+# The model fields only the 'conv' stem reads. With model.patch_embedding='linear' they must
+# keep configs/default.py's values: another value would change nothing, and a sweep over it
+# would measure nothing.
+STEM_FIELDS = ("stem_channels", "stem_depth", "stem_max_channels")
+
+
 def _field(config, dotted: str, missing=None):
   """config['a']['b'] for 'a.b', or `missing` when the config lacks it."""
   value = config
@@ -81,8 +86,8 @@ def check_config(config) -> None:
   that use them: `ModelConfig` (names, width and heads, patches that tile the canvas), the
   dataset's `MultiDigitMnistConfig.validate` (source, composition, `compose.check_canvas`, split
   sizes), the input pipeline's (train_max_digits, clean_final_steps), the loss's class
-  weights, the moving average, SAM and CTC, the batch split over the devices and
-  `trained.decoding`.
+  weights, the moving average and CTC, the stem fields a 'linear' patch embedding ignores
+  (`STEM_FIELDS`), the batch split over the devices and `trained.decoding`.
 
   Raises:
     config_lib.ConfigError (a ValueError) saying which field to change and how.
@@ -98,8 +103,7 @@ def check_config(config) -> None:
 
 def _check_config(config) -> None:
   """check_config's checks; they raise ValueError (or TypeError, KeyError...) on a bad field."""
-  if config.task not in TASKS:
-    raise ValueError(f"config.task={config.task!r} is not one of {TASKS}")
+  task = tasks.get(config)  # Raises for an unknown task, naming the known ones.
   if config.parallelism not in steps.PARALLELISM:
     raise ValueError(f"config.parallelism={config.parallelism!r} is not one of "
                      f"{steps.PARALLELISM}")
@@ -108,24 +112,24 @@ def _check_config(config) -> None:
     value = _field(config, name, missing)
     if value is not missing and not ok(value):
       raise ValueError(f"config.{name}={value!r} must be {rule}")
-  if config.task == "read" and not (_is_int(config.model.decoder_layers)
-                                    and config.model.decoder_layers >= 1):
+  if task.reads_lines and not (_is_int(config.model.decoder_layers)
+                               and config.model.decoder_layers >= 1):
     raise ValueError(f"config.model.decoder_layers={config.model.decoder_layers!r} must be an "
                      "integer >= 1 (the reader writes with its decoder)")
-  allowed = EVAL_SPLITS + (file_evaluation.SPLITS if config.task == "read" else ())
+  allowed = EVAL_SPLITS + (file_evaluation.SPLITS if task.reads_lines else ())
   bad_splits = [s for s in config.eval_splits if s not in allowed]
   if bad_splits:
     raise ValueError(f"config.eval_splits has {bad_splits}, not among {allowed}")
-  _check_data(config)
+  _check_data(config, task)
+  _check_stem(config)
   model_config = ModelConfig.from_config(config.model)
-  if config.task == "read":
+  if task.reads_lines:
     if model_config.max_length < int(config.max_digits) + 1:
       raise ValueError(f"config.model.max_length={model_config.max_length} must be at least "
                        f"max_digits + 1 = {int(config.max_digits) + 1} (<sos> and the digits)")
     if config.loss.get("class_weights"):
       losses.class_weight_vector(config.loss.class_weights, tokens.VOCAB_SIZE)
   state_lib.check_ema_decay(config)
-  steps.check_sam_rho(config)
   steps.check_ctc_weight(config)
   devices, processes = jax.device_count(), jax.process_count()
   for name in ("batch_size", "eval_batch_size"):
@@ -141,14 +145,28 @@ def _check_config(config) -> None:
   # The schedule's and the optimizer's names.
   state_lib.create_optimizer(config, state_lib.create_learning_rate_fn(config))
   trained.decoding(config)
-  if config.task == "read":
+  if task.reads_lines:
     trained.read_length(config)
 
 
-def _check_data(config) -> None:
+def _check_stem(config) -> None:
+  """With the 'linear' patch embedding, each of `STEM_FIELDS` at configs/default.py's value."""
+  if config.model.get("patch_embedding") != "linear":
+    return
+  defaults = config_lib.load("default").model
+  for name in STEM_FIELDS:
+    value = config.model.get(name, defaults[name])
+    if value != defaults[name]:
+      raise ValueError(
+          f"config.model.{name}={value!r} shapes the 'conv' stem, which "
+          f"model.patch_embedding='linear' does not have, so it would change nothing: leave "
+          f"it at {defaults[name]!r}, or set --config.model.patch_embedding=conv")
+
+
+def _check_data(config, task: tasks.Task) -> None:
   """The data section, by the checks of the task's data module."""
   name = config.data.get("name")
-  if config.task == "read":
+  if task.reads_lines:
     if name != "multi_digit_mnist":
       raise ValueError(f"config.data.name={name!r}: the 'read' task reads lines of "
                        "'multi_digit_mnist' (single-image datasets are for task 'classify')")

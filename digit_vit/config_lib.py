@@ -44,6 +44,14 @@ RESUMABLE_FIELDS = (
 )
 
 
+# Options removed from the code, each with the value at which a run that had it behaved as the
+# code does now (docs/results.md says why they went). Runs saved before carry them in their
+# config.json: at those values they are dropped on reading (`drop_removed`) and match on a
+# resume; at any other value they stay, so the model cannot be rebuilt silently without them.
+REMOVED_FIELDS = {"model.stem_full_res_depth": 0, "model.stem_antialias": False,
+                  "data.augment.keep_inside": False, "sam_rho": 0.0}
+
+
 class ConfigError(ValueError):
   """A config a run cannot start with; the message names the field and what to set."""
 
@@ -75,6 +83,21 @@ def load(path: str | pathlib.Path, arg: str | None = None) -> ml_collections.Con
   """
   module = import_file(path, CONFIG_DIR, "config")
   return module.get_config(arg) if arg is not None else module.get_config()
+
+
+def drop_removed(saved: Mapping[str, Any]) -> dict[str, Any]:
+  """A saved config (a run's config.json, parsed) without the `REMOVED_FIELDS` it holds at
+  their neutral values, so that today's code reads runs saved before they were removed. The
+  argument is not changed."""
+  out = json.loads(json.dumps(saved))  # A deep copy of plain JSON values.
+  for dotted, neutral in REMOVED_FIELDS.items():
+    *parents, leaf = dotted.split(".")
+    section = out
+    for key in parents:
+      section = section.get(key) if isinstance(section, Mapping) else None
+    if isinstance(section, Mapping) and leaf in section and section[leaf] == neutral:
+      del section[leaf]
+  return out
 
 
 def resumable(field: str) -> bool:
@@ -111,9 +134,10 @@ def resume_differences(saved: Mapping[str, Any], config) -> list[str]:
     `RESUMABLE_FIELDS` may differ. A field the saved config lacks (added to the code after the
     run started) matches when the rerun leaves it at its `configs/default.py` value, which
     keeps the behaviour from before the field existed; a field only the saved config has
-    (removed from the code since) never matches.
+    (removed from the code since) never matches, unless it is one of `REMOVED_FIELDS` at its
+    neutral value.
   """
-  old, new = flatten(saved), flatten(config)
+  old, new = flatten(drop_removed(saved)), flatten(config)
   defaults = None
   missing = object()
   differences = []

@@ -64,7 +64,6 @@ Serving, bounded everywhere (docs/reliability.md has the load and abuse figures)
 
 from __future__ import annotations
 
-import argparse
 import base64
 import binascii
 import concurrent.futures
@@ -86,9 +85,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
+from absl import app, flags
 from PIL import Image
 
-from digit_vit import logs, predict, trained
+from digit_vit import cli, logs, predict
 from digit_vit.models import tokens
 
 log = logging.getLogger("digit_vit.demo")
@@ -733,84 +733,34 @@ def serve(workdir: str | None, host: str = "127.0.0.1", port: int = 8000, *,
     server.server_close()
 
 
-def _checkpoint(value: str) -> str | int:
-  try:
-    return trained.parse_checkpoint(value)
-  except ValueError as e:
-    raise argparse.ArgumentTypeError(str(e)) from None
+FLAGS = flags.FLAGS
 
 
-def _positive(kind: type) -> Callable[[str], Any]:
-  def parse(value: str):
-    try:
-      number = kind(value)
-    except ValueError:
-      number = 0
-    if not number > 0:
-      raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}")
-    return number
-  return parse
+def define_flags(flag_values: flags.FlagValues = FLAGS):
+  """Defines the command's flags when it runs, not on import (`cli`): absl flags are global."""
+  # --min_confidence is 0 by default: the demo shows what the model reads; a threshold is the
+  # user's choice of risk, and means something only for a run calibrated on its validation split.
+  cli.define_reader_flags(flag_values, alpha=False, min_confidence=True)
+  flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0 for all).",
+                      flag_values=flag_values)
+  flags.DEFINE_integer("port", 8000, "Port to listen on (0 picks a free one).",
+                       flag_values=flag_values)
+  flags.DEFINE_integer("workers", WORKERS, "Threads serving connections (more wait in a queue "
+                       f"of {MAX_PENDING}, beyond it they are answered 503).", lower_bound=1,
+                       flag_values=flag_values)
+  flags.DEFINE_float("read_timeout", READ_TIMEOUT, "Seconds for a whole request to arrive.",
+                     flag_values=flag_values)
+  flags.DEFINE_float("request_timeout", REQUEST_TIMEOUT, "Seconds from a request's arrival "
+                     "until the model starts reading it, or it is answered 503/504.",
+                     flag_values=flag_values)
+  for name in ("read_timeout", "request_timeout"):
+    flags.register_validator(name, lambda seconds: seconds > 0, "expected a positive number of "
+                             "seconds", flag_values=flag_values)
 
 
-def _probability(value: str) -> float:
-  try:
-    number = float(value)
-  except ValueError:
-    number = float("nan")
-  if not 0.0 <= number <= 1.0:
-    raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got {value!r}")
-  return number
-
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
-      prog="python -m digit_vit.demo",
-      description="Serve a page where you draw digits (or upload an image) and see the model "
-                  "read them: raw tokens, digits, confidence and attention maps.")
-  source = parser.add_mutually_exclusive_group()
-  source.add_argument("--workdir",
-                      help="a training run's directory (config.json and checkpoints/)")
-  source.add_argument("--model",
-                      help="an exported reader's directory (python -m digit_vit.export), "
-                           "instead of --workdir (neither: the released reader, "
-                           "release/reader)")
-  parser.add_argument("--host", default="127.0.0.1",
-                      help="address to listen on (default %(default)s; 0.0.0.0 for all)")
-  parser.add_argument("--port", type=int, default=8000,
-                      help="port to listen on (default %(default)s; 0 picks a free one)")
-  parser.add_argument("--beam_size", type=int, default=None,
-                      help="beam size (default: the run's config.decode; 1 = greedy)")
-  parser.add_argument("--views", type=int, default=None,
-                      help="test-time shifted views averaged per token (default: the run's "
-                           "config.decode; 1 = the image alone)")
-  parser.add_argument("--checkpoint", type=_checkpoint, default="best",
-                      help="'best' (by validation, the default), 'latest' or a step")
-  parser.add_argument("--ensemble", type=_run_list, default=[],
-                      help="further runs that read with --workdir's model, comma-separated "
-                           "WORKDIR or WORKDIR@CHECKPOINT: each token by the models' mean "
-                           "probability")
-  # Off by default: the demo shows what the model reads; a threshold is the user's choice of
-  # risk, and means something only for a run calibrated on its validation split.
-  parser.add_argument("--min_confidence", type=_probability, default=0.0,
-                      help="show readings whose (calibrated) confidence is below this, in "
-                           "[0, 1], as uncertain (default %(default)s: none)")
-  parser.add_argument("--workers", type=_positive(int), default=WORKERS,
-                      help="threads serving connections (default %(default)s; more wait in a "
-                           f"queue of {MAX_PENDING}, beyond it they are answered 503)")
-  parser.add_argument("--read_timeout", type=_positive(float), default=READ_TIMEOUT,
-                      help="seconds for a whole request to arrive (default %(default)s)")
-  parser.add_argument("--request_timeout", type=_positive(float), default=REQUEST_TIMEOUT,
-                      help="seconds from a request's arrival until the model starts reading "
-                           "it, or it is answered 503/504 (default %(default)s)")
-  return parser.parse_args(argv)
-
-
-def _run_list(value: str) -> list[str]:
-  return [run for run in value.split(",") if run]
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  args = parse_args(argv)
+def main(argv: Sequence[str], flag_values: flags.FlagValues = FLAGS) -> int:
+  if len(argv) > 1:
+    return cli.error(f"unexpected arguments {argv[1:]}", cli.USAGE)
   # Our own handler: the libraries' loggers may already have configured the root one.
   if not log.handlers:
     handler = logging.StreamHandler()
@@ -819,16 +769,16 @@ def main(argv: Sequence[str] | None = None) -> int:
   log.setLevel(logging.INFO)
   log.propagate = False
   logs.quiet_libraries()
+  f = flag_values
   try:
-    serve(args.workdir, args.host, args.port, model=args.model, beam_size=args.beam_size,
-          views=args.views, checkpoint=args.checkpoint, ensemble=args.ensemble,
-          min_confidence=args.min_confidence, workers=args.workers, read_timeout=args.read_timeout,
-          request_timeout=args.request_timeout)
+    serve(f.workdir, f.host, f.port, model=f.model, beam_size=f.beam_size, views=f.views,
+          checkpoint=f.checkpoint, ensemble=f.ensemble, min_confidence=f.min_confidence,
+          workers=f.workers, read_timeout=f.read_timeout, request_timeout=f.request_timeout)
   except (FileNotFoundError, ValueError) as e:  # A wrong --workdir, --model, --checkpoint, --port
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    return cli.error(str(e), cli.USAGE)
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  define_flags()
+  app.run(main, flags_parser=cli.parse_flags)

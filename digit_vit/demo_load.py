@@ -25,7 +25,6 @@ stops at --time_limit seconds.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import dataclasses
 import io
@@ -46,7 +45,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
+from absl import app, flags
 from PIL import Image, ImageDraw
+
+from digit_vit import cli
 
 MAX_READS = 10_000
 MAX_CONCURRENCY = 256
@@ -458,45 +460,44 @@ def _format(report: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
-def _bounded(kind: type, low: float, high: float) -> Callable[[str], Any]:
-  def parse(value: str):
-    number = kind(value)
-    if not low <= number <= high:
-      raise argparse.ArgumentTypeError(f"expected {low} to {high}, got {value}")
-    return number
-  return parse
+FLAGS = flags.FLAGS
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(prog="python -m digit_vit.demo_load",
-                                   description=__doc__.split("\n\n")[0])
-  target = parser.add_mutually_exclusive_group(required=True)
-  target.add_argument("--url", help="a running demo on this machine, e.g. http://127.0.0.1:8000/")
-  target.add_argument("--workdir", help="start a demo of this run on a free loopback port")
-  parser.add_argument("--server_args", default="",
-                      help="more flags for the demo started with --workdir, e.g. '--workers=8'")
-  parser.add_argument("--phases", default="reads,slow,abuse",
-                      help="comma-separated: reads, slow, abuse (default %(default)s)")
-  parser.add_argument("--concurrency", type=_bounded(int, 1, MAX_CONCURRENCY), default=40)
-  parser.add_argument("--reads", type=_bounded(int, 1, MAX_READS), default=200)
-  parser.add_argument("--slow_clients", type=_bounded(int, 0, MAX_SLOW_CLIENTS), default=300)
-  parser.add_argument("--slow_announce", type=_bounded(int, 1, 10**12), default=10**7,
-                      help="the Content-Length the slow clients announce (default 10 MB)")
-  parser.add_argument("--slow_send", type=_bounded(int, 0, 10**6), default=10,
-                      help="the body bytes they send (default %(default)s)")
-  parser.add_argument("--time_limit", type=_bounded(float, 1, 3600), default=180.0,
-                      help="seconds per phase at most (default %(default)s)")
-  parser.add_argument("--json", help="also write the report to this file")
-  return parser.parse_args(argv)
+def define_flags(flag_values: flags.FlagValues = FLAGS):
+  """Defines the command's flags when it runs, not on import (`cli`): absl flags are global."""
+  f = flag_values
+  flags.DEFINE_string("url", None, "A running demo on this machine, e.g. "
+                      "http://127.0.0.1:8000/.", flag_values=f)
+  flags.DEFINE_string("workdir", None, "Start a demo of this run on a free loopback port.",
+                      flag_values=f)
+  flags.mark_flags_as_mutual_exclusive(["url", "workdir"], required=True, flag_values=f)
+  flags.DEFINE_string("server_args", "", "More flags for the demo started with --workdir, e.g. "
+                      "'--workers=8'.", flag_values=f)
+  flags.DEFINE_string("phases", "reads,slow,abuse", "Comma-separated: reads, slow, abuse.",
+                      flag_values=f)
+  flags.DEFINE_integer("concurrency", 40, "Threads that send the reads.", lower_bound=1,
+                       upper_bound=MAX_CONCURRENCY, flag_values=f)
+  flags.DEFINE_integer("reads", 200, "Reads sent.", lower_bound=1, upper_bound=MAX_READS,
+                       flag_values=f)
+  flags.DEFINE_integer("slow_clients", 300, "Slow clients held open.", lower_bound=0,
+                       upper_bound=MAX_SLOW_CLIENTS, flag_values=f)
+  flags.DEFINE_integer("slow_announce", 10**7, "The Content-Length the slow clients announce "
+                       "(10 MB).", lower_bound=1, upper_bound=10**12, flag_values=f)
+  flags.DEFINE_integer("slow_send", 10, "The body bytes they send.", lower_bound=0,
+                       upper_bound=10**6, flag_values=f)
+  flags.DEFINE_float("time_limit", 180.0, "Seconds per phase at most.", lower_bound=1,
+                     upper_bound=3600, flag_values=f)
+  flags.DEFINE_string("json", None, "Also write the report to this file.", flag_values=f)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  args = parse_args(argv)
+def main(argv: Sequence[str], flag_values: flags.FlagValues = FLAGS) -> int:
+  if len(argv) > 1:
+    return cli.error(f"unexpected arguments {argv[1:]}", cli.USAGE)
+  args = flag_values
   phases = {p.strip() for p in args.phases.split(",") if p.strip()}
   unknown = phases - {"reads", "slow", "abuse"}
   if unknown:
-    print(f"error: unknown phases {sorted(unknown)}", file=sys.stderr)
-    return 2
+    return cli.error(f"unknown phases {sorted(unknown)}", cli.USAGE)
   server = None
   try:
     if args.workdir:
@@ -519,9 +520,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                     timeout=args.time_limit)
     if "abuse" in phases:
       report["abuse"] = abuse(address)
-  except (ValueError, RuntimeError) as e:
+  except (ValueError, RuntimeError) as e:  # Its own demo's log lines follow a RuntimeError's.
     print(f"error: {e}", file=sys.stderr)
-    return 2
+    return cli.USAGE
   finally:
     if server is not None:
       server.stop()
@@ -540,4 +541,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  define_flags()
+  app.run(main, flags_parser=cli.parse_flags)

@@ -42,8 +42,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from digit_vit import evaluate as evaluate_lib
-from digit_vit import trained
+from digit_vit import cli, evaluate as evaluate_lib, tasks, trained
 from digit_vit.models import tokens as tokens_lib
 
 DROPPED = "-"  # What a digit the reading left out was read as.
@@ -342,7 +341,7 @@ def plot_digits(images: dict[int, np.ndarray], titles: dict[int, str], path, *,
 
 def digit_titles(result: dict[str, Any], top: int) -> dict[int, str]:
   """Source id -> 'id: label->most common misreading' and how often, for the digits drawn."""
-  if result["task"] == "read":
+  if tasks.by_name(result["task"]).reads_lines:
     return {d["id"]: f"{d['id']}: {d['label']}->{max(d['read_as'], key=d['read_as'].get)}\n"
                      f"{d['misread']}/{d['lines']} lines" for d in result["most_misread"][:top]}
   return {d["id"]: f"{d['id']}: {d['label']}->{d['read_as']}\non {d['lines']} lines"
@@ -378,11 +377,11 @@ def analyze(workdir: str | os.PathLike, *, checkpoints: Sequence[trained.Checkpo
   # Imported here: the input pipeline brings TensorFlow.
   from digit_vit.data import input_pipeline  # pylint: disable=import-outside-toplevel
   config = trained.load_config(workdir)
-  task = config.get("task", "read")
-  if task == "read" and lines is not None:
+  task = tasks.get(config)
+  if task.reads_lines and lines is not None:
     raise ValueError(f"{workdir} is a reader run: it reads its own lines; --lines is for a "
                      "single-digit classifier run")
-  if task == "classify" and (lines is None or config.data.get("name") != "mnist_digits"):
+  if not task.reads_lines and (lines is None or config.data.get("name") != "mnist_digits"):
     raise ValueError(f"{workdir} is a classifier run: give --lines=READER_RUN, whose lines its "
                      "misread digits are looked up on (and it must classify MNIST digits, "
                      f"config.data.name='mnist_digits', not {config.data.get('name')!r})")
@@ -402,8 +401,9 @@ def analyze(workdir: str | os.PathLike, *, checkpoints: Sequence[trained.Checkpo
   line_info = input_pipeline.line_sources(line_config, split)
   digits = source_digits(config, split)
   images = {int(i): image for i, image in zip(digits.ids, digits.images)}
-  result: dict[str, Any] = {"workdir": str(workdir), "split": split, "task": task, **reading}
-  if task == "read":
+  result: dict[str, Any] = {"workdir": str(workdir), "split": split, "task": task.name,
+                            **reading}
+  if task.reads_lines:
     errors = charge_lines(line_info["digits"], predictions, line_info["source_ids"])
     result.update(summarize_lines(errors, top=top, bboxes=line_info["bboxes"],
                                   lengths=line_info["length"],
@@ -436,7 +436,7 @@ def analyze(workdir: str | os.PathLike, *, checkpoints: Sequence[trained.Checkpo
 def format_result(result: dict[str, Any], *, top: int) -> str:
   head = f"{result['workdir']} {result['split']}, steps {result['steps']}"
   with_members = "".join(f", with {m['workdir']}@{m['checkpoint']}" for m in result["ensemble"])
-  if result["task"] == "read":
+  if tasks.by_name(result["task"]).reads_lines:
     head += f", beam {result['beam_size']}, {result['views']} view(s)" + with_members
     return head + "\n" + format_lines(result, top=top)
   reader = "these classifiers do together" if result["ensemble"] else "this classifier does"
@@ -454,27 +454,28 @@ def format_result(result: dict[str, Any], *, top: int) -> str:
 FLAGS = flags.FLAGS
 
 
-def define_flags():
-  evaluate_lib.define_reading_flags()
-  flags.DEFINE_string("split", "test", "The split to analyse.")
+def define_flags(flag_values: flags.FlagValues = FLAGS):
+  """Defines the command's flags when it runs, not on import (`cli`): absl flags are global."""
+  cli.define_reader_flags(flag_values, model=False, several_checkpoints=True, ema=True)
+  flags.DEFINE_string("split", "test", "The split to analyse.", flag_values=flag_values)
   flags.DEFINE_string("lines", None, "For a classifier run: the reader run whose lines its "
-                      "misread digits are looked up on.")
-  flags.DEFINE_integer("top", 30, "How many of the most misread digits to list and draw.")
+                      "misread digits are looked up on.", flag_values=flag_values)
+  flags.DEFINE_integer("top", 30, "How many of the most misread digits to list and draw.",
+                       lower_bound=0, flag_values=flag_values)
   flags.DEFINE_string("output", None, "JSON file (default: workdir/errors_<split>_<checkpoints>"
-                      "_beam<k>....json; the grid of digits goes beside it as .png).")
+                      "_beam<k>....json; the grid of digits goes beside it as .png).",
+                      flag_values=flag_values)
 
 
 def main(argv):
   checkpoints = evaluate_lib.start_reading_command(argv)
-  if FLAGS.top < 0:
-    raise app.UsageError(f"--top must be >= 0, got {FLAGS.top}")
   try:
     result, images = analyze(FLAGS.workdir, checkpoints=checkpoints, split=FLAGS.split,
                              beam_size=FLAGS.beam_size, alpha=FLAGS.alpha, views=FLAGS.views,
                              ema=FLAGS.ema, ensemble=FLAGS.ensemble, lines=FLAGS.lines,
                              top=FLAGS.top)
   except (ValueError, FileNotFoundError) as e:
-    raise app.UsageError(str(e)) from None
+    cli.usage_error(str(e))
   path = pathlib.Path(FLAGS.output or evaluate_lib.output_path(
       FLAGS.workdir, checkpoints, result["beam_size"], FLAGS.ema, result["views"],
       1 + len(FLAGS.ensemble), prefix=f"errors_{FLAGS.split}"))
@@ -496,4 +497,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -29,13 +29,13 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import sys
-from typing import Any, NoReturn, Sequence
+from typing import Any, Sequence
 
 import tensorflow as tf
 from absl import app, flags
 
-from digit_vit import calibration, file_evaluation, logs, predict, state as state_lib, trained
+from digit_vit import (calibration, cli, file_evaluation, logs, predict, state as state_lib,
+                       tasks, trained)
 from digit_vit.data import input_pipeline
 from digit_vit.data.tasks import input_module
 from digit_vit.evaluator import Evaluator
@@ -133,7 +133,8 @@ def evaluate_and_calibrate(workdir: str | os.PathLike, *,
   config = trained.load_config(workdir)
   beam_size, alpha, views = trained.decoding(config, beam_size, alpha, views)
   splits = list(config.eval_splits if splits is None else splits)
-  known = input_pipeline.SPLITS + (file_evaluation.SPLITS if config.task == "read" else ())
+  is_reader = tasks.get(config).reads_lines
+  known = input_pipeline.SPLITS + (file_evaluation.SPLITS if is_reader else ())
   unknown = [s for s in splits if s not in known]
   if unknown or not splits:
     raise ValueError(f"--splits={','.join(splits)}: choose among {', '.join(known)}")
@@ -144,7 +145,6 @@ def evaluate_and_calibrate(workdir: str | os.PathLike, *,
       ema=ema, ensemble=ensemble)
   result: dict[str, Any] = {**reading, "splits": splits}
   file_reader = None
-  is_reader = config.task == "read"
   lines = {}
   for split in splits:
     if split in file_evaluation.SPLITS:  # Image files, read as `predict` reads them.
@@ -211,59 +211,31 @@ def format_result(result: dict[str, Any]) -> str:
 FLAGS = flags.FLAGS
 
 
-def define_reading_flags():
-  """--workdir, --checkpoint and how to read (--beam_size, --alpha, --views, --ema,
-  --ensemble): the flags `evaluate` shares with `error_analysis`."""
-  flags.DEFINE_string("workdir", None, "A training run's directory (config.json, checkpoints/).")
-  flags.DEFINE_list("checkpoint", ["best"], "'best', 'latest' or a step; several (commas) are "
-                    "averaged parameter by parameter.")
-  flags.DEFINE_integer("beam_size", None, "Beam size (default: the run's config.decode; 1 = "
-                       "greedy).")
-  flags.DEFINE_float("alpha", None, "Beam length normalisation (default: the run's config).")
-  flags.DEFINE_integer("views", None, "Test-time views: read this many shifted copies of each "
-                       "image and average their probabilities (default: the run's "
-                       "config.decode; 1 = the image alone).")
-  flags.DEFINE_bool("ema", True, "Read with the moving average of the parameters where the run "
-                    "kept one (config.ema_decay > 0); --noema reads the raw parameters.")
-  flags.DEFINE_list("ensemble", [], "Further runs of the same task read together with "
-                    "--workdir's model, WORKDIR or WORKDIR@CHECKPOINT (default: its best): each "
-                    "token (or a classifier's label) is picked by the mean probability over the "
-                    "models (and views).")
-
-
-def define_flags():
-  """Defines the command's flags when it runs, not on import: absl flags are global and
-  `main` and `predict` define --workdir too."""
-  define_reading_flags()
-  flags.DEFINE_list("splits", None, "Splits to evaluate (default: the run's config.eval_splits).")
-  flags.DEFINE_integer("num_examples", -1, "Examples of each split to evaluate; -1 = all.")
+def define_flags(flag_values: flags.FlagValues = FLAGS):
+  """Defines the command's flags when it runs, not on import (`cli`): absl flags are global."""
+  cli.define_reader_flags(flag_values, model=False, several_checkpoints=True, ema=True)
+  flags.DEFINE_list("splits", None, "Splits to evaluate (default: the run's config.eval_splits).",
+                    flag_values=flag_values)
+  flags.DEFINE_integer("num_examples", -1, "Examples of each split to evaluate; -1 = all.",
+                       flag_values=flag_values)
   flags.DEFINE_string("data_dir", None, "The built dataset's directory (default: the run's "
-                      "config.data.data_dir).")
+                      "config.data.data_dir).", flag_values=flag_values)
   flags.DEFINE_string("output", None, "JSON file for the metrics (default: "
-                      "workdir/evaluation_<checkpoints>_beam<k>.json).")
-
-
-def usage_error(message: str) -> NoReturn:
-  """Ends a command on a mistake in its command line: the one line on stderr, exit status 2
-  (absl's app.UsageError would print every flag's help before it)."""
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
+                      "workdir/evaluation_<checkpoints>_beam<k>.json).", flag_values=flag_values)
 
 
 def start_reading_command(argv) -> list[trained.Checkpoint]:
-  """The start of a command with `define_reading_flags`: checks the command line (a mistake
-  ends it, `usage_error`), quiets the libraries and keeps TensorFlow off accelerators. Returns
-  the parsed --checkpoint."""
+  """The start of a command with `cli.define_reader_flags(several_checkpoints=True)`
+  (`evaluate`, `error_analysis`): checks the command line (a mistake ends it,
+  `cli.usage_error`), quiets the libraries and keeps TensorFlow off accelerators. Returns
+  --checkpoint."""
   if len(argv) > 1:
-    usage_error(f"unexpected arguments {argv[1:]}")
+    cli.usage_error(f"unexpected arguments {argv[1:]}")
   if not FLAGS.workdir:
-    usage_error("--workdir is required: a training run's directory")
+    cli.usage_error("--workdir is required: a training run's directory")
   logs.quiet_libraries()
   tf.config.set_visible_devices([], "GPU")
-  try:
-    return [trained.parse_checkpoint(c) for c in FLAGS.checkpoint]
-  except ValueError as e:
-    usage_error(f"--checkpoint: {e}")
+  return FLAGS.checkpoint
 
 
 def main(argv):
@@ -272,17 +244,17 @@ def main(argv):
   if FLAGS.output:
     problem = predict.check_output_file("--output", FLAGS.output)
     if problem:
-      usage_error(problem)
+      cli.usage_error(problem)
   elif os.path.isdir(FLAGS.workdir) and not os.access(FLAGS.workdir, os.W_OK):
-    usage_error(f"--workdir={FLAGS.workdir} cannot take the metrics file (no permission): give "
-                f"--output")
+    cli.usage_error(f"--workdir={FLAGS.workdir} cannot take the metrics file (no permission): "
+                    f"give --output")
   try:
     result, lines = evaluate_and_calibrate(
         FLAGS.workdir, checkpoints=checkpoints, splits=FLAGS.splits, beam_size=FLAGS.beam_size,
         alpha=FLAGS.alpha, num_examples=FLAGS.num_examples, data_dir=FLAGS.data_dir,
         ema=FLAGS.ema, views=FLAGS.views, ensemble=FLAGS.ensemble)
   except (ValueError, FileNotFoundError) as e:  # A wrong run, checkpoint, split or setting.
-    usage_error(str(e))
+    cli.usage_error(str(e))
   path = pathlib.Path(FLAGS.output or output_path(FLAGS.workdir, checkpoints,
                                                   result["beam_size"], FLAGS.ema,
                                                   result["views"], 1 + len(FLAGS.ensemble)))
@@ -309,4 +281,4 @@ def risk_coverage_path(json_path: str | os.PathLike) -> pathlib.Path:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -18,7 +18,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from digit_vit import calibration, metrics, steps, xla_options
+from digit_vit import calibration, metrics, steps, tasks, xla_options
 from digit_vit.models import tokens
 
 
@@ -54,7 +54,7 @@ class Evaluator:
     step = functools.partial(steps.eval_step, config=config, model=model, beam_size=beam_size,
                              alpha=alpha, views=views,
                              ensemble_configs=tuple(c for c, _ in ensemble))
-    self._step = xla_options.jit(step,
+    self._step = xla_options.jit(step, matmul_dtype=xla_options.matmul_dtype_of(config),
                                  in_shardings=(replicated, self.data_sharding, replicated),
                                  out_shardings=(replicated, self.data_sharding,
                                                 self.data_sharding))
@@ -87,7 +87,7 @@ class Evaluator:
   def with_lines(self, params, split: str, num_examples: int = -1):
     """`__call__` of a reader, and each line's reading for calibration: (metrics, sample,
     `calibration.Lines` of this process's lines, padding rows dropped), from the one pass."""
-    if self.config.task != "read":
+    if not tasks.get(self.config).reads_lines:
       raise ValueError("calibration lines exist for readers (task 'read') only")
     return self._evaluate(params, split, num_examples, lines=True)
 

@@ -33,7 +33,6 @@ import json
 import os
 import pathlib
 import shutil
-import sys
 import tempfile
 from typing import Any, Sequence
 
@@ -42,13 +41,12 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from digit_vit import (calibration, checkpointing, decode, environment, logs, preprocess,
-                       serving, trained)
+from digit_vit import (calibration, checkpointing, cli, decode, environment, logs,
+                       preprocess, serving, trained)
 from digit_vit.data import buckets as width_buckets
 from digit_vit.models import tokens
 from digit_vit.models.reader import ModelConfig
 
-USAGE, FAILURE = 2, 1
 DEFAULT_PLATFORMS = ("cpu", "cuda")
 # Metric names kept in the manifest: those of these splits (every key `evaluate` writes).
 METRIC_SPLITS = ("test", "wild", "long")
@@ -304,53 +302,40 @@ def _replace(staging: pathlib.Path, output: pathlib.Path) -> None:
 FLAGS = flags.FLAGS
 
 
-def define_flags():
-  """Defines the command's flags when it runs, not on import (absl flags are global)."""
-  flags.DEFINE_string("workdir", None, "A reading run's directory (config.json, checkpoints/).")
-  flags.DEFINE_string("checkpoint", "best", "'best' (by validation), 'latest', or a step.")
+def define_flags(flag_values: flags.FlagValues = FLAGS):
+  """Defines the command's flags when it runs, not on import (`cli`): absl flags are global."""
+  cli.define_reader_flags(flag_values, model=False, ensemble=False)
   flags.DEFINE_string("output", None, "The directory to write the exported reader to (new, "
-                      "empty, or an earlier export, which is replaced).")
-  flags.DEFINE_integer("beam_size", None, "Beam size built in (default: the run's "
-                       "config.decode; 1 = greedy).")
-  flags.DEFINE_float("alpha", None, "Beam length normalisation (default: the run's config).")
-  flags.DEFINE_integer("views", None, "Test-time views built in (default: the run's "
-                       "config.decode).")
-  flags.DEFINE_list("platforms", list(DEFAULT_PLATFORMS), "Backends the export runs on.")
-
-
-def _error(message: str, status: int) -> int:
-  print(f"error: {message}", file=sys.stderr)
-  return status
+                      "empty, or an earlier export, which is replaced).", flag_values=flag_values)
+  flags.DEFINE_list("platforms", list(DEFAULT_PLATFORMS), "Backends the export runs on.",
+                    flag_values=flag_values)
 
 
 def main(argv):
   if len(argv) > 1:
-    return _error(f"unexpected arguments {argv[1:]}", USAGE)
+    return cli.error(f"unexpected arguments {argv[1:]}", cli.USAGE)
   if not FLAGS.workdir:
-    return _error("--workdir is required: a reading run's directory", USAGE)
+    return cli.error("--workdir is required: a reading run's directory", cli.USAGE)
   if not FLAGS.output:
-    return _error("--output is required: the directory to write the exported reader to", USAGE)
+    return cli.error("--output is required: the directory to write the exported reader to",
+                     cli.USAGE)
   problem = check_output(FLAGS.output)
   if problem:
-    return _error(problem, USAGE)
-  try:
-    checkpoint = trained.parse_checkpoint(FLAGS.checkpoint)
-  except ValueError as e:
-    return _error(f"--checkpoint={e}", USAGE)
+    return cli.error(problem, cli.USAGE)
   try:  # The run and the decoding, before any checkpoint is read.
     config = trained.load_config(FLAGS.workdir, task="read")
     trained.decoding(config, FLAGS.beam_size, FLAGS.alpha, FLAGS.views)
   except (FileNotFoundError, ValueError) as e:
-    return _error(str(e), USAGE)
+    return cli.error(str(e), cli.USAGE)
   logs.quiet_libraries()
   try:
-    manifest = export_reader(FLAGS.workdir, FLAGS.output, checkpoint=checkpoint,
+    manifest = export_reader(FLAGS.workdir, FLAGS.output, checkpoint=FLAGS.checkpoint,
                              beam_size=FLAGS.beam_size, alpha=FLAGS.alpha, views=FLAGS.views,
                              platforms=FLAGS.platforms)
   except (FileNotFoundError, checkpointing.CorruptCheckpointError) as e:
-    return _error(str(e), FAILURE)  # No checkpoint yet, or a damaged one.
+    return cli.error(str(e), cli.FAILURE)  # No checkpoint yet, or a damaged one.
   except ValueError as e:  # No checkpoint of that step; a platform jax does not know.
-    return _error(str(e), USAGE)
+    return cli.error(str(e), cli.USAGE)
   run = manifest["run"]
   size = sum(f.stat().st_size for f in pathlib.Path(FLAGS.output).iterdir())
   print(f"exported {FLAGS.workdir} (step {run['step']}, beam {manifest['decode']['beam_size']}, "
@@ -362,4 +347,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -1,7 +1,8 @@
 r"""Trains and evaluates from a config file.
 
   python -m digit_vit.main --config=configs/default.py --workdir=runs/default \
-      [--config.learning_rate=3e-4 ...] [--jax_distributed]
+      [--config.learning_rate=3e-4 ...] [--jax_distributed [--coordinator_address=HOST:PORT
+      --num_processes=N --process_id=I]]
 
 Re-running the same command resumes from the latest checkpoint in --workdir. A rerun may change
 only `num_train_steps` (to extend the run) and the settings of evaluation, logging,
@@ -30,11 +31,10 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from digit_vit import checkpointing, config_lib, logs, train
+from digit_vit.cli import FAILURE, USAGE, error, parse_flags  # One style for every command.
 from digit_vit.data import sources
 
 FLAGS = flags.FLAGS
-
-USAGE, FAILURE = 2, 1
 
 
 def define_flags(flag_values: flags.FlagValues = FLAGS, argv: list[str] | None = None):
@@ -51,53 +51,23 @@ def define_flags(flag_values: flags.FlagValues = FLAGS, argv: list[str] | None =
   flags.DEFINE_string("workdir", None, "Directory for checkpoints, summaries and the report.",
                       flag_values=flag_values)
   flags.DEFINE_bool("jax_distributed", False,
-                    "Call jax.distributed.initialize() first (multi-host runs; the cluster "
-                    "environment, e.g. SLURM or TPU pods, supplies the coordinator).",
+                    "Call jax.distributed.initialize() first (multi-host runs). A cluster "
+                    "environment (SLURM, Open MPI, Kubernetes, TPU pods) supplies the "
+                    "coordinator; elsewhere, e.g. several processes on one machine, give "
+                    "--coordinator_address, --num_processes and --process_id.",
                     flag_values=flag_values)
+  flags.DEFINE_string("coordinator_address", None,
+                      "With --jax_distributed: HOST:PORT of the coordinator that process 0 "
+                      "starts, the same on every process (default: the cluster environment's, "
+                      "or $JAX_COORDINATOR_ADDRESS).", flag_values=flag_values)
+  flags.DEFINE_integer("num_processes", None,
+                       "With --jax_distributed: how many processes run the command (default: "
+                       "the cluster environment's).", lower_bound=1, flag_values=flag_values)
+  flags.DEFINE_integer("process_id", None,
+                       "With --jax_distributed: this process's index, 0 .. num_processes - 1; "
+                       "process 0 writes the logs and the report (default: the cluster "
+                       "environment's).", lower_bound=0, flag_values=flag_values)
   flags.mark_flags_as_required(["config", "workdir"], flag_values=flag_values)
-
-
-def error(message: str, status: int) -> int:
-  """Prints `error: message` on stderr as one line; returns the exit status to give."""
-  print(f"error: {_one_line(message)}", file=sys.stderr, flush=True)
-  return status
-
-
-def _one_line(message: str) -> str:
-  lines = [line.strip() for line in str(message).splitlines() if line.strip()]
-  if any(line.startswith("Traceback") for line in lines):
-    lines = lines[-1:]  # A config file's own exception, which config_flags wraps in its trace.
-  return " ".join(lines)
-
-
-def parse_flags(argv: list[str], flag_values: flags.FlagValues = FLAGS) -> list[str]:
-  """absl's flag parsing, but a bad flag, config file or override is one line on stderr and
-  exit status 2 (absl prints a traceback or a 'FATAL' block and exits with 1).
-
-  Returns:
-    the arguments left after the flags (argv[0] first), for `main`.
-  """
-  try:
-    rest = flag_values(argv)
-    config = flag_values.config
-    if not isinstance(config, ml_collections.ConfigDict):
-      # config_flags defers a config file's load error to the first use of the config.
-      load_error = getattr(config, "_error", None)
-      detail = str(load_error).splitlines()[-1].strip() if load_error else "cannot be loaded"
-      sys.exit(error(f"--config: {detail} (config files live in {config_lib.CONFIG_DIR})",
-                     USAGE))
-  except (KeyError, AttributeError) as e:
-    # An override of a field the config does not have: ml_collections raises a KeyError
-    # (wrapped in an AttributeError below the top level) that suggests the nearest name.
-    cause = e.args[0] if isinstance(e, AttributeError) and e.args else e
-    if not isinstance(cause, KeyError):
-      sys.exit(error(str(e), USAGE))
-    field, _, suggestion = str(cause.args[0] if cause.args else cause).partition("\n")
-    suggestion = f": {_one_line(suggestion)}" if suggestion.strip() else ""
-    sys.exit(error(f"no config field {field} (in a --config.* override){suggestion}", USAGE))
-  except (flags.Error, OSError, ValueError, TypeError) as e:
-    sys.exit(error(str(e), USAGE))
-  return rest
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> int:
@@ -137,13 +107,37 @@ def _start_tensorflow_quietly() -> None:
     os.close(saved)
 
 
+def _initialize_distributed(flag_values: flags.FlagValues) -> int:
+  """`jax.distributed.initialize` as --jax_distributed and the coordinator flags say (those
+  given, the others left to the cluster environment).
+
+  Returns:
+    0, or the usage status after printing the error: coordinator flags without
+    --jax_distributed, or settings that jax refuses (no coordinator address outside a
+    cluster, a process id out of range).
+  """
+  given = {name: flag_values[name].value for name in
+           ("coordinator_address", "num_processes", "process_id")
+           if flag_values[name].value is not None}
+  if not flag_values.jax_distributed:
+    if given:
+      return error(f"--{', --'.join(given)} given without --jax_distributed", USAGE)
+    return 0
+  try:
+    jax.distributed.initialize(**given)
+  except (ValueError, TypeError) as e:
+    return error(f"--jax_distributed: {e}", USAGE)
+  return 0
+
+
 def main(argv):
   if len(argv) > 1:
     return error(f"unexpected arguments {argv[1:]}", USAGE)
   _start_tensorflow_quietly()
   logs.quiet_libraries()
-  if FLAGS.jax_distributed:
-    jax.distributed.initialize()
+  status = _initialize_distributed(FLAGS)
+  if status:
+    return status
   return run(FLAGS.config, FLAGS.workdir)
 
 

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from digit_vit import tasks
 from digit_vit.models import tokens as tokens_lib
 
 
@@ -217,5 +218,6 @@ def summarize(sums: Mapping) -> dict[str, float]:
 
 def main_metric(config) -> str:
   """The metric of `summarize` that ranks a run's checkpoints (higher is better), read on the
-  validation split: a reader's exact match, a classifier's accuracy."""
-  return "exact_match" if config.task == "read" else "accuracy"
+  validation split: the task's `tasks.Task.main_metric` (a reader's exact match, a
+  classifier's accuracy)."""
+  return tasks.get(config).main_metric

@@ -1,4 +1,4 @@
-r"""The model card of an exported reader, and the release of the best one.
+r"""The model card of an exported reader, and the command that releases the best one.
 
   python -m digit_vit.model_card --workdir=RUN --model=DIR [--bench=serve.json] \
       [--config_file=configs/long.py] [--error_lines=1000] [--worst=8]
@@ -45,12 +45,9 @@ The card's format (Markdown, in this order):
   ## Provenance              commits, jax version, format version, files and sizes
   ## Full config             the run's resolved config (manifest.json's run.config), as JSON
 
-`--check_size` checks that DIR holds at most `--max_mb` megabytes (10^6 bytes) in all: the
-limit a reader committed to the repository has (`release/`). `--publish_to=RELEASE` replaces the
-reader in RELEASE with DIR (a complete copy renamed into place) only when DIR is within the size
-limit, has its card, and is measured better (`compare`: at least as high an exact match on each
-of test, wild and long as the release, and higher on one); otherwise it refuses, naming the
-figures, unless `--force`. A RELEASE that already holds this very reader is left as it is.
+`--check_size` (DIR within `--max_mb`, the 16 MB a committed reader may weigh) and
+`--publish_to=RELEASE` (replace the reader in RELEASE with DIR only when it is measured better,
+unless `--force`) follow the release rules of `digit_vit.release`, whose docstring states them.
 
 Errors: one line on stderr. Exit status 2 for a mistake on the command line (missing flags, a
 --workdir or --model that is not a run or an export, a --bench file of another reader), 1 when
@@ -65,43 +62,24 @@ import math
 import os
 import pathlib
 import shutil
-import sys
-import tempfile
 from collections import Counter
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from digit_vit import serving
+from digit_vit import release, serving
+from digit_vit.release import CARD_FILE, MAX_RELEASE_MB, MISSING, SPLITS, _pct, _read_json
 
-USAGE, FAILURE = 2, 1
-CARD_FILE = "MODEL_CARD.md"
 WORST_ERRORS_PNG = "worst_errors.png"
 RISK_COVERAGE_PNG = "risk_coverage.png"
-# What a reader committed to the repository may weigh in all (issue 44), in MB of 10^6 bytes.
-MAX_RELEASE_MB = 16.0
-SPLITS = ("test", "wild", "long")
 # Splits whose worst errors are drawn by default.
 ERROR_SPLITS = ("test", "wild")
-# The figure a release is compared by, on each of SPLITS.
-COMPARED_METRIC = "exact_match"
-MISSING = "missing"
 # Lines read at once for the worst errors.
 READ_CHUNK = 256
 
 
-class ReleaseError(Exception):
-  """A reader that may not be released (too large, no card, or not measured better)."""
-
-
 # ----------------------------------------------------------------------------------------------
 # Formatting
-
-
-def _pct(value, digits: int = 2) -> str:
-  if value is None or (isinstance(value, float) and not math.isfinite(value)):
-    return MISSING
-  return f"{100 * float(value):.{digits}f}%"
 
 
 def _num(value, fmt: str = ".4g", unit: str = "") -> str:
@@ -129,14 +107,6 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
   out = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
   out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
   return out
-
-
-def _read_json(path: pathlib.Path) -> dict | None:
-  try:
-    value = json.loads(path.read_text())
-  except (OSError, ValueError):
-    return None
-  return value if isinstance(value, dict) else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,10 +140,11 @@ def config_overrides(config_file: str | os.PathLike, run_config: Mapping[str, An
   """`--config.key=value` for each field where the run's config differs from what
   `config_file` gives: the overrides the training command needs to make the run's config.
   A field the run's config lacks was added after the run and is left at the file's value;
-  a field only the run has is listed, though today's code no longer knows it."""
+  a field only the run has is listed, though today's code no longer knows it, unless it is a
+  removed option at its neutral value (`config_lib.drop_removed`)."""
   from digit_vit import config_lib  # pylint: disable=import-outside-toplevel  (ml_collections)
   made = config_lib.flatten(config_lib.load(config_file))
-  ran = config_lib.flatten(dict(run_config))
+  ran = config_lib.flatten(config_lib.drop_removed(dict(run_config)))
   out = []
   for key in sorted(ran):
     if made.get(key, "<none>") != ran[key]:
@@ -800,207 +771,72 @@ def write_card(workdir: str | os.PathLike, model: str | os.PathLike, **kwargs) -
 
 
 # ----------------------------------------------------------------------------------------------
-# The release
-
-
-def directory_bytes(directory: str | os.PathLike) -> int:
-  """The bytes of every file under `directory`."""
-  return sum(p.stat().st_size for p in pathlib.Path(directory).rglob("*") if p.is_file())
-
-
-def size_problem(directory: str | os.PathLike, max_mb: float = MAX_RELEASE_MB) -> str | None:
-  """Why `directory` is too large for a release (more than `max_mb` * 10^6 bytes), or None."""
-  size = directory_bytes(directory)
-  if size <= max_mb * 1e6:
-    return None
-  largest = sorted((p for p in pathlib.Path(directory).rglob("*") if p.is_file()),
-                   key=lambda p: -p.stat().st_size)[:3]
-  return (f"{directory} holds {size / 1e6:.2f} MB, over the release limit of {max_mb:g} MB "
-          f"(largest: {', '.join(f'{p.name} {p.stat().st_size / 1e6:.2f} MB' for p in largest)}"
-          "): export fewer width buckets or platforms (--platforms=cpu), or a smaller model")
-
-
-@dataclasses.dataclass
-class Comparison:
-  """`compare`'s verdict: whether the candidate is better, and the figures side by side."""
-  better: bool
-  figures: dict[str, tuple[float | None, float | None]]  # split -> (candidate, release)
-  reason: str
-
-
-def _headline(manifest: Mapping | None) -> dict[str, float | None]:
-  metrics = ((manifest or {}).get("run") or {}).get("metrics") or {}
-  out = {}
-  for split in SPLITS:
-    value = metrics.get(f"{split}_{COMPARED_METRIC}")
-    out[split] = (float(value) if isinstance(value, (int, float)) and not isinstance(value, bool)
-                  else None)
-  return out
-
-
-def compare(candidate: Mapping, release: Mapping | None) -> Comparison:
-  """Whether the reader of manifest `candidate` is measured better than the release's.
-
-  Better: the exact match measured on each of test, wild and long, at least as high as the
-  release's on each and higher on one. A figure the release lacks counts as lower than any;
-  a candidate that lacks one is not better (it was not measured). No release: better.
-  """
-  mine, theirs = _headline(candidate), _headline(release)
-  figures = {s: (mine[s], theirs[s]) for s in SPLITS}
-  unmeasured = [s for s in SPLITS if mine[s] is None]
-  if unmeasured:
-    return Comparison(False, figures, f"the candidate has no measured {COMPARED_METRIC} on "
-                      f"{', '.join(unmeasured)}: evaluate it with --splits=test,wild,long and "
-                      "export again")
-  if release is None:
-    return Comparison(True, figures, "there is no release yet")
-  worse = [s for s in SPLITS if theirs[s] is not None and mine[s] < theirs[s]]
-  gained = [s for s in SPLITS if theirs[s] is None or mine[s] > theirs[s]]
-  side = "; ".join(f"{s} {_pct(mine[s])} against {_pct(theirs[s])}" for s in SPLITS)
-  if worse:
-    return Comparison(False, figures, f"it reads worse on {', '.join(worse)} ({side})")
-  if not gained:
-    return Comparison(False, figures, f"it reads no better on any split ({side})")
-  return Comparison(True, figures, f"it reads better on {', '.join(gained)} ({side})")
-
-
-def _same_reader(a: Mapping, b: Mapping) -> bool:
-  """Both manifests are the same: the same export (its files by checksum, its step, metrics
-  and creation time), whatever the card beside it says."""
-  return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
-
-
-def _same_files(a: pathlib.Path, b: pathlib.Path) -> bool:
-  names = sorted(p.name for p in a.iterdir() if p.is_file())
-  return names == sorted(p.name for p in b.iterdir() if p.is_file()) and all(
-      (a / n).read_bytes() == (b / n).read_bytes() for n in names)
-
-
-def publish(candidate: str | os.PathLike, release: str | os.PathLike, *, force: bool = False,
-            max_mb: float = MAX_RELEASE_MB) -> str:
-  """Replaces the reader in `release` with the one in `candidate` when it may be released
-  (see the module docstring); returns what was done.
-
-  Raises:
-    serving.ArtifactError: `candidate` is not an exported reader.
-    ReleaseError: too large, no card, or not better than the release (and not `force`).
-  """
-  candidate, release = pathlib.Path(candidate), pathlib.Path(release)
-  manifest = serving.read_manifest(candidate)
-  problem = size_problem(candidate, max_mb)
-  if problem:
-    raise ReleaseError(problem)
-  if not (candidate / CARD_FILE).is_file():
-    raise ReleaseError(f"{candidate} has no {CARD_FILE}: write it first (python -m "
-                       f"digit_vit.model_card --workdir=RUN --model={candidate})")
-  current = None
-  if (release / serving.MANIFEST).is_file():
-    current = _read_json(release / serving.MANIFEST)
-    if current is None and not force:
-      raise ReleaseError(f"{release / serving.MANIFEST} cannot be read, so the release cannot be "
-                         "compared; --force (RELEASE_FORCE=1) replaces it")
-  elif release.exists() and (not release.is_dir() or any(release.iterdir())):
-    raise ReleaseError(f"{release} holds files and no exported reader: move them away first")
-  if current is not None and _same_reader(manifest, current):
-    if _same_files(candidate, release):
-      return f"{release} already holds this reader"
-    # The same reader with another card (or pictures): replaced, as nothing is lost.
-    verdict = Comparison(True, {}, "the same reader, its card rewritten")
-  else:
-    verdict = compare(manifest, current)
-  if not verdict.better and not force:
-    raise ReleaseError(f"{release} is kept: the reader in {candidate} is not measured better: "
-                       f"{verdict.reason}. --force (RELEASE_FORCE=1) replaces it anyway")
-  release.parent.mkdir(parents=True, exist_ok=True)
-  staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{release.name}.", dir=release.parent))
-  try:
-    for path in candidate.iterdir():
-      if path.is_file():
-        shutil.copy2(path, staging / path.name)
-    from digit_vit import export  # pylint: disable=import-outside-toplevel
-    export._replace(staging, release)  # pylint: disable=protected-access
-  except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
-    raise
-  return (f"released {candidate} to {release}: {verdict.reason}"
-          + (" (forced)" if force and not verdict.better else ""))
-
-
-# ----------------------------------------------------------------------------------------------
 # Command line
 
 
-def define_flags():
-  """Defines the command's flags when it runs, not on import (absl flags are global)."""
+def define_flags(flag_values=None):
+  """Defines the command's flags when it runs, not on import (`cli`): absl flags are global.
+  flag_values: where (default absl's FLAGS)."""
   from absl import flags  # pylint: disable=import-outside-toplevel
-  flags.DEFINE_string("workdir", None, "The training run the reader was exported from.")
+  f = flags.FLAGS if flag_values is None else flag_values
+  flags.DEFINE_string("workdir", None, "The training run the reader was exported from.",
+                      flag_values=f)
   flags.DEFINE_string("model", None, "The exported reader's directory (python -m "
-                      "digit_vit.export): the card is written into it.")
+                      "digit_vit.export): the card is written into it.", flag_values=f)
   flags.DEFINE_string("bench", None, "A `python -m digit_vit.bench --only=serve --json=FILE` "
-                      "of this reader: its reading speed (else the card says not measured).")
+                      "of this reader: its reading speed (else the card says not measured).",
+                      flag_values=f)
   flags.DEFINE_string("config_file", None, "The config file the run trained from "
                       "(configs/long.py): named on the card with the overrides that made the "
-                      "run's config.")
+                      "run's config.", flag_values=f)
   flags.DEFINE_integer("error_lines", 1000, "Lines of each of --error_splits read to find the "
-                       "worst errors (0: none).")
-  flags.DEFINE_list("error_splits", list(ERROR_SPLITS), "Splits whose worst errors are drawn.")
-  flags.DEFINE_integer("worst", 8, "Wrong readings drawn per split, most confident first.")
-  flags.DEFINE_bool("check_size", False, "Only check that --model is within --max_mb.")
-  flags.DEFINE_float("max_mb", MAX_RELEASE_MB, "The release's size limit in MB (10^6 bytes).")
+                       "worst errors (0: none).", flag_values=f)
+  flags.DEFINE_list("error_splits", list(ERROR_SPLITS), "Splits whose worst errors are drawn.",
+                    flag_values=f)
+  flags.DEFINE_integer("worst", 8, "Wrong readings drawn per split, most confident first.",
+                       flag_values=f)
+  flags.DEFINE_bool("check_size", False, "Only check that --model is within --max_mb.",
+                    flag_values=f)
+  flags.DEFINE_float("max_mb", MAX_RELEASE_MB, "The release's size limit in MB (10^6 bytes).",
+                     flag_values=f)
   flags.DEFINE_string("publish_to", None, "Replace the reader in this directory (the release, "
-                      "release/reader) with --model when it is measured better.")
+                      "release/reader) with --model when it is measured better.", flag_values=f)
   flags.DEFINE_bool("force", False, "--publish_to: replace the release even when it reads "
-                    "better.")
-
-
-def _error(message: str, status: int) -> int:
-  print(f"error: {message}", file=sys.stderr)
-  return status
+                    "better.", flag_values=f)
 
 
 def main(argv) -> int:
   from absl import flags  # pylint: disable=import-outside-toplevel
+  from digit_vit import cli  # pylint: disable=import-outside-toplevel
   f = flags.FLAGS
   if len(argv) > 1:
-    return _error(f"unexpected arguments {argv[1:]}", USAGE)
+    return cli.error(f"unexpected arguments {argv[1:]}", cli.USAGE)
   if not f.model:
-    return _error("--model is required: an exported reader's directory (python -m "
-                  "digit_vit.export --output=DIR)", USAGE)
-  if f.check_size:
-    if not pathlib.Path(f.model).is_dir():
-      return _error(f"--model={f.model}: no such directory", USAGE)
-    problem = size_problem(f.model, f.max_mb)
-    if problem:
-      return _error(problem, FAILURE)
-    print(f"{f.model}: {directory_bytes(f.model) / 1e6:.2f} MB, within the {f.max_mb:g} MB "
-          "release limit")
-    return 0
-  if f.publish_to:
-    try:
-      print(publish(f.model, f.publish_to, force=f.force, max_mb=f.max_mb))
-    except serving.ArtifactError as e:
-      return _error(str(e), USAGE)
-    except ReleaseError as e:
-      return _error(str(e), FAILURE)
-    return 0
+    return cli.error("--model is required: an exported reader's directory (python -m "
+                     "digit_vit.export --output=DIR)", cli.USAGE)
+  if f.check_size or f.publish_to:
+    return release.command(f.model, check_size=f.check_size, publish_to=f.publish_to,
+                           force=f.force, max_mb=f.max_mb)
   if not f.workdir:
-    return _error("--workdir is required: the training run the reader was exported from", USAGE)
+    return cli.error("--workdir is required: the training run the reader was exported from",
+                     cli.USAGE)
   unknown = [s for s in f.error_splits if s not in SPLITS]
   if unknown:
-    return _error(f"--error_splits={','.join(f.error_splits)}: choose among "
-                  f"{', '.join(SPLITS)}", USAGE)
+    return cli.error(f"--error_splits={','.join(f.error_splits)}: choose among "
+                     f"{', '.join(SPLITS)}", cli.USAGE)
   from digit_vit import logs  # pylint: disable=import-outside-toplevel
   logs.quiet_libraries()
   try:
     path = write_card(f.workdir, f.model, bench=f.bench, config_file=f.config_file,
                       error_lines=f.error_lines, worst=f.worst, error_splits=f.error_splits)
   except (FileNotFoundError, ValueError) as e:  # ArtifactError is a ValueError.
-    return _error(str(e), USAGE)
+    return cli.error(str(e), cli.USAGE)
   print(f"wrote {path}")
   return 0
 
 
 if __name__ == "__main__":
   from absl import app  # pylint: disable=import-outside-toplevel
+  from digit_vit import cli  # pylint: disable=import-outside-toplevel
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

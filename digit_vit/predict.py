@@ -60,7 +60,7 @@ import numpy as np
 from absl import app, flags
 from PIL import Image, ImageDraw
 
-from digit_vit import calibration, decode, logs, trained, xla_options
+from digit_vit import calibration, cli, decode, logs, trained, xla_options
 # The image preprocessing lives in `preprocess` (shared with `serving`); its names stay
 # importable from here, as callers and tests use them (`predict.to_canvas`, ...).
 from digit_vit.preprocess import (INK_FLOOR, INK_THRESHOLD, LINE_HEIGHT, MARGIN,  # noqa: F401
@@ -196,9 +196,10 @@ class Reader:
     self.buckets = buckets.width_buckets(self.config)
     self.max_length = trained.read_length(self.config)  # Tokens a reading may write.
     self.traces = 0  # Compilations of the reading function: one per width bucket used.
-    self._read_batch = xla_options.jit(self._read_fn)
-    self._attention_batch = xla_options.jit(functools.partial(cross_attention,
-                                                              self.model_config))
+    matmul_dtype = self.model_config.matmul_dtype
+    self._read_batch = xla_options.jit(self._read_fn, matmul_dtype=matmul_dtype)
+    self._attention_batch = xla_options.jit(
+        functools.partial(cross_attention, self.model_config), matmul_dtype=matmul_dtype)
 
   def _read_fn(self, params, ensemble_params, images, widths):
     self.traces += 1
@@ -447,30 +448,15 @@ def attention_path(directory: str | os.PathLike, filename: str) -> pathlib.Path:
 FLAGS = flags.FLAGS
 
 
-def define_flags():
-  """Defines the command's flags when it runs, not on import: absl flags are global and
-  `main` and `evaluate` define --workdir too."""
-  flags.DEFINE_string("workdir", None, "A training run's directory (config.json, checkpoints/).")
-  flags.DEFINE_string("model", None, "An exported reader's directory (python -m "
-                      "digit_vit.export), instead of --workdir.")
-  flags.DEFINE_string("checkpoint", "best", "'best' (by validation), 'latest', or a step.")
+def define_flags(flag_values: flags.FlagValues = FLAGS):
+  """Defines the command's flags when it runs, not on import (`cli`): absl flags are global."""
+  cli.define_reader_flags(flag_values, min_confidence=True)
   flags.DEFINE_string("output", None, "Write rows filename,digits,confidence,truncated,rejected "
-                      "to this CSV file (its directory must exist).")
-  flags.DEFINE_float("min_confidence", 0.0, "Mark readings whose (calibrated) confidence is "
-                     "below this, in [0, 1], as rejected: printed so and `true` in the CSV's "
-                     "rejected column (0 = none).")
+                      "to this CSV file (its directory must exist).", flag_values=flag_values)
   flags.DEFINE_string("attention", None, "Write each image's attention maps as PNG under this "
-                      "directory (made if missing).")
-  flags.DEFINE_integer("beam_size", None, "Beam size (default: the run's config.decode; 1 = "
-                       "greedy).")
-  flags.DEFINE_float("alpha", None, "Beam length normalisation (default: the run's config).")
-  flags.DEFINE_integer("views", None, "Test-time views: shifted copies of each image whose "
-                       "probabilities are averaged (default: the run's config.decode; 1 = the "
-                       "image alone).")
-  flags.DEFINE_integer("batch_size", 16, "Images per call of the compiled decoder.")
-  flags.DEFINE_list("ensemble", [], "Further runs read together with --workdir's model, "
-                    "WORKDIR or WORKDIR@CHECKPOINT (default: its best): each token is picked by "
-                    "the mean probability over the models (and views).")
+                      "directory (made if missing).", flag_values=flag_values)
+  flags.DEFINE_integer("batch_size", 16, "Images per call of the compiled decoder.",
+                       flag_values=flag_values)
 
 
 def format_prediction(p: Prediction, min_confidence: float | None = None) -> str:
@@ -550,45 +536,31 @@ def run(reader: Reader, arguments: Sequence[str], *, output: str | None = None,
   return predictions
 
 
-def _usage_error(message: str) -> int:
-  """A mistake on the command line: its one line on stderr, and exit status 2 (absl's
-  app.UsageError would print every flag's help before it)."""
-  print(f"error: {message}", file=sys.stderr)
-  return 2
-
-
 def main(argv):
   if len(argv) < 2:
-    return _usage_error("give one or more image files or directories to read (--helpshort "
-                        "lists the flags)")
+    return cli.error("give one or more image files or directories to read (--helpshort "
+                     "lists the flags)", cli.USAGE)
   try:
     workdir, model = reader_source(FLAGS.workdir, FLAGS.model)
   except ValueError as e:  # Both, or neither and no released reader.
-    return _usage_error(str(e))
+    return cli.error(str(e), cli.USAGE)
   problem = check_output_paths(FLAGS.output, FLAGS.attention) or _run_only_flags(model)
   if problem:
-    return _usage_error(problem)
-  if not 0.0 <= FLAGS.min_confidence <= 1.0:  # NaN too.
-    return _usage_error(f"--min_confidence={FLAGS.min_confidence} must be in [0, 1] (a "
-                        "probability; 0 rejects nothing)")
+    return cli.error(problem, cli.USAGE)
   logs.quiet_libraries()
   if model:
     try:
       reader = _load_exported(model, batch_size=FLAGS.batch_size)
     except ValueError as e:  # Not an export, another format version, a damaged file.
-      return _usage_error(str(e))
+      return cli.error(str(e), cli.USAGE)
     return _finish(run(reader, argv[1:], output=FLAGS.output, attention_dir=FLAGS.attention,
                        min_confidence=FLAGS.min_confidence))
   try:
-    checkpoint = trained.parse_checkpoint(FLAGS.checkpoint)
-  except ValueError as e:
-    return _usage_error(f"--checkpoint={e}")
-  try:
-    reader = Reader(workdir, checkpoint=checkpoint, beam_size=FLAGS.beam_size,
+    reader = Reader(workdir, checkpoint=FLAGS.checkpoint, beam_size=FLAGS.beam_size,
                     alpha=FLAGS.alpha, views=FLAGS.views, batch_size=FLAGS.batch_size,
                     ensemble=FLAGS.ensemble)
   except (ValueError, FileNotFoundError) as e:  # A wrong run, checkpoint or decoding setting.
-    return _usage_error(str(e))
+    return cli.error(str(e), cli.USAGE)
   return _finish(run(reader, argv[1:], output=FLAGS.output, attention_dir=FLAGS.attention,
                      min_confidence=FLAGS.min_confidence))
 
@@ -650,4 +622,4 @@ def _finish(predictions: Sequence[Prediction]) -> int:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

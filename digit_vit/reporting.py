@@ -19,6 +19,7 @@ matplotlib.use("Agg")  # Files only; no display on servers.
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from digit_vit import tasks  # noqa: E402
 from digit_vit.models import tokens as tokens_lib  # noqa: E402
 
 REPORT_FILE = "report.json"
@@ -97,10 +98,9 @@ def epoch_means(history: Sequence[dict], split: str, key: str,
 
 def plot_epoch_curves(history: Sequence[dict], path: str, *, steps_per_epoch: float, task: str):
   """Loss and accuracy per epoch side by side, as the seeds' coursework plots them: the train
-  metrics averaged over each epoch, the validation ones where they were measured."""
-  accuracy_keys = ([("train", "accuracy"), ("validation", "token_accuracy"),
-                    ("validation", "exact_match")] if task == "read"
-                   else [("train", "accuracy"), ("validation", "accuracy")])
+  metrics averaged over each epoch, the validation ones where they were measured. `task`:
+  the run's `config.task`, whose `tasks.Task.accuracy_curves` are drawn."""
+  accuracy_keys = list(tasks.by_name(task).accuracy_curves)
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
   for ax, keys, title in ((axes[0], [("train", "loss"), ("validation", "loss")], "Loss/Epoch"),
                           (axes[1], accuracy_keys, "Accuracy/Epoch")):
@@ -125,8 +125,8 @@ def plot_epoch_curves(history: Sequence[dict], path: str, *, steps_per_epoch: fl
 
 
 def _label_text(sample: Mapping[str, np.ndarray], i: int, task: str) -> tuple[str, str, bool]:
-  """(truth, reading, correct) of example i of an evaluation sample."""
-  if task == "read":
+  """(truth, reading, correct) of example i of an evaluation sample of `task` (a name)."""
+  if tasks.by_name(task).reads_lines:
     truth = tokens_lib.decode_sequence(sample["tokens"][i])
     reading = tokens_lib.read_output(sample["prediction"][i])
     text = (reading.digits or "nothing") + ("" if reading.ended else " (no <eos>)")
@@ -174,9 +174,7 @@ def write_report(workdir: str, report: Mapping, history: Sequence[dict],
   plot_curves(history, os.path.join(workdir, LOSS_PLOT),
               [("train", "loss"), ("validation", "loss")], ylabel="cross-entropy",
               steps_per_epoch=steps_per_epoch, log_scale=True)
-  accuracy_keys = ([("train", "accuracy"), ("validation", "token_accuracy"),
-                    ("validation", "exact_match")] if task == "read"
-                   else [("train", "accuracy"), ("validation", "accuracy")])
+  accuracy_keys = list(tasks.by_name(task).accuracy_curves)
   plot_curves(history, os.path.join(workdir, ACCURACY_PLOT), accuracy_keys, ylabel="accuracy",
               steps_per_epoch=steps_per_epoch)
   if steps_per_epoch:

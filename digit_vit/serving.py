@@ -377,7 +377,7 @@ class ExportedReader:
     if tuple(images.shape[1:]) != expected:
       raise ArtifactError(f"{path} ({what}) takes images of shape {images.shape}, not "
                           f"[batch, *{expected}] as the manifest says")
-    return xla_options.jit(exported.call)
+    return xla_options.jit(exported.call, matmul_dtype=xla_options.matmul_dtype_of(self.config))
 
   def __repr__(self):
     return (f"ExportedReader({str(self.directory)!r}, step={self.step}, buckets={self.buckets}, "

@@ -22,6 +22,7 @@ from flax.training import train_state
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from digit_vit import tasks
 from digit_vit.models import tokens
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -110,7 +111,7 @@ def _init_params(config, model, rng: jax.Array):
   [1, H, W, C] and, for a reader, a target row [1, max_digits + 1] of <sos>."""
   height, width = config.model.image_height, config.model.image_width
   inputs = (jnp.zeros((1, height, width, config.model.image_channels), jnp.float32),)
-  if config.task == "read":
+  if tasks.get(config).reads_lines:  # The decoder's inputs.
     inputs += (jnp.full((1, config.max_digits + 1), tokens.SOS, jnp.int32),)
   return model.init({"params": rng}, *inputs)["params"]
 

@@ -8,7 +8,7 @@ One loss function (`loss_fn`, sums of a masked weighted cross-entropy) serves bo
 
 With `config.loss.ctc_weight` > 0 a reader's training objective also sums a CTC loss of its
 encoder's columns (`model.ctc_head`, joint CTC-attention); decoding and evaluation stay the
-decoder's. With `config.sam_rho` > 0 the step is sharpness-aware (`train_step`).
+decoder's.
 
 Data parallelism. `config.parallelism = 'jit'` (the default) compiles the step with `jax.jit`
 over a 1-D ('data',) mesh of every device of every process: the train state is replicated, the
@@ -33,19 +33,11 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from digit_vit import decode, losses, metrics, state as state_lib, xla_options
+from digit_vit import decode, losses, metrics, state as state_lib, tasks, xla_options
 from digit_vit.models import ModelConfig, ViTClassifier, tokens
 from digit_vit.models.reader import ctc_frame_mask
 
 PARALLELISM = ("jit", "pmap")
-
-
-def check_sam_rho(config) -> float:
-  """config.sam_rho as a float >= 0; 0 = plain gradients (no sharpness-aware step)."""
-  rho = float(config.get("sam_rho", 0.0))
-  if rho < 0:
-    raise ValueError(f"config.sam_rho={rho} must be >= 0 (0 = off; 0.05 is the SAM paper's)")
-  return rho
 
 
 def check_ctc_weight(config) -> float:
@@ -55,7 +47,7 @@ def check_ctc_weight(config) -> float:
     raise ValueError(f"config.loss.ctc_weight={weight} must be >= 0 (0 = no CTC loss)")
   if weight == 0:
     return 0.0
-  if config.task != "read" or not config.model.get("ctc_head", False):
+  if not tasks.get(config).reads_lines or not config.model.get("ctc_head", False):
     raise ValueError(f"config.loss.ctc_weight={weight} needs the reader's CTC head: set "
                      "--config.model.ctc_head=True (task 'read'), or ctc_weight=0")
   columns = ModelConfig.from_config(config.model).ctc_frames
@@ -79,13 +71,15 @@ def _logits_and_targets(config, model, params, batch, *, train: bool, dropout_rn
   classify -> [b, classes] and [b]. With `return_ctc` (read only) the CTC head's logits
   [b, columns, 11] come third."""
   rngs = {"dropout": dropout_rng} if train else None
-  if config.task == "read":
-    decoder_inputs, targets = tokens.split_decoder_io(batch["tokens"])
+  task = tasks.get(config)
+  if task.reads_lines:
+    decoder_inputs, targets = tokens.split_decoder_io(batch[task.target])
     outputs = model.apply({"params": params}, batch["image"], decoder_inputs,
                           widths=batch.get("width"), train=train, rngs=rngs,
                           return_ctc=return_ctc)
     return (outputs[0], targets, outputs[1]) if return_ctc else (outputs, targets)
-  return model.apply({"params": params}, batch["image"], train=train, rngs=rngs), batch["label"]
+  return (model.apply({"params": params}, batch["image"], train=train, rngs=rngs),
+          batch[task.target])
 
 
 def loss_fn(params, batch, *, config, model, train: bool, dropout_rng=None,
@@ -113,7 +107,7 @@ def loss_fn(params, batch, *, config, model, train: bool, dropout_rng=None,
       config, model, params, batch, train=train, dropout_rng=dropout_rng,
       return_ctc=ctc_weight > 0)
   # <pad> and class weights are token notions; a classifier's labels are all counted.
-  is_read = config.task == "read"
+  is_read = tasks.get(config).reads_lines
   class_weights = None
   if is_read and config.loss.class_weights:
     class_weights = losses.class_weight_vector(config.loss.class_weights, logits.shape[-1])
@@ -156,23 +150,12 @@ def train_step(state: state_lib.TrainState, batch, *, config, model, learning_ra
   grad_fn = jax.grad(functools.partial(
       loss_fn, config=config, model=model, train=True, dropout_rng=dropout_rng,
       label_smoothing=config.loss.label_smoothing), has_aux=True)
-
-  def mean_grads(params):  # Gradients of the mean loss over the global batch, and the sums.
-    grads, sums = grad_fn(params, batch)
-    if axis_name is not None:
-      grads, sums = jax.lax.psum((grads, sums), axis_name)
-    weight = jnp.maximum(sums["weight"], 1e-9)
-    return jax.tree.map(lambda g: g / weight, grads), sums, weight
-
-  grads, sums, weight = mean_grads(state.params)
-  rho = check_sam_rho(config)
-  if rho > 0:
-    # Sharpness-aware minimisation (Foret et al. 2021): descend with the gradient taken where
-    # the loss rises fastest within an L2 ball of radius rho (the same batch and dropout), which
-    # favours flat minima. The loss and accuracy logged stay those at the parameters themselves.
-    scale = rho / jnp.maximum(optax.global_norm(grads), 1e-12)
-    perturbed = jax.tree.map(lambda p, g: p + scale * g, state.params, grads)
-    grads, _, _ = mean_grads(perturbed)
+  grads, sums = grad_fn(state.params, batch)
+  if axis_name is not None:
+    grads, sums = jax.lax.psum((grads, sums), axis_name)
+  # Gradients of the mean loss over the global batch.
+  weight = jnp.maximum(sums["weight"], 1e-9)
+  grads = jax.tree.map(lambda g: g / weight, grads)
   new_state = state.apply_gradients(grads=grads)
   if state.ema_params is not None:
     new_state = new_state.replace(ema_params=state_lib.update_ema(
@@ -210,7 +193,7 @@ def eval_step(params, batch, ensemble_params=(), *, config, model, beam_size: in
   """
   _, sums = loss_fn(params, batch, config=config, model=model, train=False)
   loss_sums = {"loss": sums["loss"], "weight": sums["weight"]}
-  if config.task == "read":
+  if tasks.get(config).reads_lines:
     # A lone model is an ensemble of one to `decode`.
     # A line of the split has at most max_digits digits: a reading that has not stopped by
     # then is wrong already, so decoding further only costs time.
@@ -261,7 +244,8 @@ class Stepper:
     step = functools.partial(train_step, config=config, model=model,
                              learning_rate_fn=learning_rate_fn)
     if self.parallelism == "jit":
-      self._step = xla_options.jit(step, in_shardings=(self.replicated, self.data_sharding),
+      self._step = xla_options.jit(step, matmul_dtype=xla_options.matmul_dtype_of(config),
+                                   in_shardings=(self.replicated, self.data_sharding),
                                    out_shardings=(self.replicated, self.replicated),
                                    donate_argnums=0)
     else:

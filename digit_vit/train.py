@@ -31,7 +31,7 @@ from absl import logging
 
 from digit_vit import (calibration, checkpointing, config_checks, config_lib, environment,
                        file_evaluation, metrics, predict, reporting, state as state_lib, steps,
-                       trained)
+                       tasks, trained)
 from digit_vit.data.tasks import input_module
 from digit_vit.evaluator import Evaluator
 from digit_vit.models import build_model
@@ -93,6 +93,7 @@ def _read_splits(config, params, read: Evaluator, reading: trained.Decoding, wri
     or None for a classifier and for a run that asked for no final evaluation).
   """
   figures, sample, file_reader, lines = {}, None, None, {}
+  reads_lines = tasks.get(config).reads_lines
   for split in config.eval_splits:
     if split in file_evaluation.SPLITS:  # Image files, read as `predict` reads them.
       if file_reader is None:
@@ -105,7 +106,7 @@ def _read_splits(config, params, read: Evaluator, reading: trained.Decoding, wri
             batch_size=64)
       split_metrics, lines[split] = file_evaluation.evaluate_with_lines(file_reader, config,
                                                                         split)
-    elif config.task == "read":
+    elif reads_lines:
       split_metrics, split_sample, lines[split] = read.with_lines(params, split)
     else:
       split_metrics, split_sample = read(params, split)
@@ -118,7 +119,7 @@ def _read_splits(config, params, read: Evaluator, reading: trained.Decoding, wri
   # a run that asked for no final evaluation). On several hosts each fits on its own lines;
   # process 0's are reported.
   validation = lines.get("validation", last_validation)
-  if validation is None and config.task == "read" and config.eval_splits:
+  if validation is None and reads_lines and config.eval_splits:
     _, _, validation = read.with_lines(params, "validation", config.num_eval_examples)
   return figures, sample, lines, validation
 
@@ -181,6 +182,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   ran_on = environment.describe()
   logging.info("Environment: %s", json.dumps(ran_on, sort_keys=True))
   num_steps = int(config.num_train_steps)
+  task = tasks.get(config)
   mesh = state_lib.create_mesh()
   model = build_model(config)
   data = input_module(config)
@@ -215,7 +217,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   stepper = steps.Stepper(config, model, learning_rate_fn, mesh)
   evaluate = Evaluator(config, model, mesh, data)
   logging.info("%s: %d parameters, %d devices, %d process(es), parallelism=%s, steps %d..%d",
-               config.task, num_params, jax.device_count(), jax.process_count(),
+               task.name, num_params, jax.device_count(), jax.process_count(),
                config.parallelism, start_step, num_steps)
 
   progress = tqdm.tqdm(total=num_steps, initial=start_step, unit="step", dynamic_ncols=True,
@@ -263,7 +265,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         state = stepper.to_canonical(state)
       checkpoint_metrics = None
       if do_eval:
-        if last and config.task == "read":
+        if last and task.reads_lines:
           validation, _, last_validation = evaluate.with_lines(
               state.eval_params(), "validation", config.num_eval_examples)
         else:
@@ -279,7 +281,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     progress.close()
     checkpoints.wait()
 
-  report = {"task": config.task, "steps": num_steps, "train_seconds": train_seconds,
+  report = {"task": task.name, "steps": num_steps, "train_seconds": train_seconds,
             "num_params": num_params, "num_devices": jax.device_count(),
             "num_processes": jax.process_count(), "global_batch_size": config.batch_size}
   if rates:
@@ -308,7 +310,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   checkpoints.close()
   if is_chief:
     steps_per_epoch = data.num_examples(config, "train") / config.batch_size
-    reporting.write_report(workdir, report, history.load(), sample, task=config.task,
+    reporting.write_report(workdir, report, history.load(), sample, task=task.name,
                            steps_per_epoch=steps_per_epoch)
     if confidence is not None:
       calibration.write(workdir, confidence)

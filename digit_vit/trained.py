@@ -14,14 +14,15 @@ from typing import NamedTuple, Sequence
 import jax
 import ml_collections
 
-from digit_vit import checkpointing, decode, metrics, state as state_lib
+from digit_vit import checkpointing, config_lib, decode, metrics, state as state_lib, tasks
 from digit_vit.models import ModelConfig, build_model
 
 Checkpoint = str | int  # 'best', 'latest' or a step number.
 
 
 def load_config(workdir: str | os.PathLike, *, task: str | None = None) -> ml_collections.ConfigDict:
-  """The config a training run saved in `workdir/config.json`.
+  """The config a training run saved in `workdir/config.json`, without the options removed
+  from the code since that it holds at their neutral values (`config_lib.drop_removed`).
 
   Args:
     task: if given, the run must have trained this `config.task` ('read' or 'classify').
@@ -30,10 +31,10 @@ def load_config(workdir: str | os.PathLike, *, task: str | None = None) -> ml_co
   if not path.is_file():
     raise FileNotFoundError(f"{path} not found: --workdir must be a training run's directory "
                             "(python -m digit_vit.main --config=... --workdir=...)")
-  config = ml_collections.ConfigDict(json.loads(path.read_text()))
-  if task is not None and config.task != task:
-    raise ValueError(f"{workdir} trained a config.task={config.task!r} model; this needs a "
-                     f"{task!r} model")
+  config = ml_collections.ConfigDict(config_lib.drop_removed(json.loads(path.read_text())))
+  if task is not None and tasks.get(config) is not tasks.by_name(task):
+    raise ValueError(f"{workdir} trained a config.task={tasks.get(config).name!r} model; this "
+                     f"needs a {task!r} model")
   return config
 
 
@@ -99,9 +100,10 @@ def decoding(config, beam_size: int | None = None, alpha: float | None = None,
   if beam_size < 1:
     raise ValueError(f"beam_size must be >= 1 (1 = greedy decoding), got {beam_size}")
   decode.check_views(views)
-  if beam_size > 1 and config.get("task", "read") != "read":
+  task = tasks.get(config)
+  if beam_size > 1 and not task.reads_lines:
     raise ValueError(f"beam search only applies to readers; this is a "
-                     f"config.task={config.task!r} run: leave beam_size at 1")
+                     f"config.task={task.name!r} run: leave beam_size at 1")
   return Decoding(beam_size, alpha, views)
 
 
@@ -265,10 +267,10 @@ def restore_ensemble(config, members: Sequence[str | os.PathLike], *, ema: bool 
     [{'workdir', 'checkpoint', 'step'}] to report what was read.
   """
   specs = [parse_member(member) for member in members]
-  task = config.get("task", "read")
-  member_configs = [load_config(workdir, task=task) for workdir, _ in specs]
+  task = tasks.get(config)
+  member_configs = [load_config(workdir, task=task.name) for workdir, _ in specs]
   if specs:
-    if task == "read":
+    if task.reads_lines:
       decode.check_ensemble([ModelConfig.from_config(c.model)
                              for c in [config, *member_configs]])
     else:

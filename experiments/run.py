@@ -15,61 +15,70 @@ config); see experiments/sweep.py and experiments/README.md.
 
 from __future__ import annotations
 
-import argparse
 import shlex
-import sys
 import time
 
+from absl import app, flags
+
+from digit_vit import cli
 from experiments import sweep as sweep_lib
+
+FLAGS = flags.FLAGS
+
+
+def define_flags(flag_values: flags.FlagValues = FLAGS):
+  """Defines the command's flags when it runs, not on import (`digit_vit.cli`): absl flags are
+  global. The sweeps themselves are the arguments."""
+  for name, text in (
+      ("quick", "The shrunk mode: a few minutes a sweep on a laptop CPU."),
+      ("dry_run", "Print the commands of the points still to run; run nothing."),
+      ("collect_only", "Run nothing; collect finished workdirs and write the table."),
+      ("retry_failed", "Run again the points recorded as failed."),
+      ("costly", "Also run the sweep's costly points (hours each on a laptop CPU)."),
+      ("estimate", "Time a few train steps of every point here and estimate the run.")):
+    flags.DEFINE_bool(name, False, text, flag_values=flag_values)
+  flags.DEFINE_string("results_dir", None, "Root of the results (default experiments/results, "
+                      "or runs/experiments-quick with --quick).", flag_values=flag_values)
+  flags.DEFINE_string("workdir_root", None, "Root of the points' workdirs (default "
+                      "runs/sweeps[-quick]).", flag_values=flag_values)
+  flags.DEFINE_string("only", "", "Comma-separated labels or grid indices of the points to run.",
+                      flag_values=flag_values)
+  flags.DEFINE_multi_string("set", [], "KEY=VALUE: an override for every point (repeatable; "
+                            "changes the hashes).", flag_values=flag_values)
 
 
 def _parse_set(items):
-  """['key=value', ...] -> {key: value}; values stay text (parsed as --config.key=value)."""
+  """['key=value', ...] -> {key: value}; values stay text (parsed as --config.key=value).
+
+  Raises:
+    ValueError: an item that is not key=value.
+  """
   out = {}
   for item in items or []:
     key, sep, value = item.partition("=")
     if not sep or not key:
-      raise SystemExit(f"--set {item!r} is not key=value (e.g. --set=num_train_steps=500)")
+      raise ValueError(f"--set {item!r} is not key=value (e.g. --set=num_train_steps=500)")
     out[key.removeprefix("config.")] = value
   return out
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m experiments.run",
-                                   description=__doc__.split("\n", 1)[0])
-  parser.add_argument("sweeps", nargs="+",
-                      help="sweep files, or names in experiments/sweeps/ (e.g. patch_size)")
-  parser.add_argument("--quick", action="store_true",
-                      help="the shrunk mode: a few minutes a sweep on a laptop CPU")
-  parser.add_argument("--results_dir", default=None,
-                      help="root of the results (default experiments/results, or "
-                           "runs/experiments-quick with --quick)")
-  parser.add_argument("--workdir_root", default=None,
-                      help="root of the points' workdirs (default runs/sweeps[-quick])")
-  parser.add_argument("--dry_run", action="store_true",
-                      help="print the commands of the points still to run; run nothing")
-  parser.add_argument("--collect_only", action="store_true",
-                      help="run nothing; collect finished workdirs and write the table")
-  parser.add_argument("--only", default="",
-                      help="comma-separated labels or grid indices of the points to run")
-  parser.add_argument("--retry_failed", action="store_true",
-                      help="run again the points recorded as failed")
-  parser.add_argument("--costly", action="store_true",
-                      help="also run the sweep's costly points (hours each on a laptop CPU)")
-  parser.add_argument("--set", action="append", dest="extra", metavar="KEY=VALUE",
-                      help="an override for every point (repeatable; changes the hashes)")
-  parser.add_argument("--estimate", action="store_true",
-                      help="time a few train steps of every point here and estimate the run")
-  args = parser.parse_args(argv)
-  extra = _parse_set(args.extra)
+def main(argv, flag_values: flags.FlagValues = FLAGS) -> int:
+  if len(argv) < 2:
+    return cli.error("give one or more sweeps: sweep files, or names in experiments/sweeps/ "
+                     "(e.g. patch_size)", cli.USAGE)
+  args = flag_values
+  try:
+    extra = _parse_set(args["set"].value)
+  except ValueError as e:
+    return cli.error(str(e), cli.USAGE)
   only = [s.strip() for s in args.only.split(",") if s.strip()]
-  for name in args.sweeps:
+  for name in argv[1:]:
     sweep = sweep_lib.load_sweep(name)
     # The command that remakes this sweep's results, quoted in its results.md.
     path = name if name.endswith(".py") else f"experiments/sweeps/{name}.py"
     command = shlex.join(["python", "-m", "experiments.run", path]
                          + ["--quick"] * args.quick + ["--costly"] * args.costly
-                         + [f"--set={item}" for item in args.extra or []])
+                         + [f"--set={item}" for item in args["set"].value])
     mode = "quick" if args.quick else "full"
     print(f"== {sweep.name} ({mode} mode): {sweep.title}", flush=True)
     if args.estimate:
@@ -91,4 +100,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  define_flags()
+  app.run(main, flags_parser=cli.parse_flags)

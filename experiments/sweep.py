@@ -48,7 +48,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
-from digit_vit import config_lib  # noqa: E402
+from digit_vit import config_lib, tasks  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SWEEP_DIR = ROOT / "experiments" / "sweeps"
@@ -216,13 +216,15 @@ def resolve_config(config: str, overrides: Mapping[str, Any]):
 # Config fields added after results were recorded under experiments/results/, each with the
 # value that behaves as the code did before it existed. At that value a field is left out of
 # the hash, so a new option does not orphan every finished point; any other value is hashed.
+# Options removed since (`config_lib.REMOVED_FIELDS`) are left out at their neutral values too,
+# so the workdirs of points that ran while they existed keep their hashes.
 ADDED_FIELDS = {"model.stem_depth": 0, "model.stem_max_channels": 0, "ema_decay": 0.0,
-                "decode.views": 1, "model.stem_full_res_depth": 0, "model.stem_antialias": False,
-                "sam_rho": 0.0, "data.augment.keep_inside": False,
-                "data.augment.clean_final_steps": 0, "model.ctc_head": False,
+                "decode.views": 1, "data.augment.clean_final_steps": 0, "model.ctc_head": False,
                 "loss.ctc_weight": 0.0,
                 # 8a83775: best-k checkpoints; 1 keeps the best by validation, as before.
-                "keep_best_checkpoints": 1}
+                "keep_best_checkpoints": 1,
+                # 2026-12-07: bfloat16 matmul operands; float32 computes as before.
+                "model.matmul_dtype": "float32"}
 
 # Results measured by earlier code, kept as the record of those experiments (docs/results.md
 # cites them): `{"code": ..., "description": ..., "points": {sweep: [hash, ...]}}`. Their
@@ -244,12 +246,12 @@ def earlier_code_points(path: str | os.PathLike = EARLIER_CODE_FILE) -> dict[str
 
 def config_hash(config_json: Mapping | str) -> str:
   """12 hex digits of SHA-256 over the sorted JSON of a config (a ConfigDict's JSON text, or
-  the dict read back from a workdir's config.json), without the ADDED_FIELDS at their
-  neutral values."""
+  the dict read back from a workdir's config.json), without the ADDED_FIELDS and the
+  REMOVED_FIELDS at their neutral values."""
   if isinstance(config_json, str):
     config_json = json.loads(config_json)
   config_json = copy.deepcopy(dict(config_json))
-  for dotted, neutral in ADDED_FIELDS.items():
+  for dotted, neutral in {**ADDED_FIELDS, **config_lib.REMOVED_FIELDS}.items():
     *parents, leaf = dotted.split(".")
     section = config_json
     for key in parents:
@@ -740,7 +742,7 @@ def train_rate(config, *, repeats: int = 3) -> float:
   b, m = config.batch_size, config.model
   batch = {"image": rng.random((b, m.image_height, m.image_width, m.image_channels),
                                np.float32)}
-  if config.task == "read":
+  if tasks.get(config).reads_lines:
     digits = ["".join(map(str, rng.integers(0, 10, n)))
               for n in rng.integers(1, config.max_digits + 1, b)]
     batch["tokens"] = tokens.encode_batch(digits, config.max_digits)
@@ -771,7 +773,8 @@ def estimate(pts: Sequence[Point], *, repeats: int = 3, log=print) -> list[dict]
     evals = (config.num_train_steps // config.eval_every_steps
              if config.eval_every_steps > 0 else 0)
     per_eval = config.num_eval_examples if config.num_eval_examples > 0 else 1000
-    eval_examples = evals * per_eval + (5000 if config.task == "read" else 1400)
+    # The final evaluation: a reader's test split and its files, a classifier's test split.
+    eval_examples = evals * per_eval + (5000 if tasks.get(config).reads_lines else 1400)
     seconds = train_s + eval_examples / (3 * rate) + 60
     log(f"{p.label}: {rate:,.0f} train images/s, about {seconds / 60:.0f} min")
     out.append({"label": p.label, "train_images_per_second": rate, "seconds": seconds})

@@ -104,13 +104,33 @@ def test_a_resume_may_change_only_the_resumable_fields():
 def test_fields_added_or_removed_since_a_run_was_saved():
   config = config_lib.load("tiny")
   saved = json.loads(config.to_json_best_effort())
-  del saved["sam_rho"], saved["model"]["stem_depth"]  # Fields the code gained since.
+  del saved["ema_decay"], saved["model"]["stem_depth"]  # Fields the code gained since.
   saved["retired_field"] = 1  # A field the code lost since.
+  # Options removed from the code, at the values that behave as the code does now.
+  saved["sam_rho"], saved["model"]["stem_antialias"] = 0.0, False
   # At their default values, the new fields keep the behaviour from before they existed.
   assert config_lib.resume_differences(saved, config) == ["retired_field: 1 -> (none)"]
-  config.sam_rho = 0.05
+  config.ema_decay = 0.9
+  saved["sam_rho"] = 0.05  # A removed option that was on: the run trained otherwise.
   assert config_lib.resume_differences(saved, config) == [
-      "retired_field: 1 -> (none)", "sam_rho: (none) -> 0.05"]
+      "ema_decay: (none) -> 0.9", "retired_field: 1 -> (none)", "sam_rho: 0.05 -> (none)"]
+
+
+def test_removed_options_at_their_neutral_values_are_dropped_from_saved_configs():
+  saved = json.loads(config_lib.load("tiny").to_json_best_effort())
+  saved["sam_rho"], saved["data"]["augment"]["keep_inside"] = 0.0, False
+  saved["model"].update(stem_full_res_depth=0, stem_antialias=True)
+  dropped = config_lib.drop_removed(saved)
+  assert "sam_rho" not in dropped and "keep_inside" not in dropped["data"]["augment"]
+  assert "stem_full_res_depth" not in dropped["model"]
+  # On, it stays: the model it shaped cannot be rebuilt without it, which is then an error.
+  assert dropped["model"]["stem_antialias"] is True
+  with pytest.raises(ValueError, match=r"unknown model config keys \['stem_antialias'\]"):
+    ModelConfig.from_config(dropped["model"])
+  assert saved["sam_rho"] == 0.0  # The argument is left as it was.
+  # Today's configs hold none of them.
+  flat = config_lib.flatten(config_lib.load("default"))
+  assert not set(config_lib.REMOVED_FIELDS) & set(flat)
 
 
 def test_check_resume_refuses_another_config_only_where_there_are_checkpoints(tmp_path):

@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from digit_vit import demo, demo_load, predict
+from digit_vit import cli, demo, demo_load, predict
 from digit_vit.data import input_pipeline
 from digit_vit.models import tokens
 
@@ -289,22 +289,26 @@ def restore_demo_log():
 
 def test_command_line(tmp_path, capsys, restore_demo_log):
   with pytest.raises(SystemExit) as exit_info:
-    demo.main(["--help"])
+    cli.call(demo, ["--help"])
   assert exit_info.value.code == 0
   usage = capsys.readouterr().out
   for flag in ("--workdir", "--host", "--port", "--beam_size", "--views", "--checkpoint",
                "--ensemble", "--workers", "--read_timeout", "--request_timeout"):
     assert flag in usage
-  assert demo.parse_args(["--workdir=a", "--ensemble=b,c@latest"]).ensemble == ["b", "c@latest"]
-  args = demo.parse_args(["--workdir=a", "--workers=3", "--request_timeout=2.5"])
+  assert cli.parse(demo, ["--workdir=a", "--ensemble=b,c@latest"]).ensemble == ["b", "c@latest"]
+  args = cli.parse(demo, ["--workdir=a", "--workers=3", "--request_timeout=2.5"])
   assert (args.workers, args.request_timeout, args.read_timeout) == (3, 2.5, demo.READ_TIMEOUT)
-  with pytest.raises(SystemExit):
-    demo.parse_args(["--workdir=a", "--workers=0"])
-  assert "expected a positive number" in capsys.readouterr().err
-  assert demo.main([f"--workdir={tmp_path / 'missing'}"]) == 2
+  for bad, message in (("--workers=0", "not a positive integer"),
+                       ("--read_timeout=0", "expected a positive number of seconds")):
+    with pytest.raises(SystemExit) as exit_info:
+      cli.parse(demo, ["--workdir=a", bad])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+  assert cli.call(demo, [f"--workdir={tmp_path / 'missing'}"]) == 2
   assert "config.json not found" in capsys.readouterr().err
-  with pytest.raises(SystemExit):
-    demo.main(["--workdir=x", "--checkpoint=newest"])
+  with pytest.raises(SystemExit) as exit_info:
+    cli.call(demo, ["--workdir=x", "--checkpoint=newest"])
+  assert exit_info.value.code == 2
   assert "'best', 'latest' or a step" in capsys.readouterr().err
 
 
@@ -370,11 +374,11 @@ def test_reading_json_reports_truncation():
 
 
 def test_min_confidence_is_a_probability_and_marks_readings(reader, test_image, capsys):
-  assert demo.parse_args(["--workdir=a"]).min_confidence == 0.0  # Off unless asked.
-  assert demo.parse_args(["--workdir=a", "--min_confidence=0.75"]).min_confidence == 0.75
+  assert cli.parse(demo, ["--workdir=a"]).min_confidence == 0.0  # Off unless asked.
+  assert cli.parse(demo, ["--workdir=a", "--min_confidence=0.75"]).min_confidence == 0.75
   for bad in ("1.5", "-0.1", "nan", "high"):
     with pytest.raises(SystemExit) as exit_info:
-      demo.parse_args(["--workdir=a", f"--min_confidence={bad}"])
+      cli.parse(demo, ["--workdir=a", f"--min_confidence={bad}"])
     assert exit_info.value.code == 2
     assert "expected a probability in [0, 1]" in capsys.readouterr().err
   # The reader marks a reading below its threshold, and the JSON says so.
@@ -595,8 +599,8 @@ def _request_bytes(body: bytes) -> bytes:
 def test_demo_load_measures_a_demo(reader, tmp_path, capsys):
   report_path = tmp_path / "report.json"
   with _serving(reader, read_timeout=1.0) as server:  # Its short body is cut off in 1 s.
-    assert demo_load.main([f"--url={server.url}", "--phases=reads,abuse", "--reads=8",
-                           "--concurrency=4", f"--json={report_path}"]) == 0
+    assert cli.call(demo_load, [f"--url={server.url}", "--phases=reads,abuse", "--reads=8",
+                                "--concurrency=4", f"--json={report_path}"]) == 0
   assert "reads: 8/8 answered 200" in capsys.readouterr().out
   report = json.loads(report_path.read_text())
   assert report["reads"]["ok"] == 8 and report["reads"]["errors"] == {}
@@ -608,7 +612,7 @@ def test_demo_load_measures_a_demo(reader, tmp_path, capsys):
   assert all(c["json"] for name, c in cases.items() if not name.startswith("hang-up"))
   assert report["abuse"]["normal_read_after"]["status"] == 200
   # Loopback only: another address is refused before anything is sent.
-  assert demo_load.main(["--url=http://192.0.2.1:8000/", "--phases=abuse"]) == 2
+  assert cli.call(demo_load, ["--url=http://192.0.2.1:8000/", "--phases=abuse"]) == 2
   assert "not a loopback address" in capsys.readouterr().err
 
 

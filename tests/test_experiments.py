@@ -303,13 +303,14 @@ def test_failed_point_is_recorded_skipped_and_retried(tmp_path):
 
 def test_dry_run_prints_commands_and_writes_nothing(tmp_path, capsys):
   """The commands a scheduler would run; the costly 4x4 point only with --costly."""
+  from digit_vit import cli  # pylint: disable=import-outside-toplevel
   from experiments import run  # pylint: disable=import-outside-toplevel
   args = ["patch_size", "--dry_run", f"--results_dir={tmp_path}",
           f"--workdir_root={tmp_path / 'work'}", "--set=num_train_steps=7"]
   sweep = sweep_lib.load_sweep("patch_size")
   assert sweep.costly == ("4x4",)
   for extra, expected in (([], len(sweep.grid) - 1), (["--costly"], len(sweep.grid))):
-    assert run.main(args + extra) == 0
+    assert cli.call(run, args + extra) == 0
     out = capsys.readouterr().out
     lines = [line for line in out.splitlines() if line.startswith("python -m digit_vit.main")]
     assert len(lines) == expected

@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from digit_vit import calibration, demo, export, predict, preprocess, serving
+from digit_vit import calibration, cli, demo, export, predict, preprocess, serving
 from digit_vit.data import sources, wild
 from digit_vit.models import tokens
 
@@ -418,6 +418,6 @@ def test_demo_with_model_serves_the_exported_reader(exported, in_process, lines,
   assert reading["attention"].startswith("data:image/png;base64,")
   with pytest.raises(ValueError, match="--beam_size apply to --workdir only"):
     demo.load_reader(model=str(exported[0]), beam_size=2)
-  assert demo.main([f"--model={exported[0].parent / 'missing'}"]) == 2
-  with pytest.raises(SystemExit):  # argparse: --workdir and --model are exclusive.
-    demo.parse_args(["--workdir=a", "--model=b"])
+  assert cli.call(demo, [f"--model={exported[0].parent / 'missing'}"]) == 2
+  with pytest.raises(ValueError, match="give one of --workdir"):  # Exclusive, as in predict.
+    demo.load_reader("a", model="b")

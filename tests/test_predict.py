@@ -372,7 +372,7 @@ def test_command_line_mistakes_are_one_line_and_exit_status_2(tiny_workdir, tmp_
       (["digit_vit.predict", f"--workdir={tiny_workdir}", image,
         f"--attention={tmp_path / 'file.txt'}"], f"error: --attention={tmp_path / 'file.txt'}"),
       (["digit_vit.predict", f"--workdir={tiny_workdir}", image, "--min_confidence=1.5"],
-       "error: --min_confidence=1.5 must be in [0, 1]"),
+       "error: flag --min_confidence=1.5: expected a probability in [0, 1]"),
       (["digit_vit.evaluate", f"--workdir={tmp_path / 'no_run'}"],
        f"error: {tmp_path / 'no_run' / 'config.json'} not found"),
   ]

@@ -1,5 +1,6 @@
 """The released reader: its model card (digit_vit/model_card.py), the size limit and the rule
-that replaces a release, and `predict` and the demo reading with it when given no reader.
+that replaces a release (digit_vit/release.py), and `predict` and the demo reading with it when
+given no reader.
 
 Everything runs on the session's tiny run and its one export (conftest.py), copied before a
 card or a release is written into it.
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from digit_vit import demo, model_card, predict, serving
+from digit_vit import cli, demo, model_card, predict, release, serving
 from digit_vit.models import tokens
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -174,10 +175,10 @@ def test_a_bench_of_another_decoding_is_refused(tiny_export, tmp_path):
 @pytest.mark.any_device_count  # Sizes of files; the command touches no device.
 def test_the_size_check_fails_over_the_limit(tiny_export):
   directory = tiny_export[0]
-  size = model_card.directory_bytes(directory)
+  size = release.directory_bytes(directory)
   assert size == sum(p.stat().st_size for p in directory.iterdir())
-  assert model_card.size_problem(directory, max_mb=16) is None
-  problem = model_card.size_problem(directory, max_mb=0.1)
+  assert release.size_problem(directory, max_mb=16) is None
+  problem = release.size_problem(directory, max_mb=0.1)
   assert problem.startswith(f"{directory} holds {size / 1e6:.2f} MB, over the release limit "
                             "of 0.1 MB (largest: params.npz")
   result = subprocess.run([sys.executable, "-m", "digit_vit.model_card", f"--model={directory}",
@@ -192,7 +193,7 @@ def _with_metrics(directory, **metrics):
   manifest = json.loads(path.read_text())
   manifest["run"]["metrics"] = metrics
   path.write_text(json.dumps(manifest))
-  (directory / model_card.CARD_FILE).write_text(f"card {metrics}\n")
+  (directory / release.CARD_FILE).write_text(f"card {metrics}\n")
   return manifest
 
 
@@ -215,46 +216,46 @@ def test_compare_wants_better_on_one_split_and_worse_on_none():
     metrics = {f"{s}_exact_match": v for s, v in zip(("test", "wild", "long"), (test, wild, long))
                if v is not None}
     return {"run": {"metrics": metrics}}
-  release = manifest(0.90, 0.50, 0.20)
-  assert model_card.compare(manifest(0.91, 0.50, 0.20), release).better
-  assert model_card.compare(manifest(0.90, 0.50, 0.20), None).better
-  assert model_card.compare(manifest(0.90, 0.50, 0.20), manifest(0.95, None, None)).better is False
-  assert model_card.compare(manifest(0.90, 0.51, 0.20), manifest(0.90, None, 0.2)).better
-  verdict = model_card.compare(manifest(0.95, 0.49, 0.30), release)
+  current = manifest(0.90, 0.50, 0.20)
+  assert release.compare(manifest(0.91, 0.50, 0.20), current).better
+  assert release.compare(manifest(0.90, 0.50, 0.20), None).better
+  assert release.compare(manifest(0.90, 0.50, 0.20), manifest(0.95, None, None)).better is False
+  assert release.compare(manifest(0.90, 0.51, 0.20), manifest(0.90, None, 0.2)).better
+  verdict = release.compare(manifest(0.95, 0.49, 0.30), current)
   assert not verdict.better
   assert verdict.reason == ("it reads worse on wild (test 95.00% against 90.00%; wild 49.00% "
                             "against 50.00%; long 30.00% against 20.00%)")
-  assert not model_card.compare(manifest(0.90, 0.50, 0.20), release).better  # A tie.
-  assert "no measured exact_match on wild, long" in model_card.compare(
-      manifest(0.99, None, None), release).reason
+  assert not release.compare(manifest(0.90, 0.50, 0.20), current).better  # A tie.
+  assert "no measured exact_match on wild, long" in release.compare(
+      manifest(0.99, None, None), current).reason
 
 
 def test_a_release_is_replaced_only_by_a_better_reader(tiny_export, tmp_path):
-  release = tmp_path / "release" / "reader"
+  target = tmp_path / "release" / "reader"
   good = _copy(tiny_export, tmp_path, "good")
   _with_metrics(good, test_exact_match=0.9, wild_exact_match=0.5, long_exact_match=0.2)
-  assert model_card.publish(good, release).startswith(f"released {good} to {release}")
-  assert serving.load(release).manifest["run"]["metrics"]["test_exact_match"] == 0.9
-  assert model_card.publish(good, release) == f"{release} already holds this reader"
+  assert release.publish(good, target).startswith(f"released {good} to {target}")
+  assert serving.load(target).manifest["run"]["metrics"]["test_exact_match"] == 0.9
+  assert release.publish(good, target) == f"{target} already holds this reader"
   worse = _copy(tiny_export, tmp_path, "worse")
   _with_metrics(worse, test_exact_match=0.95, wild_exact_match=0.4, long_exact_match=0.2)
-  with pytest.raises(model_card.ReleaseError, match=r"is kept: .* reads worse on wild"):
-    model_card.publish(worse, release)
-  assert (release / model_card.CARD_FILE).read_text().startswith("card {'test_exact_match': 0.9")
-  assert "(forced)" in model_card.publish(worse, release, force=True)
-  assert json.loads((release / "manifest.json").read_text())["run"]["metrics"][
+  with pytest.raises(release.ReleaseError, match=r"is kept: .* reads worse on wild"):
+    release.publish(worse, target)
+  assert (target / release.CARD_FILE).read_text().startswith("card {'test_exact_match': 0.9")
+  assert "(forced)" in release.publish(worse, target, force=True)
+  assert json.loads((target / "manifest.json").read_text())["run"]["metrics"][
       "wild_exact_match"] == 0.4
   better = _copy(tiny_export, tmp_path, "better")
   _with_metrics(better, test_exact_match=0.95, wild_exact_match=0.45, long_exact_match=0.2)
-  (better / model_card.CARD_FILE).unlink()
-  with pytest.raises(model_card.ReleaseError, match="has no MODEL_CARD.md"):
-    model_card.publish(better, release)
-  (better / model_card.CARD_FILE).write_text("card\n")
-  with pytest.raises(model_card.ReleaseError, match="over the release limit of 0.01 MB"):
-    model_card.publish(better, release, max_mb=0.01)
-  assert "it reads better on wild" in model_card.publish(better, release)
-  assert sorted(p.name for p in release.iterdir()) == sorted(p.name for p in better.iterdir())
-  assert not [p for p in release.parent.iterdir() if p.name != "reader"]  # Nothing left over.
+  (better / release.CARD_FILE).unlink()
+  with pytest.raises(release.ReleaseError, match="has no MODEL_CARD.md"):
+    release.publish(better, target)
+  (better / release.CARD_FILE).write_text("card\n")
+  with pytest.raises(release.ReleaseError, match="over the release limit of 0.01 MB"):
+    release.publish(better, target, max_mb=0.01)
+  assert "it reads better on wild" in release.publish(better, target)
+  assert sorted(p.name for p in target.iterdir()) == sorted(p.name for p in better.iterdir())
+  assert not [p for p in target.parent.iterdir() if p.name != "reader"]  # Nothing left over.
 
 
 @pytest.mark.any_device_count  # `make -n` runs nothing.
@@ -302,16 +303,16 @@ def test_the_default_reader_is_the_repositorys_release(monkeypatch, tmp_path):
 @pytest.mark.slow  # A subprocess.
 def test_predict_and_demo_read_with_the_release_when_given_no_reader(tiny_export, monkeypatch,
                                                                      tmp_path):
-  release = _copy(tiny_export, tmp_path, "release")
+  released = _copy(tiny_export, tmp_path, "release")
   monkeypatch.delenv(serving.READER_ENV, raising=False)
-  monkeypatch.setattr(serving, "RELEASE_READER", release)
+  monkeypatch.setattr(serving, "RELEASE_READER", released)
   monkeypatch.setattr(serving, "enable_compilation_cache", lambda directory=None: None)
-  assert predict.reader_source(None, None) == (None, str(release))
+  assert predict.reader_source(None, None) == (None, str(released))
   assert predict.reader_source("runs/x", None) == ("runs/x", None)
   with pytest.raises(ValueError, match="give one of --workdir .* not both"):
     predict.reader_source("runs/x", "exports/y")
   reader = demo.load_reader()
-  assert isinstance(reader, serving.ExportedReader) and reader.directory == release
+  assert isinstance(reader, serving.ExportedReader) and reader.directory == released
   assert reader.batch_size == 1
   with pytest.raises(ValueError, match="--beam_size apply to --workdir only"):
     demo.load_reader(beam_size=2)
@@ -320,10 +321,10 @@ def test_predict_and_demo_read_with_the_release_when_given_no_reader(tiny_export
   image[4:24, 10:14] = 255
   image[4:24, 30:34] = 255
   Image.fromarray(image).save(tmp_path / "line.png")
-  want = serving.load(release).read([image])[0]
+  want = serving.load(released).read([image])[0]
   result = subprocess.run([sys.executable, "-m", "digit_vit.predict", str(tmp_path / "line.png")],
                           capture_output=True, text=True, cwd=tmp_path, timeout=300,
-                          env={**ENV, serving.READER_ENV: str(release)})
+                          env={**ENV, serving.READER_ENV: str(released)})
   assert result.returncode == 0, result.stderr[-2000:]
   assert (f"line.png  digits={want.digits or '-'}  confidence={want.confidence:.4f}  "
           f"tokens={want.tokens}") in result.stdout
@@ -342,7 +343,7 @@ def test_no_reader_at_all_is_a_usage_error(monkeypatch, tmp_path, capsys):
   with pytest.raises(ValueError) as raised:
     predict.reader_source(None, None)
   assert str(raised.value) == message
-  assert demo.main(["--port=0"]) == 2
+  assert cli.call(demo, ["--port=0"]) == 2
   assert capsys.readouterr().err == f"error: {message}\n"
   (missing / "notes.txt").parent.mkdir()
   (missing / "notes.txt").write_text("a folder without a manifest is no reader")

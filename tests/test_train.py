@@ -1,8 +1,9 @@
 """Training: schedules, data-parallel equivalence (jit / pmap / 1 device / 2 processes), the
 end-to-end run and its report, resumption after SIGKILL, and the non-finite-loss stop.
 
-The multi-device and multi-process checks run tests/train_worker.py in subprocesses, because
-the device count is fixed when JAX starts.
+The multi-device checks run tests/train_worker.py in subprocesses, because the device count is
+fixed when JAX starts; the multi-process check runs `python -m digit_vit.main --jax_distributed`
+as two processes.
 """
 
 import functools
@@ -14,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import chex
 import jax
@@ -24,6 +26,7 @@ import pytest
 
 from digit_vit import (checkpointing, config_checks, config_lib, environment, losses, reporting,
                        state as state_lib, steps, train, trained)
+from digit_vit.data import input_pipeline
 from digit_vit.data.tasks import input_module
 from digit_vit.models import build_model
 
@@ -124,12 +127,25 @@ def test_every_config_file_passes_check_config(name):
     ("loss.class_weights", "13:2", r"class_weights key '13'"),
     ("optimizer", "adam", r"config.optimizer='adam' is not one of"),
     ("decode.beam_size", 0, r"beam_size must be >= 1"),
+    # tiny's patch embedding is 'linear': the conv stem's fields would change nothing.
+    ("model.stem_depth", 1, r"config.model.stem_depth=1 shapes the 'conv' stem, which "
+     r"model.patch_embedding='linear' does not have.*leave it at 0, or set "
+     r"--config.model.patch_embedding=conv"),
+    ("model.stem_channels", 32, r"config.model.stem_channels=32 .*leave it at 16"),
+    ("model.stem_max_channels", 64, r"config.model.stem_max_channels=64 "),
 ])
 def test_check_config_names_the_field_to_change(field, value, expected):
   config = config_lib.load("tiny")
   config.update_from_flattened_dict({field: value})
   with pytest.raises(config_lib.ConfigError, match=expected):
     config_checks.check_config(config)
+
+
+def test_stem_fields_are_checked_only_with_the_linear_embedding():
+  config = config_lib.load("tiny")
+  config.model.stem_depth, config.model.stem_channels = 1, 32
+  config.model.patch_embedding = "conv"
+  config_checks.check_config(config)
 
 
 # ---- Data parallelism
@@ -144,30 +160,155 @@ def test_jit_and_pmap_on_8_devices_match_1_device(tmp_path, one_device_run):
   _assert_same_run(run, one_device_run, "pmap")
 
 
-@pytest.mark.slow
-@pytest.mark.any_device_count  # Its JAX runs in subprocesses that set their own device count.
-def test_two_processes_match_one_process(tmp_path, one_device_run):
+def _free_port() -> int:
   with socket.socket() as s:
     s.bind(("localhost", 0))
-    port = s.getsockname()[1]
-  out = tmp_path / "run2.npz"
-  log_paths = [tmp_path / f"process{i}.log" for i in range(2)]
-  procs = []
-  for i, log_path in enumerate(log_paths):  # Logs to files: a full pipe would block a child.
-    with open(log_path, "w") as log:
-      procs.append(subprocess.Popen(
-          [sys.executable, str(WORKER), f"--out={out}", "--num_processes=2",
-           f"--process_id={i}", f"--port={port}", f"--checkpoint_dir={tmp_path / 'ckpt'}"],
-          env=_env(1), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
+    return s.getsockname()[1]
+
+
+def _wait_all(procs, timeout: float) -> list[int | None]:
+  """Waits for every child; when one fails or time runs out, ends the others (a process whose
+  peer died would wait in a collective) and returns their exit codes (None: killed here)."""
+  deadline = time.monotonic() + timeout
+  while any(p.poll() is None for p in procs):
+    if time.monotonic() > deadline or any(p.poll() not in (None, 0) for p in procs):
+      break
+    time.sleep(0.2)
+  codes = [p.poll() for p in procs]
+  _kill_left(procs)
+  return codes
+
+
+# Every program that is new to a process costs process 1 a full compile (it never reads or
+# writes JAX's compilation cache: its cache keys hold its own process), so the run keeps to few:
+# one width bucket, one evaluation (greedy, as the final report reads by default) and no test
+# split. A constant learning rate after warm-up makes a step's update independent of
+# num_train_steps, so the run resumed at step _HOP must equal the reference trained to 2 * _HOP
+# in one go.
+_HOP = 10
+
+
+def _distributed_run_flags(workdir, steps) -> list[str]:
+  return ["--config=configs/tiny.py", f"--workdir={workdir}", f"--config.num_train_steps={steps}",
+          "--config.schedule=constant", "--config.width_buckets=(48,)",
+          f"--config.log_every_steps={_HOP}", f"--config.eval_every_steps={_HOP}",
+          f"--config.checkpoint_every_steps={_HOP}", "--config.num_eval_examples=32",
+          "--config.eval_splits=('validation',)"]
+
+
+def _saved_params(workdir, step):
+  """The parameters of a step's checkpoint as numpy arrays, whatever devices saved them."""
+  path = workdir / "checkpoints" / str(step) / "state"
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    tree = checkpointer.metadata(path).item_metadata.tree
+    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    return checkpointer.restore(path, restore_args=as_numpy)["params"]
+
+
+# Report fields that differ between the layouts by design: timing and speed, the environment,
+# the process count, and the confidence calibration, which each process fits on its own
+# validation lines (process 0's are reported).
+_PER_LAYOUT = re.compile(r"second|environment|num_processes|temperature|_ece|_coverage_at_")
+
+
+@pytest.mark.slow
+@pytest.mark.any_device_count  # Its JAX runs in subprocesses that set their own device count.
+def test_two_processes_of_main_match_one_process(tmp_path):
+  """`python -m digit_vit.main --jax_distributed` as two local processes of one CPU device:
+  training with an evaluation, a checkpoint (orbax, written by both) and a report at step
+  _HOP, then the same command resumes to step 2 * _HOP. The reference is one process of two
+  devices trained to step 2 * _HOP at once on the same global batches (tests/joined_hosts_run.py:
+  the input pipeline shares out and shuffles the training lines by process, so one process
+  would train on other batches by construction). Both layouts run the same program on a
+  2-device mesh: checkpoints, history and report must agree."""
+  input_pipeline.get_dataset_builder(config_lib.load("tiny"))  # Built here, not by 3 children.
+  two, one = tmp_path / "two", tmp_path / "one"
+  logs = {}
+
+  def start(name, command, env):
+    logs[name] = tmp_path / f"{name}.log"
+    with open(logs[name], "w") as log:  # A file: a full pipe would block the child.
+      return subprocess.Popen(command, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+
+  def tails(names):
+    return "\n".join(f"--- {n}\n{logs[n].read_text()[-2000:]}" for n in names)
+
+  # The reference runs beside the two processes, which spend much of their time waiting for
+  # process 1's compiles.
+  reference = start("one", [sys.executable, str(ROOT / "tests" / "joined_hosts_run.py"),
+                            *_distributed_run_flags(one, 2 * _HOP)],
+                    {**_env(2), "JOINED_HOSTS": "2"})
   try:
-    codes = [p.wait(timeout=300) for p in procs]
+    for last_step in (_HOP, 2 * _HOP):
+      port, names = _free_port(), [f"to{last_step}_process{i}" for i in range(2)]
+      group = [start(name, [sys.executable, "-m", "digit_vit.main",
+                            *_distributed_run_flags(two, last_step), "--jax_distributed",
+                            f"--coordinator_address=localhost:{port}", "--num_processes=2",
+                            f"--process_id={i}"], _env(1))
+               for i, name in enumerate(names)]
+      assert _wait_all(group, timeout=300) == [0, 0], tails(names)
+    assert _wait_all([reference], timeout=300) == [0], tails(["one"])
   finally:
-    _kill_left(procs)
-  logs = [path.read_text() for path in log_paths]
-  assert codes == [0, 0], logs[0][-2000:] + logs[1][-2000:]
-  assert "process 1/2 devices 2" in logs[1]
-  assert (tmp_path / "ckpt" / "jit" / "3" / "state").is_dir()
-  _assert_same_run(dict(np.load(out)), one_device_run, "jit")
+    _kill_left([reference])
+
+  for i in range(2):
+    assert f"JAX process {i} of 2" in logs[f"to{_HOP}_process{i}"].read_text()
+    resumed = re.search(r"Resumed from the checkpoint of step (\d+)",
+                        logs[f"to{2 * _HOP}_process{i}"].read_text())
+    assert resumed and int(resumed.group(1)) == _HOP, tails([f"to{2 * _HOP}_process{i}"])
+  for step in (_HOP, 2 * _HOP):
+    got, want = _saved_params(two, step), _saved_params(one, step)
+    flat = jax.tree_util.tree_flatten_with_path(got)[0]
+    assert len(flat) > 20 and len(flat) == len(jax.tree.leaves(want))
+    for (path, a), b in zip(flat, jax.tree.leaves(want)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6,
+                                 err_msg=f"step {step} {jax.tree_util.keystr(path)}")
+
+  def history(workdir):
+    return [{k: v for k, v in record.items() if k != "images_per_second"}
+            for record in reporting.History(str(workdir / "history.jsonl")).load()]
+
+  got, want = history(two), history(one)
+  assert [(r["step"], r["split"]) for r in got] == [(r["step"], r["split"]) for r in want] == [
+      (_HOP, "train"), (_HOP, "validation"), (2 * _HOP, "train"), (2 * _HOP, "validation")]
+  for a, b in zip(got, want):
+    assert a.keys() == b.keys()
+    numbers = sorted(k for k in b if k not in ("step", "split"))
+    np.testing.assert_allclose([a[k] for k in numbers], [b[k] for k in numbers], rtol=1e-5,
+                               err_msg=f"{b['split']} at step {b['step']}: {numbers}")
+
+  got, want = (json.loads((w / reporting.REPORT_FILE).read_text()) for w in (two, one))
+  assert (got["num_processes"], want["num_processes"]) == (2, 1)
+  assert got["validation_num_examples"] == 96 and got["steps"] == 2 * _HOP
+  assert got.keys() == want.keys()
+  for key in sorted(want):
+    if _PER_LAYOUT.search(key):
+      continue
+    if isinstance(want[key], float):
+      np.testing.assert_allclose(got[key], want[key], rtol=1e-5, err_msg=key)
+    else:
+      assert got[key] == want[key], key
+
+
+@pytest.mark.any_device_count  # jax.distributed.initialize is replaced: no devices.
+def test_coordinator_flags_reach_jax_distributed_as_given(monkeypatch, capsys):
+  from digit_vit import cli, main  # pylint: disable=import-outside-toplevel
+  calls = []
+  monkeypatch.setattr(jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
+
+  def initialize(*args):
+    flag_values = cli.parse(main, ["--config=configs/tiny.py", "--workdir=unused", *args])
+    return main._initialize_distributed(flag_values)  # pylint: disable=protected-access
+
+  assert initialize() == 0 and not calls
+  assert initialize("--num_processes=2", "--process_id=1") == main.USAGE and not calls
+  assert capsys.readouterr().err == (
+      "error: --num_processes, --process_id given without --jax_distributed\n")
+  assert initialize("--jax_distributed") == 0  # The cluster environment says the rest.
+  assert initialize("--jax_distributed", "--coordinator_address=localhost:1234",
+                    "--num_processes=2", "--process_id=1") == 0
+  assert calls == [{}, {"coordinator_address": "localhost:1234", "num_processes": 2,
+                        "process_id": 1}]
 
 
 def _kill_left(procs):
@@ -383,56 +524,6 @@ def test_the_step_is_a_function_of_the_state_and_the_batch(parallelism):
   chex.assert_trees_all_equal(jax.device_get(again.params), after_one)
 
 
-@pytest.mark.parametrize("parallelism", ["jit", "pmap"])
-def test_sam_descends_with_the_gradient_at_the_ascended_parameters(parallelism):
-  """config.sam_rho > 0: the update uses the gradient of the batch's mean loss at
-  params + rho * g / |g| (g its gradient at params), computed here by hand on the host. Under
-  pmap on several devices (the 8-device pass of `make test`) |g| is the global batch's."""
-  config = config_lib.load("tiny")
-  config.parallelism = parallelism
-  config.model.dropout_rate = 0.0
-  # SGD: an update linear in the gradient, so the two gradients give different updates (Adam's
-  # first step is about -lr * sign(g) for either). No warm-up and a large learning rate, so the
-  # first step moves the parameters well beyond float32 rounding.
-  config.optimizer, config.warmup_steps, config.learning_rate = "sgd", 0, 1.0
-  config.sam_rho = 0.5
-  state, stepper, batch = _state_stepper_and_batch(config)
-  params = jax.device_get(state.params)
-  model = build_model(config)
-  grad_fn = jax.jit(jax.grad(functools.partial(  # Dropout is off: its key draws nothing.
-      steps.loss_fn, config=config, model=model, train=True, dropout_rng=jax.random.key(0)),
-      has_aux=True))
-
-  def mean_grads(p):
-    grads, sums = grad_fn(p, batch)
-    return jax.tree.map(lambda g: g / sums["weight"], grads), sums
-
-  grads, sums = mean_grads(params)
-  scale = config.sam_rho / optax.global_norm(grads)
-  sam_grads, _ = mean_grads(jax.tree.map(lambda p, g: p + scale * g, params, grads))
-  tx = state_lib.create_optimizer(config, state_lib.create_learning_rate_fn(config))
-  expected = {name: tx.update(g, tx.init(params), params)[0]
-              for name, g in [("sam", sam_grads), ("plain", grads)]}
-
-  state, step_metrics = stepper(state, batch)
-  new_params = jax.device_get(stepper.to_canonical(state).params)
-  # The logged loss is the one at the parameters themselves.
-  np.testing.assert_allclose(float(step_metrics["loss"]), float(sums["loss"] / sums["weight"]),
-                             rtol=1e-5)
-  update = jax.tree.map(lambda new, old: new - old, new_params, params)
-  chex.assert_trees_all_close(update, expected["sam"], rtol=1e-3, atol=1e-6)
-  # The perturbed gradient is not the plain one, so the check above can fail.
-  gap = optax.global_norm(jax.tree.map(lambda a, b: a - b, expected["sam"], expected["plain"]))
-  assert gap > 0.1 * optax.global_norm(expected["plain"])
-
-
-def test_sam_rho_must_not_be_negative():
-  config = config_lib.load("tiny")
-  config.sam_rho = -0.05
-  with pytest.raises(ValueError, match=r"config.sam_rho=-0.05 must be >= 0"):
-    config_checks.check_config(config)
-
-
 # ---- Auxiliary CTC loss
 
 
@@ -461,7 +552,10 @@ def test_ctc_loss_joins_the_objective_at_its_weight(parallelism):
   config = config_lib.load("tiny")
   config.parallelism = parallelism
   config.model.dropout_rate = 0.0
-  config.optimizer, config.warmup_steps, config.learning_rate = "sgd", 0, 1.0  # As for SAM.
+  # SGD: an update linear in the gradient (Adam's first step is about -lr * sign(g) whatever g
+  # is). No warm-up and a large learning rate, so the step moves the parameters well beyond
+  # float32 rounding.
+  config.optimizer, config.warmup_steps, config.learning_rate = "sgd", 0, 1.0
   config.model.ctc_head, config.loss.ctc_weight = True, 0.5
   state, stepper, batch = _state_stepper_and_batch(config)
   batch["tokens"][::2] = [10, 7, 7, 7, 11]  # Lines '12' and '777'.
@@ -537,9 +631,10 @@ def test_update_ema_by_hand():
       config_checks.check_config(config)
 
 
-def test_checkpoints_from_before_the_moving_average_restore(tmp_path):
+def test_checkpoints_from_before_the_moving_average_are_read_but_not_resumed(tmp_path):
   """A checkpoint of a TrainState without `ema_params` (written before config.ema_decay
-  existed) restores into today's state with no average; asking it for one is still an error."""
+  existed) no longer restores into today's state, so such a run cannot resume; its parameters
+  still restore alone, as readers (`trained.restore_params`) take them."""
   from flax.training import train_state  # pylint: disable=import-outside-toplevel
 
   class OldTrainState(train_state.TrainState):
@@ -554,13 +649,11 @@ def test_checkpoints_from_before_the_moving_average_restore(tmp_path):
     checkpoints.save(7, old, {"input_position": 7, "train_seconds": 1.5})
     checkpoints.wait()
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    restored, meta = checkpoints.restore(abstract)
-    assert meta == {"input_position": 7, "train_seconds": 1.5}
-    assert restored.ema_params is None
-    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(old)):
+    with pytest.raises(checkpointing.CorruptCheckpointError, match="step 7"):
+      checkpoints.restore(abstract)
+    params = checkpoints.restore_fields({"params": abstract.params}, 7)["params"]
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(old.params)):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    with pytest.raises(ValueError, match="ema_params"):
-      checkpoints.restore(abstract.replace(ema_params=abstract.params))
   finally:
     checkpoints.close()
 

@@ -19,10 +19,8 @@ pytestmark = pytest.mark.any_device_count
 # of a grid that has more than one row, which a 1-D raster table must index by (row, column).
 BASE = ModelConfig(width=32, num_heads=2, mlp_dim=64, encoder_layers=1, decoder_layers=1,
                    image_height=16, image_width=128, patch_size=(8, 8), max_length=6)
-# Every stem op that reads a neighbour to the right: a stride-1 conv at full resolution and
-# after each strided conv, and the blur before each strided conv.
-CONV = dict(stem_channels=4, stem_depth=1, stem_full_res_depth=1,
-            stem_antialias=True)
+# Every stem op that reads a neighbour to the right: a stride-1 conv after each strided conv.
+CONV = dict(stem_channels=4, stem_depth=1)
 
 
 def _perturbed(params, seed=5, scale=0.2):
@@ -77,9 +75,7 @@ def test_patch_mask_flags_the_columns_that_start_inside_the_valid_width():
 @pytest.mark.parametrize("options", [
     dict(patch_size=(8, 4)),  # Strides (2, 2), (2, 2), (2, 1): the last reads to its right.
     dict(patch_size=(8, 8), stem_depth=1),
-    dict(patch_size=(8, 8), stem_full_res_depth=2),
-    dict(patch_size=(8, 8), stem_antialias=True),
-], ids=["col-stride-1", "stem-depth", "full-res", "antialias"])
+], ids=["col-stride-1", "stem-depth"])
 def test_conv_stem_gives_valid_patches_as_if_the_image_ended_there(options):
   layer = patch.PatchEmbedding(width=8, kind="conv", stem_channels=4, **options)
   pw = layer.patch_size[1]

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import time
 
+from digit_vit import tasks
+from digit_vit.data.tasks import input_module
+
 
 def pipeline_images_per_second(config, num_batches: int = 50, *, warmup_batches: int = 3,
                                seed: int = 0) -> float:
-  """Host-local train images per second delivered by `input_pipeline.train_iterator`.
+  """Host-local train images per second delivered by the `train_iterator` of the config's
+  task's input module (`data.tasks.input_module`).
 
   Args:
     config: the experiment config; `config.batch_size` is the batch (single process).
@@ -20,12 +24,10 @@ def pipeline_images_per_second(config, num_batches: int = 50, *, warmup_batches:
     warmup_batches: batches taken before timing (first-batch latency, prefetch fill).
     seed: the iterator seed.
   """
-  from digit_vit.data import classification, input_pipeline  # pylint: disable=import-outside-toplevel
-  if config.get("task", "read") == "classify":
-    it = classification.train_iterator(config, seed=seed, process_index=0, process_count=1)
-  else:
-    input_pipeline.get_dataset_builder(config)
-    it = input_pipeline.train_iterator(config, seed=seed, process_index=0, process_count=1)
+  data = input_module(config)  # Imports TensorFlow.
+  if tasks.get(config).reads_lines:
+    data.get_dataset_builder(config)  # Builds the lines (untimed) where they are not yet built.
+  it = data.train_iterator(config, seed=seed, process_index=0, process_count=1)
   for _ in range(warmup_batches):
     next(it)
   images = 0

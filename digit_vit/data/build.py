@@ -12,20 +12,23 @@ from __future__ import annotations
 import time
 
 from absl import app, flags
-from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
-                                          lock_config=False)
-_DATA_DIR = flags.DEFINE_string("data_dir", None,
-                                "Where to build; default config.data.data_dir, else ./data/tfds.")
+from digit_vit import cli
+
+FLAGS = flags.FLAGS
+
+
+def define_flags(flag_values: flags.FlagValues = FLAGS, argv: list[str] | None = None):
+  """Defines the command's flags when it runs, not on import (`cli`): absl flags are global."""
+  cli.define_data_flags(flag_values, argv)
 
 
 def main(argv):
   del argv
   from digit_vit.data import input_pipeline  # pylint: disable=import-outside-toplevel
-  config = _CONFIG.value
+  config = FLAGS.config
   start = time.perf_counter()
-  builder = input_pipeline.get_dataset_builder(config, _DATA_DIR.value)
+  builder = input_pipeline.get_dataset_builder(config, FLAGS.data_dir)
   seconds = time.perf_counter() - start
   splits = {k: v.num_examples for k, v in builder.info.splits.items()}
   print(f"multi_digit_mnist/{builder.builder_config.name} ready at {builder.data_dir} "
@@ -33,5 +36,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config"])
-  app.run(main)
+  define_flags()
+  app.run(main, flags_parser=cli.parse_flags)

@@ -318,8 +318,8 @@ def pad_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
 # Augmentation (train only; tf ops on one float32 [H, W, 1] image in [0, 1])
 
 
-# Ink brighter than this counts as ink where `keep_inside` finds the ink's box (about the
-# composer's 24/255) and where `augment_audit` weighs what a map cuts off.
+# Ink brighter than this counts as ink where `augment_audit` weighs what a map cuts off (about
+# the composer's 24/255).
 INK_THRESHOLD = 0.1
 
 
@@ -329,35 +329,10 @@ def _size(image):
   return tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
 
 
-def _ink_box(image):
-  """(xmin, ymin, xmax, ymax) float32 pixel centres of the ink in [H, W, 1]; the canvas's centre
-  point when there is none."""
-  h, w = _size(image)
-  ink = image[..., 0] > INK_THRESHOLD
-  rows, cols = tf.reduce_any(ink, axis=1), tf.reduce_any(ink, axis=0)
-
-  def extent(any_ink, n):
-    idx = tf.cast(tf.range(tf.shape(any_ink)[0]), tf.float32)
-    lo = tf.reduce_min(tf.where(any_ink, idx, n))
-    hi = tf.reduce_max(tf.where(any_ink, idx, -1.0))
-    empty = hi < lo
-    mid = (n - 1) / 2.0
-    return tf.where(empty, mid, lo), tf.where(empty, mid, hi)
-
-  xmin, xmax = extent(cols, w)
-  ymin, ymax = extent(rows, h)
-  return xmin, ymin, xmax, ymax
-
-
 def affine_transform(image, seed, a):
   """The [8] output -> input transform of a random rotation, scale, shear and shift about the
   image's centre, for ImageProjectiveTransformV3 (`a`: config.data.augment). The image [H, W, 1]
   may be of any width (a line at its natural width): shifts are fractions of its own size.
-
-  With `a.keep_inside`, the map is then moved (and, if the ink would still not fit, first shrunk
-  about the canvas's centre) so that the ink's box stays on the canvas: on a 192-pixel line a
-  5-degree turn moves the ends 8 pixels up or down and a 5% shift moves them 10 pixels sideways,
-  which cut off part of an end digit that the line's label still names.
   """
   h, w = _size(image)
   u = tf.random.stateless_uniform([6], seed=seed, minval=-1.0, maxval=1.0)
@@ -371,22 +346,6 @@ def affine_transform(image, seed, a):
   a0, a1 = cos / scale, (sin + shear) / scale
   b0, b1 = -sin / scale, cos / scale
   cx, cy = (w - 1) / 2.0, (h - 1) / 2.0
-  if a.get("keep_inside", False):
-    det = a0 * b1 - a1 * b0
-    i0, i1, j0, j1 = b1 / det, -a1 / det, -b0 / det, a0 / det  # A^-1
-    xmin, ymin, xmax, ymax = _ink_box(image)
-    px = tf.stack([xmin, xmax, xmin, xmax]) - cx
-    py = tf.stack([ymin, ymin, ymax, ymax]) - cy
-    ox, oy = i0 * px + i1 * py, j0 * px + j1 * py  # The box's corners, mapped, about c.
-    span_x = tf.reduce_max(ox) - tf.reduce_min(ox)
-    span_y = tf.reduce_max(oy) - tf.reduce_min(oy)
-    fit = tf.minimum(1.0, tf.minimum((w - 1) / tf.maximum(span_x, 1e-6),
-                                     (h - 1) / tf.maximum(span_y, 1e-6)))
-    # Shrinking the output by `fit` is A -> A / fit; the corners shrink about c.
-    a0, a1, b0, b1 = a0 / fit, a1 / fit, b0 / fit, b1 / fit
-    ox, oy = ox * fit + cx + tx, oy * fit + cy + ty
-    tx += tf.maximum(0.0, -tf.reduce_min(ox)) - tf.maximum(0.0, tf.reduce_max(ox) - (w - 1))
-    ty += tf.maximum(0.0, -tf.reduce_min(oy)) - tf.maximum(0.0, tf.reduce_max(oy) - (h - 1))
   a2 = cx - a0 * (cx + tx) - a1 * (cy + ty)
   b2 = cy - b0 * (cx + tx) - b1 * (cy + ty)
   return tf.stack([a0, a1, a2, b0, b1, b2, 0.0, 0.0])

@@ -11,21 +11,26 @@ from __future__ import annotations
 
 import numpy as np
 from absl import app, flags
-from ml_collections import config_flags
 from PIL import Image, ImageDraw
 
+from digit_vit import cli
 
-def define_flags():
-  """Defines the command's flags when it runs, not on import (absl flags are global: a process
-  that imports `contact_sheet` next to another command's module must not define them twice)."""
-  config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=False)
-  flags.DEFINE_string("output", "preview.png", "PNG file to write.")
-  flags.DEFINE_enum("split", "train", ["train", "validation", "test"], "Split to show.")
-  flags.DEFINE_integer("num", 40, "Number of examples.")
-  flags.DEFINE_integer("columns", 4, "Cells per row.")
-  flags.DEFINE_integer("scale", 2, "Pixel scale of the images.")
-  flags.DEFINE_bool("bboxes", False, "Draw each digit's bounding box.")
-  flags.DEFINE_string("data_dir", None, "Overrides config.data.data_dir.")
+FLAGS = flags.FLAGS
+
+
+def define_flags(flag_values: flags.FlagValues = FLAGS, argv: list[str] | None = None):
+  """Defines the command's flags when it runs, not on import (`cli`; absl flags are global: a
+  process that imports `contact_sheet` next to another command's module must not define them
+  twice)."""
+  cli.define_data_flags(flag_values, argv)
+  f = flag_values
+  flags.DEFINE_string("output", "preview.png", "PNG file to write.", flag_values=f)
+  flags.DEFINE_enum("split", "train", ["train", "validation", "test"], "Split to show.",
+                    flag_values=f)
+  flags.DEFINE_integer("num", 40, "Number of examples.", flag_values=f)
+  flags.DEFINE_integer("columns", 4, "Cells per row.", flag_values=f)
+  flags.DEFINE_integer("scale", 2, "Pixel scale of the images.", flag_values=f)
+  flags.DEFINE_bool("bboxes", False, "Draw each digit's bounding box.", flag_values=f)
 
 _COLOURS = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
             (145, 30, 180), (70, 240, 240), (240, 50, 230)]
@@ -61,7 +66,7 @@ def main(argv):
   del argv
   from digit_vit.data import input_pipeline  # pylint: disable=import-outside-toplevel
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-  f = flags.FLAGS
+  f = FLAGS
   builder = input_pipeline.get_dataset_builder(f.config, f.data_dir)
   ds = builder.as_dataset(split=f"{f.split}[:{f.num}]", shuffle_files=False)
   sheet = contact_sheet(tfds.as_numpy(ds), columns=f.columns, scale=f.scale, bboxes=f.bboxes)
@@ -71,5 +76,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  flags.mark_flags_as_required(["config"])
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

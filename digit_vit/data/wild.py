@@ -32,12 +32,13 @@ import io
 import json
 import os
 import pathlib
-import sys
 from typing import Sequence
 
 import numpy as np
+from absl import app, flags
 from PIL import Image, ImageFilter
 
+from digit_vit import cli
 from digit_vit.data import sources
 
 VERSION = 1
@@ -286,23 +287,33 @@ def load_labels(folder: str | os.PathLike) -> list[tuple[pathlib.Path, str]]:
     return [(folder / row["filename"], row["digits"]) for row in csv.DictReader(f)]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  import argparse  # pylint: disable=import-outside-toplevel
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--out", required=True, help="Root folder for the splits.")
-  parser.add_argument("--splits", default=",".join(SPLITS))
-  parser.add_argument("--size", type=int, default=None, help="Lines a split (default: "
-                      + ", ".join(f"{k} {v}" for k, v in DEFAULT_SIZES.items()) + ").")
-  parser.add_argument("--seed", type=int, default=0)
-  args = parser.parse_args(argv)
-  for split in args.splits.split(","):
+FLAGS = flags.FLAGS
+
+
+def define_flags(flag_values: flags.FlagValues = FLAGS):
+  """Defines the command's flags when it runs, not on import (`cli`): absl flags are global."""
+  flags.DEFINE_string("out", None, "Root folder for the splits.", required=True,
+                      flag_values=flag_values)
+  flags.DEFINE_string("splits", ",".join(SPLITS), "Comma-separated splits to write.",
+                      flag_values=flag_values)
+  flags.DEFINE_integer("size", None, "Lines a split (default: "
+                       + ", ".join(f"{k} {v}" for k, v in DEFAULT_SIZES.items()) + ").",
+                       flag_values=flag_values)
+  flags.DEFINE_integer("seed", 0, "The seed of the splits' random stream.",
+                       flag_values=flag_values)
+
+
+def main(argv: Sequence[str], flag_values: flags.FlagValues = FLAGS) -> int:
+  if len(argv) > 1:
+    return cli.error(f"unexpected arguments {argv[1:]}", cli.USAGE)
+  for split in flag_values.splits.split(","):
     try:
-      print(build(split, args.out, size=args.size, seed=args.seed))
+      print(build(split, flag_values.out, size=flag_values.size, seed=flag_values.seed))
     except ValueError as e:
-      print(f"error: {e}", file=sys.stderr)
-      return 2
+      return cli.error(str(e), cli.USAGE)
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  define_flags()
+  app.run(main, flags_parser=cli.parse_flags)

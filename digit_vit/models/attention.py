@@ -218,6 +218,8 @@ class MultiHeadAttention(nn.Module):
       query at a time; in cross-attention, project the memory once and reuse it, and keep the
       memory's mask, if the sizing call had one, for every later step.
     dtype: compute dtype; parameters stay `param_dtype`.
+    matmul_dtype: the projections' operand dtype (`layers.Dense.operand_dtype`; None: the
+      compute dtype).
   """
   num_heads: int
   qk_dim: int | None = None
@@ -231,6 +233,7 @@ class MultiHeadAttention(nn.Module):
   use_bias: bool = True
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  matmul_dtype: Any = None
 
   def _head_dims(self, width):
     qk_dim = self.qk_dim or width
@@ -242,7 +245,7 @@ class MultiHeadAttention(nn.Module):
 
   def _dense(self, features, name):
     return layers.Dense(features, use_bias=self.use_bias, dtype=self.dtype,
-                        param_dtype=self.param_dtype, name=name,
+                        param_dtype=self.param_dtype, operand_dtype=self.matmul_dtype, name=name,
                         kernel_init=nn.initializers.xavier_uniform())
 
   def _split(self, x):

@@ -40,20 +40,24 @@ def activation_fn(name: str):
 
 
 class MlpBlock(nn.Module):
-  """Dense(mlp_dim) -> activation -> dropout -> Dense(width)."""
+  """Dense(mlp_dim) -> activation -> dropout -> Dense(width). `matmul_dtype`: the products'
+  operand dtype (`layers.Dense.operand_dtype`; None: the compute dtype)."""
   mlp_dim: int
   activation: str = "gelu"
   dropout_rate: float = 0.0
   dtype: Any = jnp.float32
+  matmul_dtype: Any = None
 
   @nn.compact
   def __call__(self, x, *, deterministic: bool = True):
     """x: [batch, length, width] -> [batch, length, width]."""
     width = x.shape[-1]
-    y = layers.Dense(self.mlp_dim, dtype=self.dtype, name="fc1")(x)
+    y = layers.Dense(self.mlp_dim, dtype=self.dtype, operand_dtype=self.matmul_dtype,
+                     name="fc1")(x)
     y = activation_fn(self.activation)(y)
     y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
-    return layers.Dense(width, dtype=self.dtype, name="fc2")(y)
+    return layers.Dense(width, dtype=self.dtype, operand_dtype=self.matmul_dtype,
+                        name="fc2")(y)
 
 
 class _Residual(nn.Module):
@@ -87,6 +91,7 @@ class EncoderBlock(nn.Module):
   attention_impl: str = "xla"
   rope: bool = False
   dtype: Any = jnp.float32
+  matmul_dtype: Any = None  # The products' operand dtype (`layers.Dense.operand_dtype`).
 
   @nn.compact
   def __call__(self, x, mask=None, *, positions=None, deterministic: bool = True):
@@ -102,11 +107,13 @@ class EncoderBlock(nn.Module):
     """
     attention = MultiHeadAttention(
         self.num_heads, implementation=self.attention_impl, rope=self.rope,
-        dropout_rate=self.attention_dropout_rate, dtype=self.dtype, name="attention")
+        dropout_rate=self.attention_dropout_rate, dtype=self.dtype,
+        matmul_dtype=self.matmul_dtype, name="attention")
     x, _ = _Residual(self.norm, self.dropout_rate, self.dtype, name="attention_residual")(
         x, lambda h: attention(h, mask=mask, positions=positions, deterministic=deterministic),
         deterministic=deterministic)
-    mlp = MlpBlock(self.mlp_dim, self.activation, self.dropout_rate, self.dtype, name="mlp")
+    mlp = MlpBlock(self.mlp_dim, self.activation, self.dropout_rate, self.dtype,
+                   self.matmul_dtype, name="mlp")
     x, _ = _Residual(self.norm, self.dropout_rate, self.dtype, name="mlp_residual")(
         x, lambda h: mlp(h, deterministic=deterministic), deterministic=deterministic)
     return x
@@ -124,6 +131,7 @@ class DecoderBlock(nn.Module):
   rope: bool = False
   decode: bool = False
   dtype: Any = jnp.float32
+  matmul_dtype: Any = None  # The products' operand dtype (`layers.Dense.operand_dtype`).
 
   @nn.compact
   def __call__(self, x, memory, self_mask=None, memory_mask=None, *, positions=None,
@@ -142,7 +150,7 @@ class DecoderBlock(nn.Module):
       when `return_weights`.
     """
     kwargs = dict(implementation=self.attention_impl, dropout_rate=self.attention_dropout_rate,
-                  decode=self.decode, dtype=self.dtype)
+                  decode=self.decode, dtype=self.dtype, matmul_dtype=self.matmul_dtype)
     self_attention = MultiHeadAttention(self.num_heads, rope=self.rope, rope_grid=False,
                                         name="self_attention", **kwargs)
     x, _ = _Residual(self.norm, self.dropout_rate, self.dtype, name="self_residual")(
@@ -154,7 +162,8 @@ class DecoderBlock(nn.Module):
         x, lambda h: cross_attention(h, memory, mask=memory_mask, deterministic=deterministic,
                                      return_weights=return_weights),
         deterministic=deterministic)
-    mlp = MlpBlock(self.mlp_dim, self.activation, self.dropout_rate, self.dtype, name="mlp")
+    mlp = MlpBlock(self.mlp_dim, self.activation, self.dropout_rate, self.dtype,
+                   self.matmul_dtype, name="mlp")
     x, _ = _Residual(self.norm, self.dropout_rate, self.dtype, name="mlp_residual")(
         x, lambda h: mlp(h, deterministic=deterministic), deterministic=deterministic)
     return (x, weights) if return_weights else x

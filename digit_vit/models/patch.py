@@ -8,23 +8,14 @@ convolutions of stride 1 after each of them: more of a CNN's feature extraction 
 transformer (+0.5-0.9 points of single-digit accuracy in `configs/digit_probe.py`), at a cost
 to the train step on a CPU, since they run at every resolution (docs/performance.md, "The
 stem's convolutions").
-`stem_full_res_depth` puts 3x3 convolutions of stride 1 before the first strided one, at the
-image's own resolution, as a plain CNN's first layers are, so that thin strokes are seen before
-any subsampling (measured: no gain in `configs/digit_probe.py`, 97.9-98.0% against 98.3%).
-`stem_antialias` low-passes the input of each strided conv along its strided axes with the
-binomial filter [1, 2, 1] / 4 (Zhang, "Making Convolutional Networks Shift-Invariant Again",
-2019), since a strided conv aliases its input's high frequencies into different tokens when the
-image moves by a pixel (reading a line in shifted views gains the reader 1.6 points). Measured:
-97.9% against 98.5% in `configs/digit_probe.py` (docs/results.md, "Flatter minima").
 
 Images may be padded on the right (with zeros, the background) to a bucket width, with each
 image's valid width in `widths`. Every patch column that starts inside the valid width comes
 out exactly as it would from the image cut at the end of its last such column
 (`valid_width`): pixels past `widths` are zeroed, and the 'conv' stem zeroes its feature maps
-past the valid columns before every op that reads a neighbour to the right at the same
-resolution (a column-stride-1 conv, the blur), as its zero padding does at the image's edge,
-and the blur replicates the last valid column as it does the image's last one. A stride-2
-conv needs nothing: a valid output reads no input past the valid width.
+past the valid columns before every conv that reads a neighbour to the right at the same
+resolution (column stride 1), as its zero padding does at the image's edge. A stride-2 conv
+needs nothing: a valid output reads no input past the valid width.
 """
 
 from __future__ import annotations
@@ -67,28 +58,6 @@ def valid_width(widths, patch_width: int):
   starts before `widths` holds ink, so it is read whole (its pixels past `widths` zeroed)."""
   widths = jnp.asarray(widths, jnp.int32)
   return -(-widths // patch_width) * patch_width
-
-
-def _blur(x, stride, valid_cols=None):
-  """[1, 2, 1] / 4 along each axis of `x` [b, h, w, c] whose stride is 2, edges replicated (so
-  a constant map stays constant); the shape is kept.
-
-  valid_cols: int [b] or None: the columns of each map that are not padding; the last of them
-  is replicated past it as the map's last column is, so padding changes nothing before it.
-  """
-  for axis, s in ((1, stride[0]), (2, stride[1])):
-    if s == 1:
-      continue
-    n = x.shape[axis]
-    pad = [(0, 0)] * x.ndim
-    pad[axis] = (1, 1)
-    padded = jnp.pad(x, pad, mode="edge")
-    before, here, after = (jax.lax.slice_in_dim(padded, i, i + n, axis=axis) for i in range(3))
-    if axis == 2 and valid_cols is not None:
-      next_valid = jnp.arange(1, n + 1)[None, :] < valid_cols[:, None]      # [b, w]
-      after = jnp.where(next_valid[:, None, :, None], after, here)
-    x = 0.25 * before + 0.5 * here + 0.25 * after
-  return x
 
 
 def _zero_past(x, valid_cols):
@@ -151,9 +120,6 @@ class PatchEmbedding(nn.Module):
     stem_channels: channels of the first stem conv; doubled after each conv.
     stem_max_channels: the doubling stops here (0 = no limit).
     stem_depth: residual stride-1 3x3 convs after each strided conv of the 'conv' stem.
-    stem_full_res_depth: stride-1 3x3 convs of `stem_channels` channels at full resolution
-      before the first strided conv of the 'conv' stem (residual after the first).
-    stem_antialias: blur the input of each strided conv of the 'conv' stem (`_blur`).
   """
   patch_size: tuple[int, int]
   width: int
@@ -161,8 +127,6 @@ class PatchEmbedding(nn.Module):
   stem_channels: int = 32
   stem_depth: int = 0
   stem_max_channels: int = 0
-  stem_full_res_depth: int = 0
-  stem_antialias: bool = False
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -185,16 +149,12 @@ class PatchEmbedding(nn.Module):
       raise ValueError(f"model.stem_depth must be >= 0, got {self.stem_depth}")
     if self.stem_max_channels < 0:
       raise ValueError(f"model.stem_max_channels must be >= 0, got {self.stem_max_channels}")
-    if self.stem_full_res_depth < 0:
-      raise ValueError(f"model.stem_full_res_depth must be >= 0, got {self.stem_full_res_depth}")
-    if self.kind == "linear" and (self.stem_depth or self.stem_max_channels
-                                  or self.stem_full_res_depth or self.stem_antialias):
+    if self.kind == "linear" and (self.stem_depth or self.stem_max_channels):
       # Silently ignoring them would make a sweep over them measure nothing.
       raise ValueError(
-          f"model.stem_depth={self.stem_depth}, model.stem_max_channels="
-          f"{self.stem_max_channels}, model.stem_full_res_depth={self.stem_full_res_depth} "
-          f"and model.stem_antialias={self.stem_antialias} shape the 'conv' stem; the 'linear' "
-          "patch embedding has none: set them to 0 / False or use model.patch_embedding='conv'")
+          f"model.stem_depth={self.stem_depth} and model.stem_max_channels="
+          f"{self.stem_max_channels} shape the 'conv' stem; the 'linear' patch embedding has "
+          "none: set them to 0 or use model.patch_embedding='conv'")
     x = images.astype(self.dtype)
     valid = None
     if widths is not None:
@@ -209,18 +169,13 @@ class PatchEmbedding(nn.Module):
     col_stride = 1  # Of the map `x`, relative to the image.
 
     def conv(x, channels, stride, name):
-      """(Blur,) a 3x3 convolution and gelu. With padding, whatever the conv reads past the valid
-      columns is what the unpadded map's edge shows it: zeros, or the replicated last column."""
-      valid_cols = None if valid is None else valid // col_stride
-      if self.stem_antialias and stride != (1, 1):
-        x = _blur(x, stride, valid_cols)
+      """A 3x3 convolution and gelu. With padding, whatever the conv reads past the valid
+      columns is what the unpadded map's edge shows it: zeros."""
       if valid is not None and stride[1] == 1:
-        x = _zero_past(x, valid_cols)  # A stride-2 conv's valid outputs never read past them.
+        # A stride-2 conv's valid outputs never read past the valid columns.
+        x = _zero_past(x, valid // col_stride)
       return nn.gelu(Conv3x3(channels, stride, dtype=self.dtype, name=name)(x))
 
-    for j in range(self.stem_full_res_depth):
-      y = conv(x, self.stem_channels, (1, 1), f"full_res{j}")
-      x = x + y if j else y  # The first maps the image's channels to stem_channels.
     for i, stride in enumerate(stem_strides((ph, pw))):
       channels = self.stem_channels * 2 ** i
       if self.stem_max_channels:

@@ -78,8 +78,6 @@ class ModelConfig:
   stem_channels: int = 32
   stem_depth: int = 0
   stem_max_channels: int = 0
-  stem_full_res_depth: int = 0
-  stem_antialias: bool = False
   width: int = 128
   num_heads: int = 4
   mlp_dim: int = 512
@@ -98,6 +96,7 @@ class ModelConfig:
   attention_dropout_rate: float = 0.0
   attention_impl: str = "custom_vjp"
   dtype: str = "float32"
+  matmul_dtype: str = "float32"
   max_length: int = 9
   vocab_size: int = tokens.VOCAB_SIZE
 
@@ -113,6 +112,7 @@ class ModelConfig:
         (self.patch_embedding in patch.KINDS, "patch_embedding", patch.KINDS),
         (self.norm in ("pre", "post"), "norm", ("pre", "post")),
         (self.dtype in DTYPES, "dtype", tuple(DTYPES)),
+        (self.matmul_dtype in DTYPES, "matmul_dtype", tuple(DTYPES)),
     ]
     for ok, name, allowed in checks:
       if not ok:
@@ -142,6 +142,12 @@ class ModelConfig:
   @property
   def compute_dtype(self):
     return DTYPES[self.dtype]
+
+  @property
+  def operand_dtype(self):
+    """The dense layers' operand dtype (`layers.Dense.operand_dtype`): `matmul_dtype`
+    rounds their products' operands, which accumulate in the compute dtype."""
+    return DTYPES[self.matmul_dtype]
 
   @property
   def grid(self) -> tuple[int, int]:
@@ -233,8 +239,7 @@ class Encoder(nn.Module):
                        f"{cfg.image_height}")
     rows, cols = cfg.grid_for(width)
     x = patch.PatchEmbedding(cfg.patch_size, cfg.width, cfg.patch_embedding, cfg.stem_channels,
-                             cfg.stem_depth, cfg.stem_max_channels, cfg.stem_full_res_depth,
-                             cfg.stem_antialias, dtype=dtype,
+                             cfg.stem_depth, cfg.stem_max_channels, dtype=dtype,
                              name="patch_embedding")(images, widths)
     batch = x.shape[0]
     col_index = None  # Each column's index into the widest grid's columns: None = its own.
@@ -274,7 +279,7 @@ class Encoder(nn.Module):
       x = EncoderBlock(cfg.num_heads, cfg.mlp_dim, cfg.norm, cfg.activation, cfg.dropout_rate,
                        cfg.attention_dropout_rate, cfg.attention_impl,
                        rope=cfg.encoder_position == "rope", dtype=dtype,
-                       name=f"block{i}")(x, mask, positions=rope_positions,
+                       matmul_dtype=cfg.operand_dtype, name=f"block{i}")(x, mask, positions=rope_positions,
                                          deterministic=not train)
     if cfg.norm == "pre":
       x = nn.LayerNorm(dtype=dtype, name="final_norm")(x)
@@ -338,7 +343,7 @@ class Decoder(nn.Module):
       out = DecoderBlock(cfg.num_heads, cfg.mlp_dim, cfg.norm, cfg.activation, cfg.dropout_rate,
                          cfg.attention_dropout_rate, cfg.attention_impl,
                          rope=cfg.decoder_position == "rope", decode=self.decode, dtype=dtype,
-                         name=f"block{i}")(x, memory, self_mask, cross_mask,
+                         matmul_dtype=cfg.operand_dtype, name=f"block{i}")(x, memory, self_mask, cross_mask,
                                            positions=rope_positions, deterministic=not train,
                                            return_weights=return_weights)
       if return_weights:
