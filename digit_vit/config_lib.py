@@ -89,8 +89,14 @@ def drop_removed(saved: Mapping[str, Any]) -> dict[str, Any]:
   """A saved config (a run's config.json, parsed) without the `REMOVED_FIELDS` it holds at
   their neutral values, so that today's code reads runs saved before they were removed. The
   argument is not changed."""
-  out = json.loads(json.dumps(saved))  # A deep copy of plain JSON values.
-  for dotted, neutral in REMOVED_FIELDS.items():
+  return drop_neutral(saved, REMOVED_FIELDS)
+
+
+def drop_neutral(saved: Mapping[str, Any], fields: Mapping[str, Any]) -> dict[str, Any]:
+  """A deep copy of a saved config (plain JSON values) without each dotted field of `fields`
+  that it holds at the neutral value `fields` gives it."""
+  out = json.loads(json.dumps(saved))
+  for dotted, neutral in fields.items():
     *parents, leaf = dotted.split(".")
     section = out
     for key in parents:

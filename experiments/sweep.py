@@ -24,7 +24,6 @@ the measured values) and the PNG plots are rewritten from the points of the curr
 
 from __future__ import annotations
 
-import copy
 import csv
 import dataclasses
 import datetime
@@ -250,14 +249,8 @@ def config_hash(config_json: Mapping | str) -> str:
   REMOVED_FIELDS at their neutral values."""
   if isinstance(config_json, str):
     config_json = json.loads(config_json)
-  config_json = copy.deepcopy(dict(config_json))
-  for dotted, neutral in {**ADDED_FIELDS, **config_lib.REMOVED_FIELDS}.items():
-    *parents, leaf = dotted.split(".")
-    section = config_json
-    for key in parents:
-      section = section.get(key) if isinstance(section, dict) else None
-    if isinstance(section, dict) and leaf in section and section[leaf] == neutral:
-      del section[leaf]
+  config_json = config_lib.drop_neutral(config_json,
+                                        {**ADDED_FIELDS, **config_lib.REMOVED_FIELDS})
   text = json.dumps(config_json, sort_keys=True, separators=(",", ":"))
   return hashlib.sha256(text.encode()).hexdigest()[:12]
 
