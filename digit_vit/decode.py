@@ -194,7 +194,7 @@ def shifted_widths(widths, views: int, width: int):
   """The valid widths of `shifted_views`: each view keeps its image's widths.
 
   A view shifted right by dx pushes the last dx pixels of the line past its width; they are the
-  line's margin (`predict.MARGIN`, the training lines' random margins). Growing the width
+  line's margin (`preprocess.MARGIN`, the training lines' random margins). Growing the width
   instead would make a view's mask depend on the bucket (the growth is cut at the bucket's
   edge), and so the reading on which bucket holds the line.
 
@@ -349,7 +349,8 @@ def greedy_decode(model_config: ModelConfig | Sequence[ModelConfig], params, ima
     chosen = jnp.where(done, 0.0, chosen)
     log_prob = log_prob + chosen
     out = jax.lax.dynamic_update_slice(out, best[:, None], (0, step))
-    per_token = jax.lax.dynamic_update_slice(per_token, chosen[:, None], (0, step))
+    if per_token is not None:
+      per_token = jax.lax.dynamic_update_slice(per_token, chosen[:, None], (0, step))
     # Every view of an image is fed the token chosen for the image.
     return (step + 1, jnp.tile(best, views), caches, out, log_prob, per_token, dists,
             done | (best == tokens.EOS))
@@ -357,11 +358,12 @@ def greedy_decode(model_config: ModelConfig | Sequence[ModelConfig], params, ima
   vocab = model_configs[0].vocab_size
   state = (jnp.array(0, jnp.int32), jnp.full((views * batch,), tokens.SOS, jnp.int32), caches,
            jnp.full((batch, length), tokens.PAD, jnp.int32), jnp.zeros((batch,), jnp.float32),
-           jnp.zeros((batch, length), jnp.float32),
+           # Buffers written only when asked for: the loop is the reading's hot path.
+           jnp.zeros((batch, length), jnp.float32) if token_log_probs else None,
            jnp.zeros((batch, length, vocab), jnp.float32) if step_log_probs else None,
            jnp.zeros((batch,), jnp.bool_))
   _, _, _, out, log_prob, per_token, dists, _ = jax.lax.while_loop(cond, body, state)
-  return _outputs(out, log_prob, per_token if token_log_probs else None, dists)
+  return _outputs(out, log_prob, per_token, dists)
 
 
 def _outputs(out, log_prob, per_token, dists):

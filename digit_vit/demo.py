@@ -88,7 +88,7 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
-from digit_vit import cli, logs, predict
+from digit_vit import cli, logs, predict, preprocess
 from digit_vit.models import tokens
 
 log = logging.getLogger("digit_vit.demo")
@@ -329,7 +329,7 @@ class DemoServer(HTTPServer):
 
   def __init__(self, address: tuple[str, int], reader: predict.Reader, *,
                max_request_bytes: int = MAX_REQUEST_BYTES,
-               max_pixels: int = predict.MAX_PIXELS, workers: int = WORKERS,
+               max_pixels: int = preprocess.MAX_PIXELS, workers: int = WORKERS,
                max_pending: int = MAX_PENDING, read_timeout: float = READ_TIMEOUT,
                busy_read_timeout: float = BUSY_READ_TIMEOUT,
                request_timeout: float = REQUEST_TIMEOUT,
@@ -466,7 +466,7 @@ class DemoServer(HTTPServer):
     `deadline` at most (the job cannot be stopped: if late, it finishes unwatched)."""
 
     def prepare():
-      image = predict.load_image(data, max_pixels=self.max_pixels)
+      image = preprocess.load_image(data, max_pixels=self.max_pixels)
       return self.reader.prepare([image])[0]
 
     busy = RequestError(503, "The server is busy preparing other images; try again in a "
@@ -485,7 +485,7 @@ class DemoServer(HTTPServer):
                            f"{self.request_timeout:g} s limit; send a smaller image, or one "
                            "of a usual shape (a line of digits).") from None
       return future.result()
-    except predict.ImageError as e:
+    except preprocess.ImageError as e:
       raise RequestError(400, str(e)) from None
 
 

@@ -52,16 +52,56 @@ DEFAULT_PLATFORMS = ("cpu", "cuda")
 METRIC_SPLITS = ("test", "wild", "long")
 
 
-def calibration_of(workdir: str | os.PathLike) -> dict[str, Any]:
-  """{'temperature': the run's (`calibration.load_temperature`, 1.0 without one), 'fit': its
-  calibration.json (the step and decoding it was fitted for, the validation ECE before and
-  after) or None}."""
+def _keeps_average(workdir: pathlib.Path) -> bool:
+  """Whether the run kept a moving average of its parameters (then `trained.restore_params`
+  exports it); True when config.json cannot tell."""
+  try:
+    return float(json.loads((workdir / "config.json").read_text()).get("ema_decay") or 0) > 0
+  except (OSError, ValueError, AttributeError, TypeError):
+    return True
+
+
+def _fitted_for(fit: Any, step: int, reading: trained.Decoding) -> bool:
+  """Whether a calibration record was fitted on the readings of `step` decoded as `reading`."""
+  if not isinstance(fit, dict) or fit.get("step") != step:
+    return False
+  decoding = fit.get("decode") or {}
+  return (decoding.get("beam_size") == reading.beam_size
+          and decoding.get("views") == reading.views
+          and (reading.beam_size == 1 or decoding.get("alpha") == reading.alpha))
+
+
+def calibration_of(workdir: str | os.PathLike, step: int | None = None,
+                   reading: trained.Decoding | None = None) -> dict[str, Any]:
+  """{'temperature', 'fit'}: the temperature built into an export, and the record of its fit
+  (the step and decoding, the validation ECE and NLL before and after) or None.
+
+  The run's calibration.json (`calibration.load_temperature`, 1.0 without one), unless it was
+  fitted for another step or decoding than `step` read as `reading` and an `evaluate` JSON of
+  that step alone (the moving average where the run kept one) fitted one for exactly that
+  reading: a temperature fitted for 25 views is too low for one view's sharper confidences.
+  """
+  workdir = pathlib.Path(workdir)
   temperature = float(calibration.load_temperature(workdir))
-  path = pathlib.Path(workdir) / calibration.CALIBRATION_FILE
+  path = workdir / calibration.CALIBRATION_FILE
   try:
     fit = json.loads(path.read_text()) if path.is_file() else None
   except (OSError, ValueError):
     fit = None
+  if reading is None or fit is None or _fitted_for(fit, step, reading):
+    return {"temperature": temperature, "fit": fit}
+  averaged = _keeps_average(workdir)
+  for path in sorted(workdir.glob("evaluation_*.json")):
+    try:
+      record = json.loads(path.read_text())
+    except (OSError, ValueError):
+      continue
+    if (not isinstance(record, dict) or record.get("steps") != [step] or record.get("ensemble")
+        or (averaged and record.get("ema") is False)):
+      continue
+    found = record.get("calibration")
+    if _fitted_for(found, step, reading) and isinstance(found.get("temperature"), (int, float)):
+      return {"temperature": float(found["temperature"]), "fit": {**found, "file": path.name}}
   return {"temperature": temperature, "fit": fit}
 
 
@@ -120,10 +160,7 @@ def measured_metrics(workdir: str | os.PathLike, step: int,
     or ({}, None) when nothing measured these parameters.
   """
   workdir = pathlib.Path(workdir)
-  try:  # Whether the run kept a moving average (then `trained.restore_params` exports it).
-    averaged = float(json.loads((workdir / "config.json").read_text()).get("ema_decay") or 0) > 0
-  except (OSError, ValueError, AttributeError, TypeError):
-    averaged = True
+  averaged = _keeps_average(workdir)
   candidates = []
   for path in sorted(workdir.glob("evaluation_*.json")):
     try:
@@ -213,7 +250,7 @@ def export_reader(workdir: str | os.PathLike, output: str | os.PathLike, *,
   bucket_widths = width_buckets.width_buckets(config)
   model_config = ModelConfig.from_config(config.model)
   params, step = trained.restore_params(workdir, config, checkpoint)
-  calibrated = calibration_of(workdir)
+  calibrated = calibration_of(workdir, step, reading)
   temperature = calibrated["temperature"]
   names, arrays, treedef = parameter_names(params)
   specs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in arrays]

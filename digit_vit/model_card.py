@@ -11,8 +11,9 @@ is one that was measured, read from where it was recorded; a figure nothing meas
 `missing`, with the command that would measure it:
 
   - DIR/manifest.json: the step, the decoding, the calibration temperature and its validation
-    fit (calibration.json of the run), the commits, the run's config, and the test/wild/long
-    metrics of the exported parameters (an `evaluate` JSON of that step, else report.json);
+    fit (the run's calibration.json, or the evaluation that fitted it for the exported
+    decoding), the commits, the run's config, and the test/wild/long metrics of the exported
+    parameters (an `evaluate` JSON of that step, else report.json);
   - RUN/report.json: training time, steps, parameters and the machine it trained on;
   - the risk-coverage PNG of the evaluation the metrics came from
     (`evaluation_..._risk_coverage.png`, else the run's `risk_coverage.png`), copied;
@@ -68,7 +69,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from digit_vit import release, serving
-from digit_vit.release import CARD_FILE, MAX_RELEASE_MB, MISSING, SPLITS, _pct, _read_json
+from digit_vit.release import CARD_FILE, MAX_RELEASE_MB, MISSING, SPLITS, pct, read_json
 
 WORST_ERRORS_PNG = "worst_errors.png"
 RISK_COVERAGE_PNG = "risk_coverage.png"
@@ -120,7 +121,7 @@ def load_bench(path: str | os.PathLike, manifest: Mapping[str, Any]) -> dict[str
   Raises:
     ValueError: not readable, no serving figures, or measured with another decoding.
   """
-  record = _read_json(pathlib.Path(path))
+  record = read_json(pathlib.Path(path))
   if record is None:
     raise ValueError(f"--bench={path} cannot be read as a JSON object")
   if "serve_exported_latency_p50_ms" not in record:
@@ -381,8 +382,8 @@ def _figures(facts: Facts) -> list[str]:
   for split in SPLITS:
     m = lambda k, s=split: _metric(facts, f"{s}_{k}")  # noqa: E731
     lines = m("num_examples")
-    rows.append([split, MISSING if lines is None else f"{int(lines):,}", _pct(m("exact_match")),
-                 _pct(m("cer")), _pct(m("coverage_at_98")), _pct(m("coverage_at_99")),
+    rows.append([split, MISSING if lines is None else f"{int(lines):,}", pct(m("exact_match")),
+                 pct(m("cer")), pct(m("coverage_at_98")), pct(m("coverage_at_99")),
                  _num(m("ece"), ".4f"), _num(m("ece_calibrated"), ".4f")])
   out += _table(["split", "lines", "exact match", "CER", "coverage at 98%", "coverage at 99%",
                  "ECE (T = 1)", "ECE (calibrated)"], rows)
@@ -400,7 +401,7 @@ def _figures(facts: Facts) -> list[str]:
   if lengths:
     out += ["### Exact match by line length", ""]
     out += _table(["digits"] + list(SPLITS),
-                  [[str(n)] + [_pct(_metric(facts, f"{s}_exact_match_length_{n}"))
+                  [[str(n)] + [pct(_metric(facts, f"{s}_exact_match_length_{n}"))
                                if _metric(facts, f"{s}_exact_match_length_{n}") is not None
                                else "-" for s in SPLITS] for n in lengths])
     out.append("")
@@ -416,7 +417,8 @@ def _confidence(facts: Facts) -> list[str]:
     out.append(
         f"The line confidence is the product of the token probabilities under temperature "
         f"T = {_num(temperature)}, fitted on {fit.get('validation_examples', MISSING)} "
-        f"validation lines read at step {fit.get('step', MISSING)} (`calibration.json`): "
+        f"validation lines read at step {fit.get('step', MISSING)} "
+        f"(`{fit.get('file', 'calibration.json')}`): "
         f"validation ECE {_num(fit.get('validation_ece'), '.4f')} before, "
         f"{_num(fit.get('validation_ece_calibrated'), '.4f')} after; NLL of \"the reading is "
         f"right\" {_num(fit.get('validation_nll'), '.4f')} before, "
@@ -485,8 +487,8 @@ def _failure_modes(facts: Facts) -> list[str]:
                  if k.startswith(f"{split}_exact_match_length_")}
     if len(by_length) > 1:
       worst = min(by_length, key=lambda n: (by_length[n], -n))
-      bullets.append(f"{split}: the exact match falls to {_pct(by_length[worst])} on lines "
-                     f"of {worst} digits (from {_pct(max(by_length.values()))} at best).")
+      bullets.append(f"{split}: the exact match falls to {pct(by_length[worst])} on lines "
+                     f"of {worst} digits (from {pct(max(by_length.values()))} at best).")
     truncated, no_eos = metrics.get(f"{split}_truncated"), metrics.get(f"{split}_no_eos")
     wrong_length = metrics.get(f"{split}_wrong_length")
     total = metrics.get(f"{split}_num_examples")
@@ -503,7 +505,7 @@ def _failure_modes(facts: Facts) -> list[str]:
     kinds = ", ".join(f"{n} {k}" for k, n in e.kinds.most_common())
     confusions = ", ".join(f"{k} ({n})" for k, n in e.confusions.most_common(5))
     bullets.append(f"Of the first {e.read:,} {e.split} lines (of {e.total:,}) this reader read "
-                   f"{len(e.wrong)} wrong ({_pct(e.exact_match)} exact match)"
+                   f"{len(e.wrong)} wrong ({pct(e.exact_match)} exact match)"
                    + (f": {kinds}" if kinds else "") + "."
                    + (f" Most confused digits (true->read): {confusions}." if confusions else ""))
   config = run.get("config") or {}
@@ -723,7 +725,7 @@ def gather(workdir: str | os.PathLike, model: str | os.PathLike, *,
   bench_record = None if bench is None else load_bench(bench, manifest)
   run = manifest.get("run") or {}
   source = run.get("metrics_source") or {}
-  evaluation = (_read_json(run_dir / source["file"]) if source.get("file") else None)
+  evaluation = (read_json(run_dir / source["file"]) if source.get("file") else None)
   overrides = None
   if config_file is not None:
     try:
@@ -752,7 +754,7 @@ def gather(workdir: str | os.PathLike, model: str | os.PathLike, *,
   elif error_lines <= 0:
     problem = "no lines read (--error_lines=0)"
   return Facts(workdir=str(workdir), model=str(model), manifest=manifest,
-               report=_read_json(run_dir / "report.json"), evaluation=evaluation,
+               report=read_json(run_dir / "report.json"), evaluation=evaluation,
                bench=bench_record, bench_path=None if bench is None else str(bench),
                config_file=None if config_file is None else str(config_file),
                overrides=overrides, errors=errors, errors_problem=problem, worst_shown=shown,

@@ -61,14 +61,8 @@ from absl import app, flags
 from PIL import Image, ImageDraw
 
 from digit_vit import calibration, cli, decode, logs, trained, xla_options
-# The image preprocessing lives in `preprocess` (shared with `serving`); its names stay
-# importable from here, as callers and tests use them (`predict.to_canvas`, ...).
-from digit_vit.preprocess import (INK_FLOOR, INK_THRESHOLD, LINE_HEIGHT, MARGIN,  # noqa: F401
-                                  MAX_ASPECT_RATIO, MAX_PIXELS, MIN_INK_CONTRAST,
-                                  STROKE_WIDTH, WIDTH_MULTIPLE, WORKING_SCALE, ImageError,
-                                  _block_mean, _check_aspect_ratio, _pool, _to_grey,
-                                  _working_ink, as_grey_array, load_image, stroke_width,
-                                  to_canvas)
+# The image preprocessing lives in `preprocess`, shared with `serving`.
+from digit_vit.preprocess import WIDTH_MULTIPLE, ImageError, load_image, to_canvas
 from digit_vit.data import buckets
 from digit_vit.models import tokens
 from digit_vit.models.reader import DigitReader, ModelConfig, patch_mask

@@ -5,8 +5,7 @@ canvas at the height the training lines have, in the polarity they have (bright 
 Numpy and Pillow only, so that a reader loaded with `digit_vit.serving` prepares its images with
 exactly the code `predict` uses without importing Flax, TensorFlow, ml_collections or SciPy (the
 two morphology steps, `binary_erosion` and `grey_dilation`, are SciPy's `ndimage` ones written in
-numpy, equal to them bit for bit: tests/test_export.py compares them). `predict` re-exports
-every name here (`predict.to_canvas`, `predict.ImageError`, ...).
+numpy, equal to them bit for bit: tests/test_export.py compares them).
 """
 
 from __future__ import annotations

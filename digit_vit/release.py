@@ -49,13 +49,15 @@ class ReleaseError(Exception):
 # Formatting
 
 
-def _pct(value, digits: int = 2) -> str:
+def pct(value, digits: int = 2) -> str:
+  """A fraction as a percentage for the card ('93.25%'), or 'missing' for None or NaN."""
   if value is None or (isinstance(value, float) and not math.isfinite(value)):
     return MISSING
   return f"{100 * float(value):.{digits}f}%"
 
 
-def _read_json(path: pathlib.Path) -> dict | None:
+def read_json(path: pathlib.Path) -> dict | None:
+  """The JSON object in `path`, or None when it is absent, unreadable or not an object."""
   try:
     value = json.loads(path.read_text())
   except (OSError, ValueError):
@@ -120,7 +122,7 @@ def compare(candidate: Mapping, release: Mapping | None) -> Comparison:
     return Comparison(True, figures, "there is no release yet")
   worse = [s for s in SPLITS if theirs[s] is not None and mine[s] < theirs[s]]
   gained = [s for s in SPLITS if theirs[s] is None or mine[s] > theirs[s]]
-  side = "; ".join(f"{s} {_pct(mine[s])} against {_pct(theirs[s])}" for s in SPLITS)
+  side = "; ".join(f"{s} {pct(mine[s])} against {pct(theirs[s])}" for s in SPLITS)
   if worse:
     return Comparison(False, figures, f"it reads worse on {', '.join(worse)} ({side})")
   if not gained:
@@ -159,7 +161,7 @@ def publish(candidate: str | os.PathLike, release: str | os.PathLike, *, force: 
                        f"digit_vit.model_card --workdir=RUN --model={candidate})")
   current = None
   if (release / serving.MANIFEST).is_file():
-    current = _read_json(release / serving.MANIFEST)
+    current = read_json(release / serving.MANIFEST)
     if current is None and not force:
       raise ReleaseError(f"{release / serving.MANIFEST} cannot be read, so the release cannot be "
                          "compared; --force (RELEASE_FORCE=1) replaces it")

@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from digit_vit import cli, demo, demo_load, predict
+from digit_vit import cli, demo, demo_load, predict, preprocess
 from digit_vit.data import input_pipeline
 from digit_vit.models import tokens
 
@@ -123,7 +123,7 @@ def _image_from_data_url(url: str) -> Image.Image:
 
 
 def _expected(reader, image_file: bytes) -> predict.Prediction:
-  return reader.read([predict.load_image(image_file)], attention=True)[0]
+  return reader.read([preprocess.load_image(image_file)], attention=True)[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,7 +159,7 @@ def test_info(server, reader):
       "height": 16, "width": 48, "max_digits": 3, "max_length": 16, "buckets": [24, 48],
       "beam_size": reader.beam_size,
       "views": reader.views, "step": reader.step, "ensemble": 0,
-      "max_request_bytes": demo.MAX_REQUEST_BYTES, "max_pixels": predict.MAX_PIXELS}
+      "max_request_bytes": demo.MAX_REQUEST_BYTES, "max_pixels": preprocess.MAX_PIXELS}
 
 
 def test_read_returns_what_predict_reads(server, reader, test_image):
@@ -205,7 +205,7 @@ BAD_INPUTS = {
     "bad base64": (lambda: b'{"image": "data:image/png;base64,@@@"}', "application/json", 400,
                    "not base64"),
     "too many pixels": (lambda: _read_request(_huge_png()), "application/json", 400,
-                        f"{predict.MAX_PIXELS:,}"),
+                        f"{preprocess.MAX_PIXELS:,}"),
     "oversize payload": (lambda: b"x" * (demo.MAX_REQUEST_BYTES + 1), "application/json", 413,
                          f"over the {demo.MAX_REQUEST_BYTES / 2**20:.1f} MiB limit"),
 }
@@ -382,7 +382,7 @@ def test_min_confidence_is_a_probability_and_marks_readings(reader, test_image, 
     assert exit_info.value.code == 2
     assert "expected a probability in [0, 1]" in capsys.readouterr().err
   # The reader marks a reading below its threshold, and the JSON says so.
-  image = predict.load_image(test_image[0])
+  image = preprocess.load_image(test_image[0])
   (plain,) = reader.read([image])
   (above,) = reader.read([image], min_confidence=plain.confidence / 2)
   (below,) = reader.read([image], min_confidence=min(1.0, plain.confidence * 2))

@@ -214,6 +214,38 @@ def test_metrics_come_from_an_evaluation_of_the_exported_step(tmp_path):
   assert export.measured_metrics(tmp_path, 300, reading) == ({}, None)
 
 
+def test_the_temperature_is_the_one_fitted_for_the_exported_decoding(tmp_path):
+  """calibration.json fitted for the run's 25 views; an export reading one view takes the
+  temperature an `evaluate` of that step fitted for one view, and falls back to the run's."""
+  def fit(step, views, temperature, beam_size=1):
+    return {"step": step, "temperature": temperature, "validation_ece": 0.1,
+            "decode": {"beam_size": beam_size, "alpha": 0.6, "views": views}}
+  (tmp_path / "config.json").write_text(json.dumps({"ema_decay": 0.999}))
+  (tmp_path / "calibration.json").write_text(json.dumps(fit(500, 25, 1.1)))
+  files = {
+      "evaluation_best_beam1.json": {"steps": [500], "ema": True, "calibration": fit(500, 1, 1.3)},
+      # Other parameters or readings: the raw parameters, another step, an ensemble, a beam.
+      "evaluation_best_beam1_noema.json": {"steps": [500], "ema": False,
+                                           "calibration": fit(500, 1, 9.0)},
+      "evaluation_400_beam1.json": {"steps": [400], "ema": True, "calibration": fit(400, 1, 8.0)},
+      "evaluation_best_beam1_ensemble2.json": {"steps": [500], "ema": True, "ensemble": [{}],
+                                               "calibration": fit(500, 1, 7.0)},
+      "evaluation_best_beam4.json": {"steps": [500], "ema": True,
+                                     "calibration": fit(500, 1, 6.0, beam_size=4)},
+  }
+  for name, record in files.items():
+    (tmp_path / name).write_text(json.dumps(record))
+  one_view = export.trained.Decoding(beam_size=1, alpha=0.6, views=1)
+  chosen = export.calibration_of(tmp_path, 500, one_view)
+  assert chosen == {"temperature": 1.3,
+                    "fit": {**fit(500, 1, 1.3), "file": "evaluation_best_beam1.json"}}
+  run = {"temperature": 1.1, "fit": fit(500, 25, 1.1)}
+  assert export.calibration_of(tmp_path, 500, one_view._replace(views=25)) == run
+  assert export.calibration_of(tmp_path, 600, one_view) == run   # nothing fitted for step 600
+  assert export.calibration_of(tmp_path, 500, one_view._replace(views=5)) == run
+  assert export.calibration_of(tmp_path) == run
+
+
 def test_another_format_version_names_both_versions(exported, tmp_path):
   directory = _copy(exported, tmp_path)
   _edit_manifest(directory, lambda m: m.update(format_version=7))
@@ -312,9 +344,9 @@ def test_numpy_morphology_equals_scipys():
     np.testing.assert_array_equal(preprocess.binary_erosion(mask), ndimage.binary_erosion(mask))
 
 
-def test_predict_reexports_the_shared_preprocessing():
-  for name in ("to_canvas", "load_image", "ImageError", "as_grey_array", "stroke_width",
-               "MAX_PIXELS", "WIDTH_MULTIPLE", "INK_THRESHOLD"):
+def test_predict_prepares_images_with_the_shared_preprocessing():
+  """The in-process Reader and `serving` run the same functions, not copies of them."""
+  for name in ("to_canvas", "load_image", "ImageError", "WIDTH_MULTIPLE"):
     assert getattr(predict, name) is getattr(preprocess, name)
 
 

@@ -40,44 +40,44 @@ def _ink_box(canvas, threshold=0.35):
 
 
 def test_a_line_keeps_its_natural_width_at_the_training_height():
-  canvas = predict.to_canvas(_line(), H, W)
+  canvas = preprocess.to_canvas(_line(), H, W)
   # The ink, 601 x 111 pixels, scaled to 23 high is 125 wide; with a margin of 8 pixels a side
   # (MARGIN of the height), 141, rounded up to the multiple of 8: 144 of the widest 192.
   chex.assert_shape(canvas, (H, 144))
   assert canvas.dtype == np.float32 and canvas.min() == 0.0 and canvas.max() == pytest.approx(1)
   top, bottom, left, right = _ink_box(canvas)
   height, width = bottom - top, right - left
-  assert abs(height - predict.LINE_HEIGHT * H) <= 1.5
+  assert abs(height - preprocess.LINE_HEIGHT * H) <= 1.5
   # The aspect ratio survives the fit (to a pixel).
   assert width / height == pytest.approx(601 / 111, rel=0.08)
   assert abs((top + bottom) / 2 - H / 2) <= 1 and abs((left + right) / 2 - 144 / 2) <= 1
-  assert left >= predict.MARGIN * H and 144 - right >= predict.MARGIN * H
+  assert left >= preprocess.MARGIN * H and 144 - right >= preprocess.MARGIN * H
 
 
 def test_a_line_too_long_for_the_widest_bucket_is_shrunk_to_it():
   """The documented strategy for a line wider than every bucket: it is fitted into the widest,
   margins kept, at a smaller digit height than the training lines'."""
-  canvas = predict.to_canvas(_line(height=100, width=4000, box=(10, 20, 3990, 80), pen=6), H, W)
+  canvas = preprocess.to_canvas(_line(height=100, width=4000, box=(10, 20, 3990, 80), pen=6), H, W)
   chex.assert_shape(canvas, (H, W))
   top, bottom, left, right = _ink_box(canvas)
-  margin = predict.MARGIN * H
-  assert right - left >= W - 2 * margin - 2 and bottom - top < predict.LINE_HEIGHT * H - 4
+  margin = preprocess.MARGIN * H
+  assert right - left >= W - 2 * margin - 2 and bottom - top < preprocess.LINE_HEIGHT * H - 4
 
 
 def test_polarity_is_detected_and_colour_is_accepted():
-  bright = predict.to_canvas(_line(ink=255, paper=0), H, W)
-  dark = predict.to_canvas(_line(ink=0, paper=255), H, W)
+  bright = preprocess.to_canvas(_line(ink=255, paper=0), H, W)
+  dark = preprocess.to_canvas(_line(ink=0, paper=255), H, W)
   np.testing.assert_allclose(dark, bright, atol=1 / 255)
   # Blue ink on yellow paper, as RGB uint8, and as float RGB in [0, 1].
   mask = _line() > 0
   rgb = np.where(mask[..., None], np.uint8([20, 30, 160]), np.uint8([240, 230, 120]))
-  np.testing.assert_allclose(predict.to_canvas(rgb, H, W), bright, atol=0.02)
-  np.testing.assert_allclose(predict.to_canvas(rgb / 255.0, H, W), bright, atol=0.02)
+  np.testing.assert_allclose(preprocess.to_canvas(rgb, H, W), bright, atol=0.02)
+  np.testing.assert_allclose(preprocess.to_canvas(rgb / 255.0, H, W), bright, atol=0.02)
 
 
 def test_grey_ink_on_grey_paper_is_stretched_to_full_contrast():
-  faint = predict.to_canvas(_line(ink=150, paper=90), H, W)
-  np.testing.assert_allclose(faint, predict.to_canvas(_line(), H, W), atol=0.02)
+  faint = preprocess.to_canvas(_line(ink=150, paper=90), H, W)
+  np.testing.assert_allclose(faint, preprocess.to_canvas(_line(), H, W), atol=0.02)
 
 
 @pytest.mark.parametrize("dark_ink", [False, True])
@@ -89,8 +89,8 @@ def test_unevenly_lit_noisy_paper_leaves_only_the_ink(dark_ink):
   paper = 0.2 + np.linspace(0.0, 0.3, mask.shape[1])[None, :] + rng.normal(0, 0.04, mask.shape)
   page = paper + 0.4 * mask
   page = 1.0 - page if dark_ink else page
-  canvas = predict.to_canvas(np.clip(page, 0, 1), H, W)
-  clean = predict.to_canvas(_line(), H, W)
+  canvas = preprocess.to_canvas(np.clip(page, 0, 1), H, W)
+  clean = preprocess.to_canvas(_line(), H, W)
   chex.assert_equal_shape([canvas, clean])
   np.testing.assert_allclose(_ink_box(canvas), _ink_box(clean), atol=1)  # Within a pixel.
   # Two pixels or more from the clean line's ink, the paper is black: no grey box, no specks.
@@ -114,17 +114,17 @@ def test_paper_brightness_follows_the_lighting_not_the_ink():
 
 @pytest.mark.parametrize("fill", [0, 128, 255])
 def test_images_without_ink_give_no_canvas(fill):
-  assert predict.to_canvas(np.full((40, 90), fill, np.uint8), H, W) is None
+  assert preprocess.to_canvas(np.full((40, 90), fill, np.uint8), H, W) is None
   noise = np.random.default_rng(0).integers(fill // 2, fill // 2 + 20, (40, 90), np.uint8)
-  assert predict.to_canvas(noise, H, W) is None
+  assert preprocess.to_canvas(noise, H, W) is None
 
 
 def test_thin_strokes_are_thickened_to_training_width():
   thin = _line(height=1200, width=3600, box=(400, 600, 2800, 1040), pen=2)
-  assert predict.stroke_width(thin / 255.0) == pytest.approx(2, abs=0.5)
-  canvas = predict.to_canvas(thin, H, W)
+  assert preprocess.stroke_width(thin / 255.0) == pytest.approx(2, abs=0.5)
+  canvas = preprocess.to_canvas(thin, H, W)
   # Without thickening a 2-pixel pen shrunk ~19x would leave faint sub-pixel lines.
-  assert predict.stroke_width(canvas) >= predict.STROKE_WIDTH - 1
+  assert preprocess.stroke_width(canvas) >= preprocess.STROKE_WIDTH - 1
   assert (canvas >= 0.9).sum() >= 100
 
 
@@ -135,13 +135,13 @@ def test_an_elongated_strip_is_refused_before_any_per_pixel_work(tmp_path):
   strip[:, ::5000] = 255
   Image.fromarray(strip).save(tmp_path / "strip.png")
   assert (tmp_path / "strip.png").stat().st_size < 20_000
-  with pytest.raises(predict.ImageError, match=r"strip.png: 1600000x2 pixels is more elongated "
+  with pytest.raises(preprocess.ImageError, match=r"strip.png: 1600000x2 pixels is more elongated "
                      r"than 200:1, too thin for a readable line of digits; crop it"):
-    predict.load_image(tmp_path / "strip.png")
-  with pytest.raises(predict.ImageError, match="more elongated than 200:1"):
-    predict.to_canvas(strip.T, H, W)
+    preprocess.load_image(tmp_path / "strip.png")
+  with pytest.raises(preprocess.ImageError, match="more elongated than 200:1"):
+    preprocess.to_canvas(strip.T, H, W)
   # At the limit an image is read (a 120 x 24000 one here).
-  assert predict.to_canvas(_hairline(), H, W) is not None
+  assert preprocess.to_canvas(_hairline(), H, W) is not None
 
 
 def _hairline():
@@ -154,7 +154,7 @@ def dilation_and_erosion_sizes(monkeypatch):
   """Records (pixels, window) of every grey dilation and (pixels, None) of every binary erosion
   that `to_canvas` runs, and fails at once on one beyond the canvas-bound limit rather than
   running it: for a 16 x 48 canvas, at most (2 * 8)^2 times its 768 pixels (pooled to at most
-  twice predict.WORKING_SCALE = 8 times the canvas), a window under 5 * 8."""
+  twice preprocess.WORKING_SCALE = 8 times the canvas), a window under 5 * 8."""
   limit, seen = (2 * 8) ** 2 * 16 * 48, []
   dilation, erosion = preprocess.grey_dilation, preprocess.binary_erosion
 
@@ -178,15 +178,15 @@ def test_strokes_are_measured_and_thickened_at_a_working_resolution(dilation_and
   # The crop, 448 x 2408 (the ink's 441 x 2401 and its antialiased rim, which the 3x3 mean that
   # decides the ink reaches), is 60 times its 7 x 40 on the canvas: pooled by 7 to 64 x 344 (it
   # used to be measured and dilated whole, 1.06M pixels with a window of 130).
-  canvas = predict.to_canvas(thin, 16, 48)
+  canvas = preprocess.to_canvas(thin, 16, 48)
   assert dilation_and_erosion_sizes == [(64 * 344, None), (64 * 344, 21)]
-  assert predict.stroke_width(canvas) >= predict.STROKE_WIDTH - 0.5
+  assert preprocess.stroke_width(canvas) >= preprocess.STROKE_WIDTH - 0.5
   top, bottom, left, right = _ink_box(canvas)
   assert (right - left) / (bottom - top) == pytest.approx(2401 / 441, rel=0.1)
   # The hairline, 1 x 24000: a window of 19 over 1 x 320 pooled pixels (it was 1,304 over
   # 24,000), and still a bright line across the line's 40 pixels between its margins.
   dilation_and_erosion_sizes.clear()
-  canvas = predict.to_canvas(_hairline(), 16, 48)
+  canvas = preprocess.to_canvas(_hairline(), 16, 48)
   assert dilation_and_erosion_sizes == [(320, None), (320, 19)]
   top, bottom, left, right = _ink_box(canvas)
   assert right - left == 40 and canvas.max() == pytest.approx(1)
@@ -195,9 +195,9 @@ def test_strokes_are_measured_and_thickened_at_a_working_resolution(dilation_and
 @pytest.mark.parametrize("pen", [2, 48])
 def test_pooling_to_the_working_resolution_keeps_the_canvas(monkeypatch, pen):
   line = _line(height=1200, width=3600, box=(400, 600, 2800, 1040), pen=pen)
-  pooled = predict.to_canvas(line, 16, 48)
+  pooled = preprocess.to_canvas(line, 16, 48)
   monkeypatch.setattr(preprocess, "WORKING_SCALE", 10 ** 6)  # Never pool: the full-size reference.
-  full = predict.to_canvas(line, 16, 48)
+  full = preprocess.to_canvas(line, 16, 48)
   assert _ink_box(pooled) == _ink_box(full)
   np.testing.assert_allclose(pooled, full, atol=0.1)
   assert np.abs(pooled - full).mean() < 0.01
@@ -210,7 +210,7 @@ def test_load_image_reads_png_jpeg_bmp_and_transparency(tmp_path):
   line = _line(ink=0, paper=255)
   for suffix in ("png", "jpg", "bmp"):
     Image.fromarray(line).convert("RGB").save(tmp_path / f"a.{suffix}")
-    grey = predict.load_image(tmp_path / f"a.{suffix}")
+    grey = preprocess.load_image(tmp_path / f"a.{suffix}")
     assert grey.shape == line.shape and grey.dtype == np.uint8
     assert np.abs(grey.astype(int) - line).mean() < 3
   # Black strokes on a transparent canvas (as drawing apps export) read as black on white.
@@ -218,7 +218,7 @@ def test_load_image_reads_png_jpeg_bmp_and_transparency(tmp_path):
   rgba[..., 3] = 255 - line
   Image.fromarray(rgba).save(tmp_path / "t.png")
   with open(tmp_path / "t.png", "rb") as f:
-    np.testing.assert_array_equal(predict.load_image(f.read()), line)
+    np.testing.assert_array_equal(preprocess.load_image(f.read()), line)
 
 
 def test_bad_files_raise_errors_naming_them(tmp_path):
@@ -228,11 +228,11 @@ def test_bad_files_raise_errors_naming_them(tmp_path):
   cases = {"missing.png": "no such file", "notes.txt": "not a readable image",
            "cut.png": "cannot decode"}
   for name, why in cases.items():
-    with pytest.raises(predict.ImageError, match=why) as error:
-      predict.load_image(tmp_path / name)
+    with pytest.raises(preprocess.ImageError, match=why) as error:
+      preprocess.load_image(tmp_path / name)
     assert name in str(error.value)
-  with pytest.raises(predict.ImageError, match="more than the 1,000 accepted"):
-    predict.load_image(tmp_path / "whole.png", max_pixels=1000)
+  with pytest.raises(preprocess.ImageError, match="more than the 1,000 accepted"):
+    preprocess.load_image(tmp_path / "whole.png", max_pixels=1000)
 
 
 class _ScriptedReader:
@@ -246,7 +246,7 @@ class _ScriptedReader:
 
   def prepare(self, images):
     self.log.append(("prepare", len(images)))
-    return [predict.to_canvas(i, self.height, self.width) for i in images]
+    return [preprocess.to_canvas(i, self.height, self.width) for i in images]
 
   def read(self, images, *, attention=False, filenames=None):
     return self.read_prepared(self.prepare(images), attention=attention, filenames=filenames)
@@ -268,7 +268,7 @@ def test_read_files_loads_one_image_at_a_time_and_reads_a_batch_at_a_time(tmp_pa
                       ("c.png", _line(ink=0, paper=255)), ("d.png", _line(pen=4))]:
     Image.fromarray(image).save(tmp_path / name)
   (tmp_path / "b.png").write_text("not a png")
-  reader, load_image = _ScriptedReader(), predict.load_image
+  reader, load_image = _ScriptedReader(), preprocess.load_image
 
   def logged_load_image(path):
     reader.log.append(("load", path.name))

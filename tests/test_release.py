@@ -266,14 +266,15 @@ def test_make_release_wires_its_variables_through():
   result = subprocess.run(
       [make, "-n", "release", "STAMP=Makefile", "RELEASE_CONFIG=configs/tiny.py",
        "RELEASE_WORKDIR=/tmp/x/run", "RELEASE_DIR=/tmp/x/reader", "RELEASE_FORCE=1",
-       "RELEASE_MAX_MB=3"], capture_output=True, text=True, cwd=ROOT, timeout=60)
+       "RELEASE_MAX_MB=3", "RELEASE_VIEWS=5"], capture_output=True, text=True, cwd=ROOT, timeout=60)
   assert result.returncode == 0, result.stderr
   commands = " ".join(result.stdout.replace("\\\n", " ").split())
   for command in (
       "-m digit_vit.main --config=configs/tiny.py --workdir=/tmp/x/run",
-      "-m digit_vit.evaluate --workdir=/tmp/x/run --checkpoint=best --splits=test,wild,long "
-      "--output=/tmp/x/run/evaluation_release.json",
-      "-m digit_vit.export --workdir=/tmp/x/run --checkpoint=best --output=/tmp/x/run/reader",
+      "-m digit_vit.evaluate --workdir=/tmp/x/run --checkpoint=best --views=5 "
+      "--splits=test,wild,long --output=/tmp/x/run/evaluation_release.json",
+      "-m digit_vit.export --workdir=/tmp/x/run --checkpoint=best --views=5 "
+      "--output=/tmp/x/run/reader",
       "-m digit_vit.bench --only=serve --workdir=/tmp/x/run --model=/tmp/x/run/reader "
       "--json=/tmp/x/run/serve.json",
       "-m digit_vit.model_card --workdir=/tmp/x/run --model=/tmp/x/run/reader "

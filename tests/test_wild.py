@@ -6,7 +6,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from digit_vit import calibration, file_evaluation, predict
+from digit_vit import calibration, file_evaluation, predict, preprocess
 from digit_vit.data import sources, wild
 from digit_vit.models import tokens
 
@@ -54,7 +54,7 @@ def test_lengths_are_balanced_and_labels_match_the_digits(built, split, lengths)
 def test_wild_lines_vary_in_size_and_polarity(built):
   shapes, dark_paper = [], []
   for path, _ in wild.load_labels(built["wild"]):
-    image = predict.load_image(path)
+    image = preprocess.load_image(path)
     shapes.append(image.shape)
     dark_paper.append(np.median(image) < 128)
   heights = [h for h, _ in shapes]
@@ -68,7 +68,7 @@ def test_long_lines_are_wider_than_the_default_canvas(built):
   # fixed canvas must shrink it below the training lines' digit height.
   aspects = []
   for path, _ in wild.load_labels(built["long"]):
-    image = predict.load_image(path).astype(np.float32)
+    image = preprocess.load_image(path).astype(np.float32)
     ink = np.abs(image - np.median(image)) > 60
     rows, cols = np.nonzero(ink)
     aspects.append((cols.max() - cols.min() + 1) / (rows.max() - rows.min() + 1))
@@ -99,7 +99,7 @@ class _ScriptedReader:
   batch_size = 4
 
   def __init__(self, folder, answer):
-    self.by_image = {predict.load_image(p).tobytes(): text for p, text in wild.load_labels(folder)}
+    self.by_image = {preprocess.load_image(p).tobytes(): text for p, text in wild.load_labels(folder)}
     self.answer = answer
 
   def read(self, images):
@@ -134,7 +134,7 @@ def test_a_trained_reader_reads_the_files_through_predict(tiny_workdir, built):
   # The lines' readings, for the confidence figures: the verdicts the metrics counted, and
   # the reader's own (calibrated) confidences.
   assert lines.correct.shape == (12,) and lines.correct.mean() == result["exact_match"]
-  again = reader.read([predict.load_image(p) for p, _ in wild.load_labels(built["wild"])[:12]])
+  again = reader.read([preprocess.load_image(p) for p, _ in wild.load_labels(built["wild"])[:12]])
   np.testing.assert_array_equal(lines.tokens, [p.tokens for p in again])
   np.testing.assert_allclose(calibration.confidences(lines, reader.temperature),
                              [p.confidence for p in again], rtol=1e-4)

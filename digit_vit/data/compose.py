@@ -35,7 +35,7 @@ MEAN_ASPECT = 0.85
 # Every line's width is a multiple of this (the reader's patch width): the input pipeline pads
 # lines on the right to a width bucket, and a bucket is a multiple of it too.
 WIDTH_MULTIPLE = 8
-# `predict.INK_FLOOR`, repeated here so that composing needs no JAX: after stretching the ink to
+# `preprocess.INK_FLOOR`, repeated here so that composing needs no JAX: after stretching the ink to
 # peak 1, predict clears everything fainter than this, so the reader never sees faint noise.
 INK_FLOOR = 0.15
 # The side of the square a digit is slanted and rotated on: the 28x28 MNIST digit turned by
