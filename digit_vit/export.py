@@ -61,6 +61,21 @@ def _keeps_average(workdir: pathlib.Path) -> bool:
     return True
 
 
+def _evaluations_of(workdir: pathlib.Path, step: int):
+  """(path, record) of each `evaluate` JSON of the parameters an export of `step` holds: that
+  step alone, no ensemble, and the moving average where the run kept one."""
+  averaged = _keeps_average(workdir)
+  for path in sorted(workdir.glob("evaluation_*.json")):
+    try:
+      record = json.loads(path.read_text())
+    except (OSError, ValueError):
+      continue
+    # `ema` is False both for a --noema evaluation and for any of a run without an average.
+    if (isinstance(record, dict) and record.get("steps") == [step] and not record.get("ensemble")
+        and not (averaged and record.get("ema") is False)):
+      yield path, record
+
+
 def _fitted_for(fit: Any, step: int, reading: trained.Decoding) -> bool:
   """Whether a calibration record was fitted on the readings of `step` decoded as `reading`."""
   if not isinstance(fit, dict) or fit.get("step") != step:
@@ -90,15 +105,7 @@ def calibration_of(workdir: str | os.PathLike, step: int | None = None,
     fit = None
   if reading is None or fit is None or _fitted_for(fit, step, reading):
     return {"temperature": temperature, "fit": fit}
-  averaged = _keeps_average(workdir)
-  for path in sorted(workdir.glob("evaluation_*.json")):
-    try:
-      record = json.loads(path.read_text())
-    except (OSError, ValueError):
-      continue
-    if (not isinstance(record, dict) or record.get("steps") != [step] or record.get("ensemble")
-        or (averaged and record.get("ema") is False)):
-      continue
+  for path, record in _evaluations_of(workdir, step):
     found = record.get("calibration")
     if _fitted_for(found, step, reading) and isinstance(found.get("temperature"), (int, float)):
       return {"temperature": float(found["temperature"]), "fit": {**found, "file": path.name}}
@@ -160,17 +167,8 @@ def measured_metrics(workdir: str | os.PathLike, step: int,
     or ({}, None) when nothing measured these parameters.
   """
   workdir = pathlib.Path(workdir)
-  averaged = _keeps_average(workdir)
   candidates = []
-  for path in sorted(workdir.glob("evaluation_*.json")):
-    try:
-      record = json.loads(path.read_text())
-    except (OSError, ValueError):
-      continue
-    # `ema` is False both for a --noema evaluation and for any of a run without an average.
-    if (not isinstance(record, dict) or record.get("steps") != [step] or record.get("ensemble")
-        or (averaged and record.get("ema") is False)):
-      continue
+  for path, record in _evaluations_of(workdir, step):
     same = (record.get("beam_size") == reading.beam_size and record.get("views") == reading.views)
     splits = sum(any(k.startswith(f"{s}_") for k in record) for s in METRIC_SPLITS)
     candidates.append(((same, splits), path, record))
