@@ -66,8 +66,9 @@ RELEASE_DIR ?= release/reader
 RELEASE_MAX_MB ?= 16
 RELEASE_FORCE ?=
 # The release reads each line once, greedily: the serving targets (cold start, p50, throughput)
-# are for greedy decoding, and configs/long.py's 25 views cost 11x the reading time for about a
-# point of test exact match (docs/results.md, "Longer run"). RELEASE_VIEWS=25 exports its views.
+# are for greedy decoding, and configs/long.py's 25 views cost 11x the reading time for 2-5
+# points of exact match (docs/results.md, "configs/long.py on lines of 1-16 digits").
+# RELEASE_VIEWS=25 evaluates and exports the views.
 RELEASE_VIEWS ?= 1
 RELEASE_CANDIDATE = $(RELEASE_WORKDIR)/reader
 RELEASE_EVALUATION = $(RELEASE_WORKDIR)/evaluation_release.json
