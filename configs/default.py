@@ -148,6 +148,10 @@ def get_config(arg=None):
   # ---- Reading (digit_vit/decode.py; used by predict, the demo and evaluate) ----
   # Evaluation during training always decodes greedily; these pick how a trained model reads.
   config.decode = ml_collections.ConfigDict()
+  # What reads a line: 'decoder' (the autoregressive decoder) or 'ctc' (the CTC head's columns,
+  # best path; needs model.ctc_head and loss.ctc_weight > 0; greedy only). Training's
+  # evaluations read this way too.
+  config.decode.reader = "decoder"
   config.decode.beam_size = 1            # 1 = cached greedy decoding; > 1 = beam search.
   config.decode.alpha = 0.6              # Beam length normalisation ((5 + len) / 6) ** alpha; 0 = none.
   # The most digits a reading may hold, whatever max_digits the training lines had (<=

@@ -147,6 +147,7 @@ def _check_config(config) -> None:
   trained.decoding(config)
   if task.reads_lines:
     trained.read_length(config)
+    trained.read_with(config)
 
 
 def _check_stem(config) -> None:

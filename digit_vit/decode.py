@@ -13,6 +13,11 @@ mean probability over the models and the views.
 Outputs are raw token rows without `<sos>` (the contract's `[1, 0, 1, 11, 12, 12]` for "101"):
 `<pad>` after the first `<eos>`; a row with no `<eos>` ran to `max_length` without stopping.
 
+A model trained with a CTC head (`model.ctc_head`) can instead be read by that head alone
+(`reader="ctc"`, `ctc_best_path`): one pass of the encoder, each column's most likely class,
+repeats merged and blanks dropped. It writes the same token rows, so everything downstream
+(metrics, calibration, predict, export) reads it as it reads the decoder.
+
 Images may be a batch padded on the right to a width bucket, with `widths` int32 [batch] the
 valid width of each in pixels (see models/reader.py). The memory's mask is built once, from
 the widths, by `encode_and_init_cache` and kept in each cross-attention layer's cache, so every
@@ -30,7 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from digit_vit.models import tokens
-from digit_vit.models.reader import DigitReader, ModelConfig, patch_mask
+from digit_vit.models.reader import DigitReader, ModelConfig, ctc_frame_mask, patch_mask
 
 
 def _max_length(model_config: ModelConfig, max_length: int | None) -> int:
@@ -526,13 +531,116 @@ def _gather_beams(x, flat_source, rows):
   return x[flat_source]
 
 
+READERS = ("decoder", "ctc")
+
+# The score of a token a CTC column cannot write (<sos>, <pad>): finite, so a distribution of
+# `ctc_best_path` times a zero weight stays 0, and far below any class's log-probability.
+_NO_CTC_CLASS = -1e4
+
+
+def ctc_best_path(model_config: ModelConfig | Sequence[ModelConfig], params, images, *,
+                  widths=None, max_length: int | None = None, views: int = 1,
+                  temperature=1.0, token_log_probs: bool = False,
+                  step_log_probs: bool = False):
+  """Reads each line from the CTC head's columns: the most likely class of each column, runs
+  of one class merged, blanks dropped (best-path decoding). Nothing in it depends on a position
+  or a length, so it reads lines of any length the encoder's columns hold.
+
+  Its token rows and scores are `greedy_decode`'s: the digits, `<eos>`, then `<pad>`; a line
+  whose digits do not fit `max_length` tokens is cut there without `<eos>`. Each written token
+  is scored by one column's distribution, mapped onto the vocabulary (digits to digits, the
+  blank to `<eos>`): a digit by the column where its run starts, `<eos>` by the first blank
+  column after the last digit (the last valid column where the line ends on a digit, so a
+  line cut at its last stroke reads as less certain). The line's confidence is the product of
+  those tokens' tempered probabilities, so `calibration` fits it as it fits the decoder's.
+
+  Args, returns: as `greedy_decode` (every member of an ensemble needs a CTC head; the
+  columns' probabilities are averaged over models and views, so members share the patch
+  width). The columns past each image's valid width write nothing.
+  """
+  model_configs, params = _members(model_config, params)
+  first = model_configs[0]
+  for i, c in enumerate(model_configs):
+    if not c.ctc_head:
+      raise ValueError(f"decode.reader='ctc' reads the CTC head, but model {i} has none: train "
+                       "it with model.ctc_head=True and loss.ctc_weight > 0")
+    if c.patch_size[1] != first.patch_size[1]:
+      raise ValueError("decode.reader='ctc' averages the members' columns: every model needs "
+                       f"the patch width {first.patch_size[1]}, model {i} has {c.patch_size[1]}")
+  length = _max_length(first, max_length)
+  width = images.shape[2]
+
+  def columns(config, p):
+    def read(x, w=None):
+      return DigitReader(config).apply({"params": p}, x, widths=w,
+                                       method=DigitReader.column_logits)
+    return jax.nn.log_softmax(map_over_views(read, images, views, widths=widths), axis=-1)
+
+  column_log_probs = mean_over_models_and_views(
+      [columns(c, p) for c, p in zip(model_configs, params)], views)
+  valid = None if widths is None else ctc_frame_mask(first, widths, width)
+  return best_path(column_log_probs, valid, length=length, vocab_size=first.vocab_size,
+                   temperature=temperature, token_log_probs=token_log_probs,
+                   step_log_probs=step_log_probs)
+
+
+def best_path(column_log_probs, valid=None, *, length: int, vocab_size: int = tokens.VOCAB_SIZE,
+              temperature=1.0, token_log_probs: bool = False, step_log_probs: bool = False):
+  """`ctc_best_path`'s reading of given columns.
+
+  Args:
+    column_log_probs: float32 [batch, columns, 11], each column's log-probabilities over the
+      digits and the blank (`tokens.CTC_BLANK`).
+    valid: bool [batch, columns], the columns that hold the image (None: all).
+    length: tokens written at most, <eos> included.
+
+  Returns:
+    as `greedy_decode`.
+  """
+  batch, frames, _ = column_log_probs.shape
+  if valid is None:
+    valid = jnp.ones((batch, frames), jnp.bool_)
+  best = jnp.where(valid, jnp.argmax(column_log_probs, axis=-1), tokens.CTC_BLANK)
+  previous = jnp.pad(best, ((0, 0), (1, 0)), constant_values=tokens.CTC_BLANK)[:, :-1]
+  emits = (best != tokens.CTC_BLANK) & (best != previous)
+  count = jnp.sum(emits, axis=1)
+  t = jnp.arange(frames, dtype=jnp.int32)
+  rows = jnp.arange(batch)[:, None]
+  # Each emitting column writes token cumsum - 1; the others (and digits past max_length) are
+  # sent to index `length`, which the scatter drops.
+  slot = jnp.where(emits, jnp.cumsum(emits, axis=1) - 1, length)
+  out = jnp.full((batch, length), tokens.PAD, jnp.int32).at[rows, slot].set(
+      best.astype(jnp.int32), mode="drop")
+  source = jnp.zeros((batch, length), jnp.int32).at[rows, slot].set(
+      jnp.broadcast_to(t, (batch, frames)), mode="drop")
+  last_digit = jnp.max(jnp.where(emits, t, -1), axis=1)
+  after = valid & (best == tokens.CTC_BLANK) & (t > last_digit[:, None])
+  last_valid = jnp.sum(valid, axis=1) - 1
+  end_column = jnp.where(jnp.any(after, axis=1), jnp.argmax(after, axis=1), last_valid)
+  out = out.at[jnp.arange(batch), count].set(tokens.EOS, mode="drop")
+  source = source.at[jnp.arange(batch), count].set(end_column.astype(jnp.int32), mode="drop")
+  written = jnp.arange(length)[None, :] <= count[:, None]  # The digits and <eos>.
+
+  picked = jnp.take_along_axis(column_log_probs, source[:, :, None], axis=1)  # [b, L, 11]
+  dists = jnp.full((batch, length, vocab_size), _NO_CTC_CLASS, jnp.float32)
+  dists = dists.at[..., :tokens.NUM_DIGITS].set(picked[..., :tokens.NUM_DIGITS])
+  dists = dists.at[..., tokens.EOS].set(picked[..., tokens.CTC_BLANK])
+  dists = jnp.where(written[..., None], dists, 0.0)
+  calibrated = tempered_log_probs(dists, temperature)
+  per_token = jnp.where(
+      written, jnp.take_along_axis(calibrated, out[..., None], axis=-1)[..., 0], 0.0)
+  return _outputs(out, jnp.sum(per_token, axis=1), per_token if token_log_probs else None,
+                  dists if step_log_probs else None)
+
+
 def decode(model_config: ModelConfig | Sequence[ModelConfig], params, images, *,
            widths=None, beam_size: int = 1, alpha: float = 0.6, max_length: int | None = None,
            views: int = 1, temperature=1.0, token_log_probs: bool = False,
-           step_log_probs: bool = False):
+           step_log_probs: bool = False, reader: str = "decoder"):
   """Greedy for beam_size 1, else beam search; over `views` shifted copies of each image and,
   for an ensemble (tuples of configs and params), over its models; `widths` int [batch] the
-  images' valid widths in pixels (None: all valid).
+  images' valid widths in pixels (None: all valid). `reader="ctc"` reads the CTC head's
+  columns instead of the decoder (`ctc_best_path`; beam_size 1 only).
 
   `temperature` T > 0 (Python number or traced scalar) calibrates the scores only: log_prob
   [batch] is the sum over the written tokens, `<eos>` included, of
@@ -545,6 +653,15 @@ def decode(model_config: ModelConfig | Sequence[ModelConfig], params, images, *,
   [batch, max_length, vocab]: the untempered distributions the tokens were picked from, 0
   after `<eos>` (for fitting a temperature without decoding again, `calibration`).
   """
+  if reader not in READERS:
+    raise ValueError(f"decode.reader must be one of {READERS}, got {reader!r}")
+  if reader == "ctc":
+    if beam_size != 1:
+      raise ValueError(f"decode.reader='ctc' reads the best path; set decode.beam_size=1 "
+                       f"(got {beam_size})")
+    return ctc_best_path(model_config, params, images, widths=widths, max_length=max_length,
+                         views=views, temperature=temperature, token_log_probs=token_log_probs,
+                         step_log_probs=step_log_probs)
   if beam_size == 1:
     return greedy_decode(model_config, params, images, widths=widths, max_length=max_length,
                          views=views, temperature=temperature, token_log_probs=token_log_probs,

@@ -126,19 +126,21 @@ def parameter_names(params) -> tuple[list[str], list[np.ndarray], Any]:
 
 
 def reading_function(model_config: ModelConfig, treedef, *, beam_size: int, alpha: float,
-                     views: int, max_length: int, temperature: float):
+                     views: int, max_length: int, temperature: float, reader: str = "decoder"):
   """The exported reading function.
 
   (params: list of the leaves, images float32 [b, H, W, C], widths int32 [b]) ->
   (tokens int32 [b, max_length], token_probs float32 [b, max_length] (1 after `<eos>`),
    confidence float32 [b] = exp(log_prob), log_prob float32 [b]): `decode.decode` as
-  `predict.Reader` calls it (one model, an ensemble of one), calibrated by `temperature`.
+  `predict.Reader` calls it (one model, an ensemble of one, read by `reader`: the decoder or
+  the CTC head), calibrated by `temperature`.
   """
   def read(leaves, images, widths):
     params = jax.tree.unflatten(treedef, leaves)
     outputs, log_prob, token_log_probs = decode.decode(
         (model_config,), (params,), images, widths=widths, beam_size=beam_size, alpha=alpha,
-        views=views, max_length=max_length, temperature=temperature, token_log_probs=True)
+        views=views, max_length=max_length, temperature=temperature, token_log_probs=True,
+        reader=reader)
     return outputs, jnp.exp(token_log_probs), jnp.exp(log_prob), log_prob
   return read
 
@@ -244,6 +246,7 @@ def export_reader(workdir: str | os.PathLike, output: str | os.PathLike, *,
   workdir = pathlib.Path(workdir)
   config = trained.load_config(workdir, task="read")
   reading = trained.decoding(config, beam_size, alpha, views)
+  reader = trained.read_with(config)
   max_length = trained.read_length(config)
   bucket_widths = width_buckets.width_buckets(config)
   model_config = ModelConfig.from_config(config.model)
@@ -256,7 +259,8 @@ def export_reader(workdir: str | os.PathLike, output: str | os.PathLike, *,
   height, channels = model_config.image_height, model_config.image_channels
   read = jax.jit(reading_function(model_config, treedef, beam_size=reading.beam_size,
                                   alpha=reading.alpha, views=reading.views,
-                                  max_length=max_length, temperature=temperature))
+                                  max_length=max_length, temperature=temperature,
+                                  reader=reader))
   attention = jax.jit(attention_function(model_config, treedef))
 
   output = pathlib.Path(output)
@@ -288,8 +292,8 @@ def export_reader(workdir: str | os.PathLike, output: str | os.PathLike, *,
                   "width_multiple": preprocess.WIDTH_MULTIPLE,
                   "polarity": "ink bright (1) on black (0)",
                   "range": [0.0, 1.0]},
-        "decode": {"beam_size": reading.beam_size, "alpha": reading.alpha,
-                   "views": reading.views, "max_length": max_length,
+        "decode": {"reader": reader, "beam_size": reading.beam_size,
+                   "alpha": reading.alpha, "views": reading.views, "max_length": max_length,
                    "max_digits": max_length - 1},
         "calibration": calibrated,
         "functions": functions,

@@ -21,6 +21,8 @@ Digit-reader metrics compare a free-running output (raw tokens without `<sos>`, 
 - exact_match_length_n: exact match among targets of n digits.
 - read_length_n: the mean number of digits read for targets of n digits (shows where a model
   stops on lines longer than any it was trained on).
+- cer_length_n: the CER among targets of n digits; num_examples_length_n: how many there are
+  (`length_cer` combines them into the CER of a range of lengths).
 """
 
 from __future__ import annotations
@@ -127,7 +129,8 @@ def reading_sums(outputs, targets, mask=None, *, max_digits: int):
   Returns:
     dict of float32 sums: count, exact_match, token_correct, token_count, edit_distance,
     reference_digits, no_eos, wrong_length, order_errors, and [max_digits + 1] arrays
-    length_count, length_exact, length_read_digits (index n = targets of n digits).
+    length_count, length_exact, length_read_digits, length_edit_distance (index n = targets of
+    n digits).
   """
   outputs, targets = _same_length(outputs, targets)
   m = _mask(mask, targets.shape[0])
@@ -154,6 +157,7 @@ def reading_sums(outputs, targets, mask=None, *, max_digits: int):
       "length_count": jnp.sum(by_length, axis=0),
       "length_exact": jnp.sum(by_length * exact[:, None], axis=0),
       "length_read_digits": jnp.sum(by_length * read_count[:, None].astype(jnp.float32), axis=0),
+      "length_edit_distance": jnp.sum(by_length * distance[:, None], axis=0),
   }
 
 
@@ -213,7 +217,21 @@ def summarize(sums: Mapping) -> dict[str, float]:
       if s["length_count"][n] > 0:
         out[f"exact_match_length_{n}"] = ratio(s["length_exact"][n], s["length_count"][n])
         out[f"read_length_{n}"] = ratio(s["length_read_digits"][n], s["length_count"][n])
+        out[f"cer_length_{n}"] = ratio(s["length_edit_distance"][n], n * s["length_count"][n])
+        out[f"num_examples_length_{n}"] = int(s["length_count"][n])
   return out
+
+
+def length_cer(metrics: Mapping, lengths, prefix: str = "") -> float:
+  """The corpus CER over lines of the given lengths, from `summarize`'s per-length metrics
+  (`<prefix>cer_length_n`, `<prefix>num_examples_length_n`); nan if none was read."""
+  edits = digits = 0.0
+  for n in lengths:
+    count = metrics.get(f"{prefix}num_examples_length_{n}", 0)
+    if count and f"{prefix}cer_length_{n}" in metrics:
+      edits += metrics[f"{prefix}cer_length_{n}"] * n * count
+      digits += n * count
+  return edits / digits if digits else float("nan")
 
 
 def main_metric(config) -> str:

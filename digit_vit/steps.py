@@ -33,7 +33,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from digit_vit import decode, losses, metrics, state as state_lib, tasks, xla_options
+from digit_vit import decode, losses, metrics, state as state_lib, tasks, trained, xla_options
 from digit_vit.models import ModelConfig, ViTClassifier, tokens
 from digit_vit.models.reader import ctc_frame_mask
 
@@ -178,7 +178,8 @@ def eval_step(params, batch, ensemble_params=(), *, config, model, beam_size: in
   Args:
     batch: as `loss_fn` takes it, with its `mask` bool [b].
     beam_size, alpha, views: how a reader decodes (`decode.decode`; a classifier takes views
-      only); training evaluates greedily on the images alone.
+      only); training evaluates greedily on the images alone, with the decoder or the CTC
+      head as `config.decode.reader` says (`trained.read_with`).
     ensemble_params, ensemble_configs: further models (their params and `ModelConfig`s) that
       read together with `params`: each token (`decode.greedy_decode`) or label picked by the
       mean probability over all of them; the (teacher-forced) loss stays that of `params` alone.
@@ -200,7 +201,8 @@ def eval_step(params, batch, ensemble_params=(), *, config, model, beam_size: in
     outputs, _, step_log_probs = decode.decode(
         (model.config, *ensemble_configs), (params, *ensemble_params), batch["image"],
         widths=batch.get("width"), beam_size=beam_size, alpha=alpha, views=views,
-        max_length=min(config.max_digits + 2, model.config.max_length), step_log_probs=True)
+        max_length=min(config.max_digits + 2, model.config.max_length), step_log_probs=True,
+        reader=trained.read_with(config))
     _, targets = tokens.split_decoder_io(batch["tokens"])
     return ({**metrics.reading_sums(outputs, targets, batch["mask"],
                                     max_digits=config.max_digits), **loss_sums}, outputs,

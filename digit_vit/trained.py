@@ -81,6 +81,26 @@ def read_length(config) -> int:
   return digits + 1
 
 
+def read_with(config) -> str:
+  """What reads a run's lines (`decode.decode`'s reader): 'decoder' (runs saved before
+  `config.decode.reader` existed too) or 'ctc', the CTC head's columns.
+
+  Raises ValueError for another name, for 'ctc' without a CTC head, and for 'ctc' with beam
+  search in the config."""
+  decode_config = config.get("decode", {})
+  reader = str(decode_config.get("reader", "decoder"))
+  if reader not in decode.READERS:
+    raise ValueError(f"config.decode.reader={reader!r} must be one of {decode.READERS}")
+  if reader == "ctc":
+    if not config.model.get("ctc_head", False):
+      raise ValueError("config.decode.reader='ctc' reads the CTC head: set "
+                       "--config.model.ctc_head=True and --config.loss.ctc_weight > 0")
+    if int(decode_config.get("beam_size", 1)) != 1:
+      raise ValueError("config.decode.reader='ctc' reads the best path: set "
+                       "--config.decode.beam_size=1")
+  return reader
+
+
 def decoding(config, beam_size: int | None = None, alpha: float | None = None,
              views: int | None = None) -> Decoding:
   """How to read with a run's model: the given values, else the run's `config.decode` (runs
@@ -90,7 +110,8 @@ def decoding(config, beam_size: int | None = None, alpha: float | None = None,
   label is then the one of the mean probability over the views.
 
   Raises ValueError for a beam size below 1 (1 = greedy), for beam search (> 1) with a
-  classifier run, which has no sequence to decode, and for a number of views outside
+  classifier run, which has no sequence to decode, or with a run read by its CTC head
+  (`read_with`), and for a number of views outside
   1..len(decode.VIEW_SHIFTS).
   """
   decode_config = config.get("decode", {})
@@ -104,6 +125,9 @@ def decoding(config, beam_size: int | None = None, alpha: float | None = None,
   if beam_size > 1 and not task.reads_lines:
     raise ValueError(f"beam search only applies to readers; this is a "
                      f"config.task={task.name!r} run: leave beam_size at 1")
+  if beam_size > 1 and task.reads_lines and read_with(config) == "ctc":
+    raise ValueError(f"this run reads with its CTC head's best path (config.decode.reader="
+                     f"'ctc'): beam_size={beam_size} does not apply, leave it at 1")
   return Decoding(beam_size, alpha, views)
 
 

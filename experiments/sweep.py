@@ -223,7 +223,9 @@ ADDED_FIELDS = {"model.stem_depth": 0, "model.stem_max_channels": 0, "ema_decay"
                 # 8a83775: best-k checkpoints; 1 keeps the best by validation, as before.
                 "keep_best_checkpoints": 1,
                 # 2026-12-07: bfloat16 matmul operands; float32 computes as before.
-                "model.matmul_dtype": "float32"}
+                "model.matmul_dtype": "float32",
+                # 2026-12-07: reading with the CTC head's columns; the decoder reads as before.
+                "decode.reader": "decoder"}
 
 # Results measured by earlier code, kept as the record of those experiments (docs/results.md
 # cites them): `{"code": ..., "description": ..., "points": {sweep: [hash, ...]}}`. Their

@@ -125,8 +125,10 @@ def test_committed_results_are_keyed_by_their_configs():
           assert config["model"]["max_length"] == config["max_digits"] + 1, path
         earlier_checked += 1
       checked += 1
-  # The frozen list names exactly the committed earlier points: none lost, none invented.
+  # The frozen list names exactly the committed earlier points: none lost, none invented
+  # (a sweep run again since keeps its earlier points beside its current ones).
   on_disk = {name: {p.stem for p in (results / name / "points").glob("*.json")}
+             - {p.config_hash for p in sweep_lib.points(sweep_lib.load_sweep(name))}
              for name in earlier}
   assert on_disk == earlier
   assert checked >= 10 and earlier_checked == sum(map(len, earlier.values())) == 40
@@ -174,6 +176,8 @@ def _fake_record(point, rng, *, status="ok"):
     for length in range(1, config["max_digits"] + 1):
       report[f"{split}_exact_match_length_{length}"] = float(rng.uniform(0, 1))
       report[f"{split}_read_length_{length}"] = float(rng.uniform(0, length + 1))
+      report[f"{split}_cer_length_{length}"] = float(rng.uniform(0.01, 1))
+      report[f"{split}_num_examples_length_{length}"] = n // config["max_digits"]
   history = [{"step": s, "split": "train", "loss": 1 / s, "accuracy": 0.5} for s in (10, 20)]
   history += [{"step": 20, "split": "validation", "exact_match": 0.3, "accuracy": 0.4}]
   return {"status": "ok", "report": report, "history": history, "resolved_config": config,

@@ -160,8 +160,8 @@ def test_the_manifest_records_the_run(exported, tiny_workdir):
   assert (manifest["vocabulary"]["eos"], manifest["vocabulary"]["pad"]) == (11, 12)
   assert manifest["image"] == {**manifest["image"], "height": 16, "channels": 1,
                                "buckets": [24, 48]}
-  assert manifest["decode"] == {"beam_size": 1, "alpha": 0.6, "views": 1, "max_length": 17,
-                                "max_digits": 16}
+  assert manifest["decode"] == {"reader": "decoder", "beam_size": 1, "alpha": 0.6, "views": 1,
+                                "max_length": 17, "max_digits": 16}
   # The temperature the run fitted on its validation split (the in-process Reader's too).
   assert manifest["calibration"]["temperature"] == calibration.load_temperature(tiny_workdir)
   fit = tiny_workdir / "calibration.json"

@@ -62,12 +62,20 @@ def test_reading_sums_hand_worked():
   assert got["no_eos"] == 1
   assert got["length_count"] == [0, 1, 1, 1, 1]
   assert got["length_exact"] == [0, 0, 0, 1, 0]
+  assert got["length_edit_distance"] == [0, 1, 3, 0, 1]
 
   summary = metrics.summarize(sums)
   assert summary["exact_match"] == pytest.approx(0.25)
   assert summary["token_accuracy"] == pytest.approx(11 / 14)
   assert summary["cer"] == pytest.approx(5 / 10)
   assert summary["no_eos"] == 1
+  assert summary["cer_length_2"] == pytest.approx(3 / 2)
+  assert summary["cer_length_4"] == pytest.approx(1 / 4)
+  assert summary["num_examples_length_3"] == 1
+  # A range of lengths weighs each by its digits; all of them give the whole CER back.
+  assert metrics.length_cer(summary, range(1, 3)) == pytest.approx((1 + 3) / (1 + 2))
+  assert metrics.length_cer(summary, range(1, 5)) == pytest.approx(summary["cer"])
+  assert np.isnan(metrics.length_cer(summary, [7]))
   assert summary["exact_match_length_3"] == 1.0
   assert summary["exact_match_length_2"] == 0.0
 

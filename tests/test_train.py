@@ -24,11 +24,11 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from digit_vit import (checkpointing, config_checks, config_lib, environment, losses, reporting,
-                       state as state_lib, steps, train, trained)
+from digit_vit import (checkpointing, config_checks, config_lib, decode, environment, losses,
+                       predict, reporting, state as state_lib, steps, train, trained)
 from digit_vit.data import input_pipeline
 from digit_vit.data.tasks import input_module
-from digit_vit.models import build_model
+from digit_vit.models import build_model, reader as reader_lib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "train_worker.py"
@@ -611,6 +611,30 @@ def test_a_run_with_the_ctc_loss_learns_it_and_reads_from_its_checkpoint(tmp_pat
   params, step = trained.restore_params(tmp_path, restored, "latest")
   assert step == 100 and "ctc_head" in params
   assert report["test_token_accuracy"] > 0.2
+
+  # Read by its CTC head instead (`config.decode.reader='ctc'`, as a run trained so saves it):
+  # the evaluation step and predict both read the columns' best path.
+  restored.decode.reader = "ctc"
+  model = build_model(restored)
+  batch = next(input_module(restored).eval_iterator(restored, "test", batch_size=16))
+  _, outputs, extras = steps.eval_step(params, batch, config=restored, model=model)
+  columns = model.apply({"params": params}, batch["image"], widths=batch["width"],
+                        method=type(model).column_logits)
+  length = min(restored.max_digits + 2, model.config.max_length)
+  want, _ = decode.best_path(jax.nn.log_softmax(columns), reader_lib.ctc_frame_mask(
+      model.config, batch["width"], batch["image"].shape[2]), length=length)
+  np.testing.assert_array_equal(outputs, want)
+  chex.assert_shape(extras["step_log_probs"], (16, length, model.config.vocab_size))
+  saved = json.loads((tmp_path / "config.json").read_text())
+  saved["decode"]["reader"] = "ctc"
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  reader = predict.Reader(tmp_path, checkpoint="latest")
+  assert reader.read_with == "ctc"
+  image = batch["image"][0, :, :int(batch["width"][0]), 0]
+  canvas = reader.prepare([image])[0]
+  read, _ = decode.decode(model.config, params, canvas[None, :, :, None], reader="ctc",
+                          max_length=reader.max_length)
+  np.testing.assert_array_equal(reader.read([image])[0].tokens, read[0])
 
 
 # ---- Moving average of the parameters

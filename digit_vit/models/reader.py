@@ -402,6 +402,15 @@ class DigitReader(nn.Module):
     (see `Encoder`)."""
     return self.encoder(images, widths=widths, train=train)
 
+  def column_logits(self, images, *, widths=None):
+    """The CTC head's reading of the encoder's columns, without the decoder.
+
+    images: [batch, H, W, C], widths: int [batch] or None -> float32 [batch, columns, 11]
+    (see `CTCHead`; the frames of padded columns, `ctc_frame_mask` False, are not defined)."""
+    if not self.config.ctc_head:
+      raise ValueError("reading the columns needs a model built with model.ctc_head=True")
+    return self.ctc_head(self.encode(images, widths=widths))
+
   def decode_tokens(self, decoder_inputs, memory, *, memory_mask=None, train: bool = False,
                     return_weights: bool = False):
     """decoder_inputs: int32 [batch, t], memory [batch, patches, width], memory_mask: bool
