@@ -13,8 +13,6 @@ import pytest
 from digit_vit import calibration, config_lib, decode, trained
 from digit_vit.models import DigitReader, ModelConfig, tokens
 
-pytestmark = pytest.mark.any_device_count
-
 B = tokens.CTC_BLANK
 CFG = ModelConfig(width=32, num_heads=2, mlp_dim=64, encoder_layers=1, decoder_layers=1,
                   image_height=16, image_width=48, patch_size=(16, 4), max_length=8,
