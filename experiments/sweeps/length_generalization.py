@@ -64,7 +64,7 @@ def conclusion(rows):
     parts.append(
         f"{r['label']}: CER {sweep.pct(metrics.length_cer(r, trained, prefix='test_'))} on "
         f"{_span(trained)} digits, {sweep.pct(metrics.length_cer(r, unseen, prefix='test_'))} "
-        f"on {_span(unseen)} (ratio {cer_ratio(r, trained, unseen):.1f}); exact match "
+        f"on {_span(unseen)} (ratio {cer_ratio(r, trained, unseen):.2f}); exact match "
         f"{first} / {longest} digits {sweep.pct(r.get(f'test_exact_match_length_{first}'))} / "
         f"{sweep.pct(r.get(f'test_exact_match_length_{longest}'))}, digits read on "
         f"{longest}-digit lines {r.get(f'test_read_length_{longest}', float('nan')):.2f}")
@@ -75,7 +75,7 @@ def conclusion(rows):
     ratio = cer_ratio(best, trained, unseen)
     verdict = "meets" if ratio <= 2 else "misses"
     text += (f"Of the readers trained on {_span(trained)} digits, {best['label']} generalises "
-             f"best: its CER ratio {ratio:.1f} {verdict} the target of at most 2. ")
+             f"best: its CER ratio {ratio:.2f} {verdict} the target of at most 2. ")
   return text + sweep.failed_note(rows)
 
 
