@@ -42,9 +42,13 @@ def lengths(rows) -> tuple[range, range]:
 
 
 def cer_ratio(row, trained, unseen) -> float:
-  """The CER on unseen lengths over the CER on trained ones (the target is at most 2)."""
-  return (metrics.length_cer(row, unseen, prefix="test_")
-          / metrics.length_cer(row, trained, prefix="test_"))
+  """The CER on unseen lengths over the CER on trained ones (the target is at most 2; inf when
+  the trained lengths are read without an error and the unseen ones are not)."""
+  seen_cer = metrics.length_cer(row, trained, prefix="test_")
+  unseen_cer = metrics.length_cer(row, unseen, prefix="test_")
+  if seen_cer == 0:
+    return 1.0 if unseen_cer == 0 else float("inf")
+  return unseen_cer / seen_cer
 
 
 def _span(lengths) -> str:
