@@ -617,8 +617,8 @@ def best_path(column_log_probs, valid=None, *, length: int, vocab_size: int = to
   after = valid & (best == tokens.CTC_BLANK) & (t > last_digit[:, None])
   last_valid = jnp.sum(valid, axis=1) - 1
   end_column = jnp.where(jnp.any(after, axis=1), jnp.argmax(after, axis=1), last_valid)
-  out = out.at[jnp.arange(batch), count].set(tokens.EOS, mode="drop")
-  source = source.at[jnp.arange(batch), count].set(end_column.astype(jnp.int32), mode="drop")
+  out = out.at[rows[:, 0], count].set(tokens.EOS, mode="drop")
+  source = source.at[rows[:, 0], count].set(end_column.astype(jnp.int32), mode="drop")
   written = jnp.arange(length)[None, :] <= count[:, None]  # The digits and <eos>.
 
   picked = jnp.take_along_axis(column_log_probs, source[:, :, None], axis=1)  # [b, L, 11]

@@ -85,19 +85,14 @@ def read_with(config) -> str:
   """What reads a run's lines (`decode.decode`'s reader): 'decoder' (runs saved before
   `config.decode.reader` existed too) or 'ctc', the CTC head's columns.
 
-  Raises ValueError for another name, for 'ctc' without a CTC head, and for 'ctc' with beam
-  search in the config."""
-  decode_config = config.get("decode", {})
-  reader = str(decode_config.get("reader", "decoder"))
+  Raises ValueError for another name and for 'ctc' without a CTC head (`decoding` rejects
+  beam search with 'ctc')."""
+  reader = str(config.get("decode", {}).get("reader", "decoder"))
   if reader not in decode.READERS:
     raise ValueError(f"config.decode.reader={reader!r} must be one of {decode.READERS}")
-  if reader == "ctc":
-    if not config.model.get("ctc_head", False):
-      raise ValueError("config.decode.reader='ctc' reads the CTC head: set "
-                       "--config.model.ctc_head=True and --config.loss.ctc_weight > 0")
-    if int(decode_config.get("beam_size", 1)) != 1:
-      raise ValueError("config.decode.reader='ctc' reads the best path: set "
-                       "--config.decode.beam_size=1")
+  if reader == "ctc" and not config.model.get("ctc_head", False):
+    raise ValueError("config.decode.reader='ctc' reads the CTC head: set "
+                     "--config.model.ctc_head=True and --config.loss.ctc_weight > 0")
   return reader
 
 
@@ -127,7 +122,8 @@ def decoding(config, beam_size: int | None = None, alpha: float | None = None,
                      f"config.task={task.name!r} run: leave beam_size at 1")
   if beam_size > 1 and task.reads_lines and read_with(config) == "ctc":
     raise ValueError(f"this run reads with its CTC head's best path (config.decode.reader="
-                     f"'ctc'): beam_size={beam_size} does not apply, leave it at 1")
+                     f"'ctc'): beam_size={beam_size} does not apply, leave it at 1 "
+                     f"(--beam_size, config.decode.beam_size)")
   return Decoding(beam_size, alpha, views)
 
 

@@ -125,9 +125,9 @@ def test_ctc_reading_says_what_to_change():
   assert trained.read_with(config) == "ctc"
   with pytest.raises(ValueError, match="beam_size=4 does not apply"):
     trained.decoding(config, beam_size=4)  # predict's, evaluate's, export's --beam_size.
-  config.decode.beam_size = 2
-  with pytest.raises(ValueError, match="beam_size=1"):
-    trained.read_with(config)
+  config.decode.beam_size = 2  # The config's own beam, as config_checks reads it.
+  with pytest.raises(ValueError, match="beam_size=2 does not apply"):
+    trained.decoding(config)
   config.decode.reader = "columns"
   with pytest.raises(ValueError, match="must be one of"):
     trained.read_with(config)
