@@ -133,7 +133,11 @@ def get_config(arg=None):
   config.model.random_encoder_positions = False  # The same for the encoder's columns (not RoPE's need).
   config.model.class_token = False       # Prepend a class token to the patches (classifier only).
   config.model.num_classes = 10          # Classifier outputs (unused by the reader).
-  config.model.ctc_head = False          # Per-column digit logits for loss.ctc_weight (reader only).
+  # Per-column digit logits over the digits and a blank (reader only): trained by
+  # loss.ctc_weight, read by decode.reader 'ctc' or 'joint'. The head reads past the training
+  # lengths (docs/results.md, "Length generalisation"); read jointly with the decoder it lifted
+  # test, wild and long over the decoder alone in two seeds ("The joint reading").
+  config.model.ctc_head = True
   config.model.dropout_rate = 0.0        # Dropout after attention and MLP.
   config.model.attention_dropout_rate = 0.0  # Dropout on attention weights (einsum path only).
   config.model.attention_impl = "custom_vjp"  # 'custom_vjp' (fastest on CPU), 'xla' (jax.nn.dot_product_attention), 'einsum' (attention dropout), 'cudnn' (GPU, bfloat16).
@@ -148,10 +152,13 @@ def get_config(arg=None):
   # ---- Reading (digit_vit/decode.py; used by predict, the demo and evaluate) ----
   # Evaluation during training always decodes greedily; these pick how a trained model reads.
   config.decode = ml_collections.ConfigDict()
-  # What reads a line: 'decoder' (the autoregressive decoder) or 'ctc' (the CTC head's columns,
-  # best path; needs model.ctc_head and loss.ctc_weight > 0; greedy only). Training's
+  # What reads a line: 'decoder' (the autoregressive decoder), 'ctc' (the CTC head's columns,
+  # best path) or 'joint' (both, keeping the reading of the higher joint log-likelihood); 'ctc'
+  # and 'joint' need model.ctc_head and loss.ctc_weight > 0 and read greedily. Training's
   # evaluations read this way too.
-  config.decode.reader = "decoder"
+  config.decode.reader = "joint"
+  # 'joint' only: the weight of the CTC log-likelihood against the decoder's, in [0, 1].
+  config.decode.ctc_weight = 0.5
   config.decode.beam_size = 1            # 1 = cached greedy decoding; > 1 = beam search.
   config.decode.alpha = 0.6              # Beam length normalisation ((5 + len) / 6) ** alpha; 0 = none.
   # The most digits a reading may hold, whatever max_digits the training lines had (<=
@@ -183,9 +190,9 @@ def get_config(arg=None):
   # Per-class weights 'token:weight,...' (others 1; '' = none): a string so the command line can
   # set it, e.g. --config.loss.class_weights=9:2,eos:0.5,pad:0.5 (the seeds' weighting).
   config.loss.class_weights = ""
-  # Auxiliary CTC loss on the encoder's columns (joint CTC-attention), added to the cross-entropy
-  # sum at this weight; needs model.ctc_head. Training only: reading stays with the decoder.
-  config.loss.ctc_weight = 0.0
+  # CTC loss on the encoder's columns (joint CTC-attention), added to the cross-entropy sum at
+  # this weight (>= 0; 0 = none); needs model.ctc_head.
+  config.loss.ctc_weight = 1.0
   config.parallelism = "jit"           # Data-parallel step: 'jit' (sharded global arrays) or 'pmap'.
   config.log_every_steps = 50          # Train summaries (and the NaN check) every this many steps.
   config.eval_every_steps = 1_000      # Validation every this many steps and at the end; 0 = none.

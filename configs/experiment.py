@@ -13,6 +13,9 @@ from digit_vit import config_lib
 
 def get_config(arg=None):
   config = config_lib.load(pathlib.Path(__file__).with_name("default.py"), arg)
+  # The sweeps' committed points were trained without the CTC head: keeping it off keeps their
+  # keys (experiments/sweep.py); a sweep may turn it on as a point.
+  config_lib.read_by_the_decoder_alone(config)
   if arg == "quick":  # default.py has shrunk it already.
     return config
   # The lines the sweeps were measured on (experiments/results): 1-8 digits, no elastic digits.

@@ -23,6 +23,8 @@ from digit_vit import config_lib
 
 def get_config(arg=None):
   config = config_lib.load(pathlib.Path(__file__).with_name("default.py"), arg)
+  # The committed sweep's base point is the decoder alone; its CTC point turns the head on.
+  config_lib.read_by_the_decoder_alone(config)
   config.max_digits = 12                   # The test lines: 1-12 digits.
   config.data.train_max_digits = 6         # Train on 1-6 digits; evaluate on 1-12.
   if arg != "quick":  # default.py has shrunk a quick run already.

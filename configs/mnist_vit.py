@@ -11,6 +11,7 @@ from digit_vit import config_lib
 
 def get_config(arg=None):
   config = config_lib.load(pathlib.Path(__file__).with_name("default.py"), arg)
+  config_lib.read_by_the_decoder_alone(config)  # A classifier: no lines, no CTC head.
   config.task = "classify"             # Train ViTClassifier with softmax cross-entropy.
   config.image_height = 28             # MNIST digits are 28x28x1.
   config.image_width = 28

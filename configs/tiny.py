@@ -11,6 +11,8 @@ from digit_vit import config_lib
 
 def get_config(arg=None):
   config = config_lib.load(pathlib.Path(__file__).with_name("default.py"), arg)
+  # The suite's model reads with its decoder; the tests of the CTC head turn it on.
+  config_lib.read_by_the_decoder_alone(config)
   config.max_digits = 3               # Lines of 1-3 digits (sequences of 5 tokens).
   config.image_height = 16            # Lines 16 pixels high, up to 48 wide ...
   config.width_buckets = (24, 48)     # (two buckets: tests see bucketing at work)

@@ -147,7 +147,7 @@ def _check_config(config) -> None:
   trained.decoding(config)
   if task.reads_lines:
     trained.read_length(config)
-    trained.read_with(config)
+    trained.reader_options(config)
 
 
 def _check_stem(config) -> None:

@@ -85,6 +85,16 @@ def load(path: str | pathlib.Path, arg: str | None = None) -> ml_collections.Con
   return module.get_config(arg) if arg is not None else module.get_config()
 
 
+def read_by_the_decoder_alone(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Turns off the CTC head that configs/default.py trains and reads with (`model.ctc_head`,
+  `loss.ctc_weight`, `decode.reader='joint'`): the model, loss and reading of the decoder
+  alone, as every config was before the head became the default. Returns `config`, changed."""
+  config.model.ctc_head = False
+  config.loss.ctc_weight = 0.0
+  config.decode.reader = "decoder"
+  return config
+
+
 def drop_removed(saved: Mapping[str, Any]) -> dict[str, Any]:
   """A saved config (a run's config.json, parsed) without the `REMOVED_FIELDS` it holds at
   their neutral values, so that today's code reads runs saved before they were removed. The

@@ -16,7 +16,10 @@ Outputs are raw token rows without `<sos>` (the contract's `[1, 0, 1, 11, 12, 12
 A model trained with a CTC head (`model.ctc_head`) can instead be read by that head alone
 (`reader="ctc"`, `ctc_best_path`): one pass of the encoder, each column's most likely class,
 repeats merged and blanks dropped. It writes the same token rows, so everything downstream
-(metrics, calibration, predict, export) reads it as it reads the decoder.
+(metrics, calibration, predict, export) reads it as it reads the decoder. `reader="joint"`
+reads both ways and keeps, line by line, the reading both models find likelier together
+(`joint_decode`): the decoder's log-probability of it, teacher-forced, and the CTC head's,
+summed over its alignments.
 
 Images may be a batch padded on the right to a width bucket, with `widths` int32 [batch] the
 valid width of each in pixels (see models/reader.py). The memory's mask is built once, from
@@ -33,6 +36,7 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from digit_vit.models import tokens
 from digit_vit.models.reader import DigitReader, ModelConfig, ctc_frame_mask, patch_mask
@@ -531,11 +535,52 @@ def _gather_beams(x, flat_source, rows):
   return x[flat_source]
 
 
-READERS = ("decoder", "ctc")
+READERS = ("decoder", "ctc", "joint")
+# `joint`'s default weight of the CTC log-likelihood against the decoder's
+# (`config.decode.ctc_weight`).
+JOINT_CTC_WEIGHT = 0.5
 
 # The score of a token a CTC column cannot write (<sos>, <pad>): finite, so a distribution of
 # `ctc_best_path` times a zero weight stays 0, and far below any class's log-probability.
 _NO_CTC_CLASS = -1e4
+# The CTC log-likelihood of a reading the columns cannot align (too many digits for them, or
+# a non-digit before its <eos>): finite, so a weighted sum with it still compares.
+_UNALIGNABLE = -1e9
+
+
+def ctc_columns(model_config: ModelConfig | Sequence[ModelConfig], params, images, *,
+                widths=None, views: int = 1):
+  """The CTC head's columns of each image, as every CTC reading takes them.
+
+  Returns:
+    (column_log_probs float32 [batch, columns, 11]: the log of the mean probability over the
+    models and views of the digits and the blank; valid bool [batch, columns], or None when
+    `widths` is None: the columns that hold the image).
+
+  Raises:
+    ValueError: a member without a CTC head, or members of different patch widths (their
+      columns would not line up).
+  """
+  model_configs, params = _members(model_config, params)
+  first = model_configs[0]
+  for i, c in enumerate(model_configs):
+    if not c.ctc_head:
+      raise ValueError(f"reading the CTC head's columns needs one, but model {i} has none: "
+                       "train it with model.ctc_head=True and loss.ctc_weight > 0")
+    if c.patch_size[1] != first.patch_size[1]:
+      raise ValueError("the CTC readings average the members' columns: every model needs "
+                       f"the patch width {first.patch_size[1]}, model {i} has {c.patch_size[1]}")
+
+  def columns(config, p):
+    def read(x, w=None):
+      return DigitReader(config).apply({"params": p}, x, widths=w,
+                                       method=DigitReader.column_logits)
+    return jax.nn.log_softmax(map_over_views(read, images, views, widths=widths), axis=-1)
+
+  column_log_probs = mean_over_models_and_views(
+      [columns(c, p) for c, p in zip(model_configs, params)], views)
+  valid = None if widths is None else ctc_frame_mask(first, widths, images.shape[2])
+  return column_log_probs, valid
 
 
 def ctc_best_path(model_config: ModelConfig | Sequence[ModelConfig], params, images, *,
@@ -556,32 +601,15 @@ def ctc_best_path(model_config: ModelConfig | Sequence[ModelConfig], params, ima
 
   Args, returns: as `greedy_decode` (every member of an ensemble needs a CTC head; the
   columns' probabilities are averaged over models and views, so members share the patch
-  width). The columns past each image's valid width write nothing.
+  width, `ctc_columns`). The columns past each image's valid width write nothing.
   """
   model_configs, params = _members(model_config, params)
-  first = model_configs[0]
-  for i, c in enumerate(model_configs):
-    if not c.ctc_head:
-      raise ValueError(f"decode.reader='ctc' reads the CTC head, but model {i} has none: train "
-                       "it with model.ctc_head=True and loss.ctc_weight > 0")
-    if c.patch_size[1] != first.patch_size[1]:
-      raise ValueError("decode.reader='ctc' averages the members' columns: every model needs "
-                       f"the patch width {first.patch_size[1]}, model {i} has {c.patch_size[1]}")
-  length = _max_length(first, max_length)
-  width = images.shape[2]
-
-  def columns(config, p):
-    def read(x, w=None):
-      return DigitReader(config).apply({"params": p}, x, widths=w,
-                                       method=DigitReader.column_logits)
-    return jax.nn.log_softmax(map_over_views(read, images, views, widths=widths), axis=-1)
-
-  column_log_probs = mean_over_models_and_views(
-      [columns(c, p) for c, p in zip(model_configs, params)], views)
-  valid = None if widths is None else ctc_frame_mask(first, widths, width)
-  return best_path(column_log_probs, valid, length=length, vocab_size=first.vocab_size,
-                   temperature=temperature, token_log_probs=token_log_probs,
-                   step_log_probs=step_log_probs)
+  length = _max_length(model_configs[0], max_length)
+  column_log_probs, valid = ctc_columns(model_configs, params, images, widths=widths,
+                                        views=views)
+  return best_path(column_log_probs, valid, length=length,
+                   vocab_size=model_configs[0].vocab_size, temperature=temperature,
+                   token_log_probs=token_log_probs, step_log_probs=step_log_probs)
 
 
 def best_path(column_log_probs, valid=None, *, length: int, vocab_size: int = tokens.VOCAB_SIZE,
@@ -619,12 +647,27 @@ def best_path(column_log_probs, valid=None, *, length: int, vocab_size: int = to
   end_column = jnp.where(jnp.any(after, axis=1), jnp.argmax(after, axis=1), last_valid)
   out = out.at[rows[:, 0], count].set(tokens.EOS, mode="drop")
   source = source.at[rows[:, 0], count].set(end_column.astype(jnp.int32), mode="drop")
-  written = jnp.arange(length)[None, :] <= count[:, None]  # The digits and <eos>.
 
   picked = jnp.take_along_axis(column_log_probs, source[:, :, None], axis=1)  # [b, L, 11]
   dists = jnp.full((batch, length, vocab_size), _NO_CTC_CLASS, jnp.float32)
   dists = dists.at[..., :tokens.NUM_DIGITS].set(picked[..., :tokens.NUM_DIGITS])
   dists = dists.at[..., tokens.EOS].set(picked[..., tokens.CTC_BLANK])
+  return _scored_outputs(out, dists, temperature, token_log_probs, step_log_probs)
+
+
+def written_tokens(outputs):
+  """bool [batch, L]: the tokens a reading wrote, its first `<eos>` included (every token of a
+  row without one)."""
+  is_eos = outputs == tokens.EOS
+  first_eos = jnp.where(jnp.any(is_eos, axis=1), jnp.argmax(is_eos, axis=1), outputs.shape[1])
+  return jnp.arange(outputs.shape[1])[None, :] <= first_eos[:, None]
+
+
+def _scored_outputs(out, dists, temperature, token_log_probs: bool, step_log_probs: bool):
+  """`greedy_decode`'s outputs for token rows `out` [b, L] picked from the untempered
+  distributions `dists` [b, L, vocab]: each written token's tempered log-prob and their sum;
+  `dists` zeroed after `<eos>`."""
+  written = written_tokens(out)
   dists = jnp.where(written[..., None], dists, 0.0)
   calibrated = tempered_log_probs(dists, temperature)
   per_token = jnp.where(
@@ -633,14 +676,115 @@ def best_path(column_log_probs, valid=None, *, length: int, vocab_size: int = to
                   dists if step_log_probs else None)
 
 
+def ctc_log_likelihood(column_log_probs, valid, outputs):
+  """log p(digits | columns) under CTC, the sum over every alignment: float32 [batch].
+
+  Args:
+    column_log_probs: float32 [batch, columns, 11] (`ctc_columns`).
+    valid: bool [batch, columns] or None (all valid).
+    outputs: int [batch, L] token rows (the digits, `<eos>`, `<pad>`); a row without `<eos>`
+      is all digits.
+
+  A row with a non-digit before its `<eos>`, or more digits than its columns can align, scores
+  `_UNALIGNABLE`.
+  """
+  written = written_tokens(outputs) & (outputs != tokens.EOS)
+  digits = written & (outputs < tokens.NUM_DIGITS)
+  well_formed = jnp.all(digits == written, axis=1)
+  logit_paddings = (jnp.zeros(column_log_probs.shape[:2], jnp.float32) if valid is None
+                    else 1.0 - valid.astype(jnp.float32))
+  loss = optax.ctc_loss(column_log_probs, logit_paddings, jnp.where(digits, outputs, 0),
+                        1.0 - digits.astype(jnp.float32), blank_id=tokens.CTC_BLANK)
+  # A digit repeated next to itself needs a blank column between the two. optax scores a row
+  # with too few columns by a large finite number, not infinity: say so instead.
+  repeats = jnp.sum(digits[:, 1:] & (outputs[:, 1:] == outputs[:, :-1]), axis=1)
+  columns = jnp.sum(1.0 - logit_paddings, axis=1)
+  aligned = well_formed & (jnp.sum(digits, axis=1) + repeats <= columns)
+  return jnp.where(aligned, -loss, _UNALIGNABLE)
+
+
+def teacher_forced_log_probs(model_config: ModelConfig | Sequence[ModelConfig], params, images,
+                             outputs, *, widths=None, views: int = 1):
+  """The decoder's distributions over each token of given readings, each from the tokens
+  before it (`next_token_log_probs`, as decoding picks them): the log of the mean probability
+  over the models and views, float32 [batch, L, vocab] for `outputs` int [batch, L] (token
+  rows without `<sos>`). For a reading `greedy_decode` wrote they equal its `step_log_probs`
+  (up to `<eos>`)."""
+  model_configs, params = _members(model_config, params)
+  inputs = jnp.concatenate(
+      [jnp.full((outputs.shape[0], 1), tokens.SOS, jnp.int32), outputs[:, :-1]], axis=1)
+
+  def member(config, p):
+    def read(x, w=None):  # One view of every image: the same inputs.
+      return next_token_log_probs(DigitReader(config).apply({"params": p}, x, inputs, widths=w))
+    return map_over_views(read, images, views, widths=widths)
+
+  return mean_over_models_and_views([member(c, p) for c, p in zip(model_configs, params)],
+                                    views)
+
+
+def joint_decode(model_config: ModelConfig | Sequence[ModelConfig], params, images, *,
+                 widths=None, max_length: int | None = None, views: int = 1,
+                 temperature=1.0, ctc_weight: float = JOINT_CTC_WEIGHT, beam_size: int = 1,
+                 alpha: float = 0.6, token_log_probs: bool = False,
+                 step_log_probs: bool = False):
+  """Reads each line twice, with the decoder (greedily, or its beam search's answer for
+  beam_size > 1, `beam_search` with `alpha`) and by the CTC head's best path, and
+  keeps the reading with the higher joint log-likelihood
+  (1 - ctc_weight) * log p_decoder + ctc_weight * log p_ctc, each reading scored by both (the
+  decoder teacher-forced on it, `teacher_forced_log_probs`; CTC summed over its alignments,
+  `ctc_log_likelihood`), as joint CTC-attention decoding rescores (Watanabe et al. 2017).
+  Where the two readings agree it is that reading.
+
+  The decoder's distributions are the chosen reading's scores (`step_log_probs`), so its
+  confidence is the decoder's probability of the line, calibrated as the decoder's. It costs
+  the decoder's reading, one more encoder pass for the columns and one teacher-forced pass.
+
+  Args, returns: as `greedy_decode`; ctc_weight in [0, 1] (0: the decoder's log-likelihood
+  alone decides, 1: the CTC one's). Every member needs a CTC head (`ctc_columns`).
+  """
+  if not 0.0 <= ctc_weight <= 1.0:
+    raise ValueError(f"decode.ctc_weight={ctc_weight} must be in [0, 1]")
+  model_configs, params = _members(model_config, params)
+  length = _max_length(model_configs[0], max_length)
+  column_log_probs, valid = ctc_columns(model_configs, params, images, widths=widths,
+                                        views=views)
+  by_ctc, *_ = best_path(column_log_probs, valid, length=length,
+                         vocab_size=model_configs[0].vocab_size)
+  if beam_size == 1:
+    by_decoder, _, decoder_dists = greedy_decode(
+        model_configs, params, images, widths=widths, max_length=length, views=views,
+        step_log_probs=True)
+  else:
+    by_decoder, _, decoder_dists = beam_search(
+        model_configs, params, images, widths=widths, beam_size=beam_size, alpha=alpha,
+        max_length=length, views=views, step_log_probs=True)
+  ctc_dists = teacher_forced_log_probs(model_configs, params, images, by_ctc, widths=widths,
+                                       views=views)
+
+  def joint_score(outputs, dists):
+    chosen = jnp.take_along_axis(dists, outputs[..., None], axis=-1)[..., 0]
+    decoder = jnp.sum(jnp.where(written_tokens(outputs), chosen, 0.0), axis=1)
+    return ((1.0 - ctc_weight) * decoder
+            + ctc_weight * ctc_log_likelihood(column_log_probs, valid, outputs))
+
+  take_ctc = joint_score(by_ctc, ctc_dists) > joint_score(by_decoder, decoder_dists)
+  out = jnp.where(take_ctc[:, None], by_ctc, by_decoder)
+  dists = jnp.where(take_ctc[:, None, None], ctc_dists, decoder_dists)
+  return _scored_outputs(out, dists, temperature, token_log_probs, step_log_probs)
+
+
 def decode(model_config: ModelConfig | Sequence[ModelConfig], params, images, *,
            widths=None, beam_size: int = 1, alpha: float = 0.6, max_length: int | None = None,
            views: int = 1, temperature=1.0, token_log_probs: bool = False,
-           step_log_probs: bool = False, reader: str = "decoder"):
+           step_log_probs: bool = False, reader: str = "decoder",
+           ctc_weight: float = JOINT_CTC_WEIGHT):
   """Greedy for beam_size 1, else beam search; over `views` shifted copies of each image and,
   for an ensemble (tuples of configs and params), over its models; `widths` int [batch] the
   images' valid widths in pixels (None: all valid). `reader="ctc"` reads the CTC head's
-  columns instead of the decoder (`ctc_best_path`; beam_size 1 only).
+  columns instead of the decoder (`ctc_best_path`, beam_size 1 only), `reader="joint"` both,
+  keeping the reading of the higher joint score (`joint_decode`, weighted by `ctc_weight`;
+  with beam_size > 1 the decoder's reading is its beam search's).
 
   `temperature` T > 0 (Python number or traced scalar) calibrates the scores only: log_prob
   [batch] is the sum over the written tokens, `<eos>` included, of
@@ -655,6 +799,11 @@ def decode(model_config: ModelConfig | Sequence[ModelConfig], params, images, *,
   """
   if reader not in READERS:
     raise ValueError(f"decode.reader must be one of {READERS}, got {reader!r}")
+  if reader == "joint":
+    return joint_decode(model_config, params, images, widths=widths, max_length=max_length,
+                        views=views, temperature=temperature, ctc_weight=ctc_weight,
+                        beam_size=beam_size, alpha=alpha, token_log_probs=token_log_probs,
+                        step_log_probs=step_log_probs)
   if reader == "ctc":
     if beam_size != 1:
       raise ValueError(f"decode.reader='ctc' reads the best path; set decode.beam_size=1 "

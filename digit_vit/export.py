@@ -126,21 +126,22 @@ def parameter_names(params) -> tuple[list[str], list[np.ndarray], Any]:
 
 
 def reading_function(model_config: ModelConfig, treedef, *, beam_size: int, alpha: float,
-                     views: int, max_length: int, temperature: float, reader: str = "decoder"):
+                     views: int, max_length: int, temperature: float, reader: str = "decoder",
+                     ctc_weight: float = decode.JOINT_CTC_WEIGHT):
   """The exported reading function.
 
   (params: list of the leaves, images float32 [b, H, W, C], widths int32 [b]) ->
   (tokens int32 [b, max_length], token_probs float32 [b, max_length] (1 after `<eos>`),
    confidence float32 [b] = exp(log_prob), log_prob float32 [b]): `decode.decode` as
-  `predict.Reader` calls it (one model, an ensemble of one, read by `reader`: the decoder or
-  the CTC head), calibrated by `temperature`.
+  `predict.Reader` calls it (one model, an ensemble of one, read by `reader`: the decoder,
+  the CTC head or both, weighted by `ctc_weight`), calibrated by `temperature`.
   """
   def read(leaves, images, widths):
     params = jax.tree.unflatten(treedef, leaves)
     outputs, log_prob, token_log_probs = decode.decode(
         (model_config,), (params,), images, widths=widths, beam_size=beam_size, alpha=alpha,
         views=views, max_length=max_length, temperature=temperature, token_log_probs=True,
-        reader=reader)
+        reader=reader, ctc_weight=ctc_weight)
     return outputs, jnp.exp(token_log_probs), jnp.exp(log_prob), log_prob
   return read
 
@@ -246,7 +247,9 @@ def export_reader(workdir: str | os.PathLike, output: str | os.PathLike, *,
   workdir = pathlib.Path(workdir)
   config = trained.load_config(workdir, task="read")
   reading = trained.decoding(config, beam_size, alpha, views)
-  reader = trained.read_with(config)
+  reader = trained.reader_options(config)
+  # The weight says something only of a joint reading.
+  joint_weight = {"ctc_weight": reader["ctc_weight"]} if reader["reader"] == "joint" else {}
   max_length = trained.read_length(config)
   bucket_widths = width_buckets.width_buckets(config)
   model_config = ModelConfig.from_config(config.model)
@@ -260,7 +263,7 @@ def export_reader(workdir: str | os.PathLike, output: str | os.PathLike, *,
   read = jax.jit(reading_function(model_config, treedef, beam_size=reading.beam_size,
                                   alpha=reading.alpha, views=reading.views,
                                   max_length=max_length, temperature=temperature,
-                                  reader=reader))
+                                  **reader))
   attention = jax.jit(attention_function(model_config, treedef))
 
   output = pathlib.Path(output)
@@ -292,7 +295,7 @@ def export_reader(workdir: str | os.PathLike, output: str | os.PathLike, *,
                   "width_multiple": preprocess.WIDTH_MULTIPLE,
                   "polarity": "ink bright (1) on black (0)",
                   "range": [0.0, 1.0]},
-        "decode": {"reader": reader, "beam_size": reading.beam_size,
+        "decode": {"reader": reader["reader"], **joint_weight, "beam_size": reading.beam_size,
                    "alpha": reading.alpha, "views": reading.views, "max_length": max_length,
                    "max_digits": max_length - 1},
         "calibration": calibrated,

@@ -189,7 +189,8 @@ class Reader:
     self.height, self.width = self.model_config.image_height, self.model_config.image_width
     self.buckets = buckets.width_buckets(self.config)
     self.max_length = trained.read_length(self.config)  # Tokens a reading may write.
-    self.read_with = trained.read_with(self.config)  # The decoder, or the CTC head's columns.
+    # The decoder, the CTC head's columns, or both (and their weights).
+    self.reader_options = trained.reader_options(self.config)
     self.traces = 0  # Compilations of the reading function: one per width bucket used.
     matmul_dtype = self.model_config.matmul_dtype
     self._read_batch = xla_options.jit(self._read_fn, matmul_dtype=matmul_dtype)
@@ -203,7 +204,8 @@ class Reader:
                          (params, *ensemble_params), images, widths=widths,
                          beam_size=self.beam_size, alpha=self.alpha, views=self.views,
                          max_length=self.max_length, temperature=self.temperature,
-                         token_log_probs=True, step_log_probs=True, reader=self.read_with)
+                         token_log_probs=True, step_log_probs=True,
+                         **self.reader_options)
 
   def prepare(self, images: Sequence[np.ndarray | Image.Image]) -> list[np.ndarray | None]:
     """The model inputs of `images` (see `to_canvas`): float32 [H, w] each, w a multiple of 8

@@ -178,8 +178,8 @@ def eval_step(params, batch, ensemble_params=(), *, config, model, beam_size: in
   Args:
     batch: as `loss_fn` takes it, with its `mask` bool [b].
     beam_size, alpha, views: how a reader decodes (`decode.decode`; a classifier takes views
-      only); training evaluates greedily on the images alone, with the decoder or the CTC
-      head as `config.decode.reader` says (`trained.read_with`).
+      only); training evaluates greedily on the images alone, with the decoder, the CTC
+      head or both as `config.decode.reader` says (`trained.reader_options`).
     ensemble_params, ensemble_configs: further models (their params and `ModelConfig`s) that
       read together with `params`: each token (`decode.greedy_decode`) or label picked by the
       mean probability over all of them; the (teacher-forced) loss stays that of `params` alone.
@@ -202,7 +202,7 @@ def eval_step(params, batch, ensemble_params=(), *, config, model, beam_size: in
         (model.config, *ensemble_configs), (params, *ensemble_params), batch["image"],
         widths=batch.get("width"), beam_size=beam_size, alpha=alpha, views=views,
         max_length=min(config.max_digits + 2, model.config.max_length), step_log_probs=True,
-        reader=trained.read_with(config))
+        **trained.reader_options(config))
     _, targets = tokens.split_decoder_io(batch["tokens"])
     return ({**metrics.reading_sums(outputs, targets, batch["mask"],
                                     max_digits=config.max_digits), **loss_sums}, outputs,

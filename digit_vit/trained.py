@@ -83,17 +83,28 @@ def read_length(config) -> int:
 
 def read_with(config) -> str:
   """What reads a run's lines (`decode.decode`'s reader): 'decoder' (runs saved before
-  `config.decode.reader` existed too) or 'ctc', the CTC head's columns.
+  `config.decode.reader` existed too), 'ctc', the CTC head's columns, or 'joint', both.
 
-  Raises ValueError for another name and for 'ctc' without a CTC head (`decoding` rejects
-  beam search with 'ctc')."""
+  Raises ValueError for another name and for 'ctc' or 'joint' without a CTC head (`decoding`
+  rejects beam search with 'ctc')."""
   reader = str(config.get("decode", {}).get("reader", "decoder"))
   if reader not in decode.READERS:
     raise ValueError(f"config.decode.reader={reader!r} must be one of {decode.READERS}")
-  if reader == "ctc" and not config.model.get("ctc_head", False):
-    raise ValueError("config.decode.reader='ctc' reads the CTC head: set "
+  if reader != "decoder" and not config.model.get("ctc_head", False):
+    raise ValueError(f"config.decode.reader={reader!r} reads the CTC head: set "
                      "--config.model.ctc_head=True and --config.loss.ctc_weight > 0")
   return reader
+
+
+def reader_options(config) -> dict:
+  """`decode.decode`'s `reader` and `ctc_weight` for a run (`read_with`;
+  `config.decode.ctc_weight`, the joint reading's weight of the CTC log-likelihood, in [0, 1];
+  runs saved before it existed weigh the two alike)."""
+  weight = float(config.get("decode", {}).get("ctc_weight", decode.JOINT_CTC_WEIGHT))
+  if not 0.0 <= weight <= 1.0:
+    raise ValueError(f"config.decode.ctc_weight={weight} must be in [0, 1] (the joint "
+                     "reading's weight of the CTC log-likelihood against the decoder's)")
+  return {"reader": read_with(config), "ctc_weight": weight}
 
 
 def decoding(config, beam_size: int | None = None, alpha: float | None = None,
@@ -105,7 +116,7 @@ def decoding(config, beam_size: int | None = None, alpha: float | None = None,
   label is then the one of the mean probability over the views.
 
   Raises ValueError for a beam size below 1 (1 = greedy), for beam search (> 1) with a
-  classifier run, which has no sequence to decode, or with a run read by its CTC head
+  classifier run, which has no sequence to decode, or with a run read by its CTC head alone
   (`read_with`), and for a number of views outside
   1..len(decode.VIEW_SHIFTS).
   """

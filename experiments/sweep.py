@@ -225,7 +225,9 @@ ADDED_FIELDS = {"model.stem_depth": 0, "model.stem_max_channels": 0, "ema_decay"
                 # 2026-12-07: bfloat16 matmul operands; float32 computes as before.
                 "model.matmul_dtype": "float32",
                 # 2026-12-07: reading with the CTC head's columns; the decoder reads as before.
-                "decode.reader": "decoder"}
+                "decode.reader": "decoder",
+                # 2026-12-07: the joint reading's CTC weight; no other reader uses it.
+                "decode.ctc_weight": 0.5}
 
 # Results measured by earlier code, kept as the record of those experiments (docs/results.md
 # cites them): `{"code": ..., "description": ..., "points": {sweep: [hash, ...]}}`. Their

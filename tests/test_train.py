@@ -629,7 +629,7 @@ def test_a_run_with_the_ctc_loss_learns_it_and_reads_from_its_checkpoint(tmp_pat
   saved["decode"]["reader"] = "ctc"
   (tmp_path / "config.json").write_text(json.dumps(saved))
   reader = predict.Reader(tmp_path, checkpoint="latest")
-  assert reader.read_with == "ctc"
+  assert reader.reader_options["reader"] == "ctc"
   image = batch["image"][0, :, :int(batch["width"][0]), 0]
   canvas = reader.prepare([image])[0]
   read, _ = decode.decode(model.config, params, canvas[None, :, :, None], reader="ctc",
