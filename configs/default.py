@@ -153,8 +153,8 @@ def get_config(arg=None):
   # Evaluation during training always decodes greedily; these pick how a trained model reads.
   config.decode = ml_collections.ConfigDict()
   # What reads a line: 'decoder' (the autoregressive decoder), 'ctc' (the CTC head's columns,
-  # best path) or 'joint' (both, keeping the reading of the higher joint log-likelihood); 'ctc'
-  # and 'joint' need model.ctc_head and loss.ctc_weight > 0 and read greedily. Training's
+  # best path; greedy only) or 'joint' (both, keeping the reading of the higher joint
+  # log-likelihood); 'ctc' and 'joint' need model.ctc_head and loss.ctc_weight > 0. Training's
   # evaluations read this way too.
   config.decode.reader = "joint"
   # 'joint' only: the weight of the CTC log-likelihood against the decoder's, in [0, 1].
