@@ -751,24 +751,25 @@ def joint_decode(model_config: ModelConfig | Sequence[ModelConfig], params, imag
                                         views=views)
   by_ctc, *_ = best_path(column_log_probs, valid, length=length,
                          vocab_size=model_configs[0].vocab_size)
+  # At temperature 1 the decoder's log_prob of its own reading is its log-likelihood.
   if beam_size == 1:
-    by_decoder, _, decoder_dists = greedy_decode(
+    by_decoder, decoder_log_prob, decoder_dists = greedy_decode(
         model_configs, params, images, widths=widths, max_length=length, views=views,
         step_log_probs=True)
   else:
-    by_decoder, _, decoder_dists = beam_search(
+    by_decoder, decoder_log_prob, decoder_dists = beam_search(
         model_configs, params, images, widths=widths, beam_size=beam_size, alpha=alpha,
         max_length=length, views=views, step_log_probs=True)
   ctc_dists = teacher_forced_log_probs(model_configs, params, images, by_ctc, widths=widths,
                                        views=views)
+  _, ctc_reading_log_prob = _scored_outputs(by_ctc, ctc_dists, 1.0, False, False)
 
-  def joint_score(outputs, dists):
-    chosen = jnp.take_along_axis(dists, outputs[..., None], axis=-1)[..., 0]
-    decoder = jnp.sum(jnp.where(written_tokens(outputs), chosen, 0.0), axis=1)
-    return ((1.0 - ctc_weight) * decoder
+  def joint_score(outputs, decoder_log_likelihood):
+    return ((1.0 - ctc_weight) * decoder_log_likelihood
             + ctc_weight * ctc_log_likelihood(column_log_probs, valid, outputs))
 
-  take_ctc = joint_score(by_ctc, ctc_dists) > joint_score(by_decoder, decoder_dists)
+  take_ctc = (joint_score(by_ctc, ctc_reading_log_prob)
+              > joint_score(by_decoder, decoder_log_prob))
   out = jnp.where(take_ctc[:, None], by_ctc, by_decoder)
   dists = jnp.where(take_ctc[:, None, None], ctc_dists, decoder_dists)
   return _scored_outputs(out, dists, temperature, token_log_probs, step_log_probs)
